@@ -1,0 +1,434 @@
+//! Map keys, values and names shared by the eBPF datapath and the agent.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and a size
+//! assertion, so both sides agree on the layout byte for byte. Addresses and
+//! ports are stored as on the wire (network byte order); slots, ids, counts
+//! and timestamps are host order.
+//!
+//! The layout follows Cilium's service maps: a service key is
+//! `(vip, port, proto, scope, slot)`. Slot 0 holds the frontend (backend
+//! count, the first slot of the active generation, reverse-NAT id, flags);
+//! slots `base..base+count` hold backend ids; backends live in their own
+//! map. Two slot generations (`SLOT_GEN_A`, `SLOT_GEN_B`) let the agent write
+//! a complete new backend set beside the old one and then flip the frontend
+//! with one map update: make-before-break with no window of stale slots.
+#![no_std]
+
+use core::mem::size_of;
+use core::net::{Ipv4Addr, Ipv6Addr};
+
+/// Map names. They are a contract with pinned state: a layout change bumps
+/// the `_V<n>` suffix so a new agent never reads an old layout.
+pub mod names {
+    pub const SVC4: &str = "SVC4_V1";
+    pub const SVC6: &str = "SVC6_V1";
+    pub const BACKEND4: &str = "BACKEND4_V1";
+    pub const BACKEND6: &str = "BACKEND6_V1";
+    pub const REVNAT4: &str = "REVNAT4_V1";
+    pub const REVNAT6: &str = "REVNAT6_V1";
+    pub const CT4: &str = "CT4_V1";
+    pub const CT6: &str = "CT6_V1";
+    pub const STATS: &str = "STATS_V1";
+    /// Every map the datapath pins, in the order the agent reports them.
+    pub const ALL: [&str; 9] = [
+        SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS,
+    ];
+}
+
+/// Name of the TC program in the object file.
+pub const PROGRAM_NAME: &str = "dsproxy_tc";
+
+/// Default capacities; the agent overrides them at load time.
+pub mod capacity {
+    /// Service map entries per family (frontends plus backend slots).
+    pub const SVC: u32 = 131_072;
+    /// Backends per family.
+    pub const BACKEND: u32 = 65_536;
+    /// Reverse-NAT ids per family (one per frontend).
+    pub const REVNAT: u32 = 65_536;
+    /// Conntrack entries per family (two per flow).
+    pub const CT: u32 = 262_144;
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Scope of a frontend entry. Only ClusterIP (`SCOPE_EXTERNAL`) exists today;
+/// `SCOPE_INTERNAL` is reserved for the Local-only view of traffic policies.
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// Largest number of backends one frontend can hold.
+pub const MAX_BACKENDS_PER_SVC: u16 = 16_383;
+/// First backend slot of generation A.
+pub const SLOT_GEN_A: u16 = 1;
+/// First backend slot of generation B.
+pub const SLOT_GEN_B: u16 = 1 + MAX_BACKENDS_PER_SVC;
+
+/// Frontend flags (`SvcValue::flags`, slot 0).
+pub mod svc_flags {
+    /// ClientIP session affinity (reserved).
+    pub const AFFINITY: u32 = 1 << 0;
+    /// Refuse new connections when the frontend has no backends.
+    pub const REJECT_EMPTY: u32 = 1 << 1;
+}
+
+/// Service map key, IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Svc4Key {
+    /// Service address, network byte order.
+    pub addr: [u8; 4],
+    /// Service port, network byte order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
+    /// 0 for the frontend, otherwise a backend slot. Host byte order.
+    pub slot: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Svc4Key>() == 12);
+
+/// Service map key, IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Svc6Key {
+    /// Service address, network byte order.
+    pub addr: [u8; 16],
+    /// Service port, network byte order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
+    /// 0 for the frontend, otherwise a backend slot. Host byte order.
+    pub slot: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Svc6Key>() == 24);
+
+impl Svc4Key {
+    pub const fn new(addr: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr: addr.octets(),
+            port: port.to_be(),
+            proto,
+            scope: SCOPE_EXTERNAL,
+            slot,
+            _pad: [0; 2],
+        }
+    }
+}
+
+impl Svc4Key {
+    /// Key from wire-format fields (`port` already in network byte order).
+    #[inline(always)]
+    pub const fn from_wire(addr: [u8; 4], port: u16, proto: u8, slot: u16) -> Self {
+        Self { addr, port, proto, scope: SCOPE_EXTERNAL, slot, _pad: [0; 2] }
+    }
+}
+
+impl Svc6Key {
+    /// Key from wire-format fields (`port` already in network byte order).
+    #[inline(always)]
+    pub const fn from_wire(addr: [u8; 16], port: u16, proto: u8, slot: u16) -> Self {
+        Self { addr, port, proto, scope: SCOPE_EXTERNAL, slot, _pad: [0; 2] }
+    }
+
+    pub const fn new(addr: Ipv6Addr, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr: addr.octets(),
+            port: port.to_be(),
+            proto,
+            scope: SCOPE_EXTERNAL,
+            slot,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Service map value, both families. Slot 0 (frontend) uses `count`,
+/// `slot_base`, `rev_nat_id`, `flags` and `affinity_timeout`; backend slots
+/// use only `backend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcValue {
+    /// Frontend: number of backends in the active generation. Host order.
+    pub count: u16,
+    /// Frontend: first slot of the active generation (`SLOT_GEN_A` or `SLOT_GEN_B`).
+    pub slot_base: u16,
+    /// Backend slot: id of the backend in `BACKEND{4,6}`. Host order.
+    pub backend_id: u32,
+    /// Frontend: index into `REVNAT{4,6}`. Host order.
+    pub rev_nat_id: u32,
+    /// Frontend: `svc_flags::*`.
+    pub flags: u32,
+    /// Frontend: session affinity timeout in seconds (0: none).
+    pub affinity_timeout: u32,
+}
+const _: () = assert!(size_of::<SvcValue>() == 20);
+
+/// Backend, IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend4 {
+    /// Backend address, network byte order.
+    pub addr: [u8; 4],
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// Reserved, 0.
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<Backend4>() == 8);
+
+/// Backend, IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend6 {
+    /// Backend address, network byte order.
+    pub addr: [u8; 16],
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// Reserved, 0.
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<Backend6>() == 20);
+
+/// Reverse-NAT entry: the frontend a reply is rewritten back to, IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat4 {
+    /// Service address, network byte order.
+    pub addr: [u8; 4],
+    /// Service port, network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<RevNat4>() == 8);
+
+/// Reverse-NAT entry, IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat6 {
+    /// Service address, network byte order.
+    pub addr: [u8; 16],
+    /// Service port, network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<RevNat6>() == 20);
+
+/// Conntrack direction (`Ct*Key::dir`).
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REVERSE: u8 = 1;
+
+/// Conntrack key, IPv4. A forward entry is keyed by the packet as the client
+/// sends it (client -> VIP); a reverse entry by the reply as the backend sends
+/// it (backend -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    /// Network byte order.
+    pub saddr: [u8; 4],
+    /// Network byte order.
+    pub daddr: [u8; 4],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_DIR_*`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Ct4Key>() == 16);
+
+/// Conntrack key, IPv6 (see `Ct4Key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ct6Key {
+    /// Network byte order.
+    pub saddr: [u8; 16],
+    /// Network byte order.
+    pub daddr: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_DIR_*`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Ct6Key>() == 40);
+
+impl Ct4Key {
+    /// Key from wire-format `(address, port)` pairs.
+    #[inline(always)]
+    pub const fn from_wire(src: ([u8; 4], u16), dst: ([u8; 4], u16), proto: u8, dir: u8) -> Self {
+        Self { saddr: src.0, daddr: dst.0, sport: src.1, dport: dst.1, proto, dir, _pad: [0; 2] }
+    }
+}
+
+impl Ct6Key {
+    /// Key from wire-format `(address, port)` pairs.
+    #[inline(always)]
+    pub const fn from_wire(src: ([u8; 16], u16), dst: ([u8; 16], u16), proto: u8, dir: u8) -> Self {
+        Self { saddr: src.0, daddr: dst.0, sport: src.1, dport: dst.1, proto, dir, _pad: [0; 2] }
+    }
+}
+
+/// Conntrack state bits (`Ct*Value::state`).
+pub mod ct_state {
+    /// The backend has answered.
+    pub const SEEN_REPLY: u8 = 1 << 0;
+    /// FIN from the client.
+    pub const FIN_FWD: u8 = 1 << 1;
+    /// FIN from the backend.
+    pub const FIN_REV: u8 = 1 << 2;
+    /// RST in either direction.
+    pub const RST: u8 = 1 << 3;
+}
+
+/// Conntrack timeouts, nanoseconds of `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+pub mod ct_timeout {
+    const SEC: u64 = 1_000_000_000;
+    /// TCP before the backend answered.
+    pub const TCP_SYN: u64 = 60 * SEC;
+    /// TCP once both sides spoke and neither closed.
+    pub const TCP_ESTABLISHED: u64 = 6 * 3600 * SEC;
+    /// TCP after RST, or after a FIN in each direction.
+    pub const TCP_CLOSE: u64 = 10 * SEC;
+    /// UDP, refreshed by traffic in either direction.
+    pub const UDP: u64 = 60 * SEC;
+}
+
+/// Conntrack value, IPv4. Forward entries hold the backend, the state and
+/// the expiry; reverse entries hold only `rev_nat_id` and point back to the
+/// forward entry, which stays the one source of state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Value {
+    /// Forward: expiry, `bpf_ktime_get_ns` nanoseconds.
+    pub expires: u64,
+    /// Forward: backend id the flow was given.
+    pub backend_id: u32,
+    /// Both: index into `REVNAT4`.
+    pub rev_nat_id: u32,
+    /// Forward: backend address, network byte order.
+    pub backend_addr: [u8; 4],
+    /// Forward: backend port, network byte order.
+    pub backend_port: u16,
+    /// Forward: `ct_state::*`.
+    pub state: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Ct4Value>() == 24);
+
+/// Conntrack value, IPv6 (see `Ct4Value`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct6Value {
+    /// Forward: expiry, `bpf_ktime_get_ns` nanoseconds.
+    pub expires: u64,
+    /// Forward: backend id the flow was given.
+    pub backend_id: u32,
+    /// Both: index into `REVNAT6`.
+    pub rev_nat_id: u32,
+    /// Forward: backend address, network byte order.
+    pub backend_addr: [u8; 16],
+    /// Forward: backend port, network byte order.
+    pub backend_port: u16,
+    /// Forward: `ct_state::*`.
+    pub state: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<Ct6Value>() == 40);
+
+/// Counter indices in `STATS` (a per-CPU array of u64). Numbers are stable:
+/// never renumber, only append.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    PassNotIp = 0,
+    /// IPv4/IPv6 but not TCP or UDP (ICMP, extension headers, ...).
+    PassNotL4 = 1,
+    /// IPv4 fragment.
+    PassFragment = 2,
+    /// Headers shorter than they claim.
+    PassMalformed = 3,
+    /// TCP/UDP not addressed to a service and not a reply of a tracked flow.
+    PassNoService = 4,
+    /// Addressed to a service with no backends.
+    PassNoBackend = 5,
+    /// New flow translated to a backend.
+    DnatNew = 6,
+    /// Packet of a tracked flow translated to its backend.
+    DnatEstablished = 7,
+    /// Reply translated back to the service address.
+    RevNat = 8,
+    /// A helper failed while rewriting; the packet was dropped.
+    DropRewrite = 9,
+    /// Conntrack insert failed; the packet was translated anyway.
+    CtInsertFailed = 10,
+    /// A reverse entry whose reverse-NAT id is unknown.
+    PassStaleRevNat = 11,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Stat::PassNotIp,
+        Stat::PassNotL4,
+        Stat::PassFragment,
+        Stat::PassMalformed,
+        Stat::PassNoService,
+        Stat::PassNoBackend,
+        Stat::DnatNew,
+        Stat::DnatEstablished,
+        Stat::RevNat,
+        Stat::DropRewrite,
+        Stat::CtInsertFailed,
+        Stat::PassStaleRevNat,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::PassNotIp => "pass_not_ip",
+            Stat::PassNotL4 => "pass_not_l4",
+            Stat::PassFragment => "pass_fragment",
+            Stat::PassMalformed => "pass_malformed",
+            Stat::PassNoService => "pass_no_service",
+            Stat::PassNoBackend => "pass_no_backend",
+            Stat::DnatNew => "dnat_new",
+            Stat::DnatEstablished => "dnat_established",
+            Stat::RevNat => "rev_nat",
+            Stat::DropRewrite => "drop_rewrite",
+            Stat::CtInsertFailed => "ct_insert_failed",
+            Stat::PassStaleRevNat => "pass_stale_rev_nat",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, made only of integers and byte
+    // arrays, with explicit padding, so any bit pattern is valid and there
+    // are no implicit padding bytes.
+    unsafe impl aya::Pod for super::Svc4Key {}
+    unsafe impl aya::Pod for super::Svc6Key {}
+    unsafe impl aya::Pod for super::SvcValue {}
+    unsafe impl aya::Pod for super::Backend4 {}
+    unsafe impl aya::Pod for super::Backend6 {}
+    unsafe impl aya::Pod for super::RevNat4 {}
+    unsafe impl aya::Pod for super::RevNat6 {}
+    unsafe impl aya::Pod for super::Ct4Key {}
+    unsafe impl aya::Pod for super::Ct6Key {}
+    unsafe impl aya::Pod for super::Ct4Value {}
+    unsafe impl aya::Pod for super::Ct6Value {}
+}

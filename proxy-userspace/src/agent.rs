@@ -1,0 +1,151 @@
+//! The run loop: read the source, compute the desired state, sync the maps,
+//! keep interfaces attached; exit on SIGINT/SIGTERM leaving the datapath
+//! attached and pinned.
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    attach::{self, Capacities},
+    diff::Programmed,
+    maps::Maps,
+    model, source,
+    sync::{self, Report},
+};
+
+/// Settings of `dsproxy run`.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub manifests: PathBuf,
+    pub attach: String,
+    pub pin_dir: PathBuf,
+    pub capacities: Capacities,
+    /// Least time between two syncs (kube-proxy's `--min-sync-period`):
+    /// changes arriving meanwhile are coalesced into the next one.
+    pub min_sync_period: Duration,
+    /// How often the source and the interfaces are checked for changes.
+    pub poll_interval: Duration,
+    pub model: model::Config,
+}
+
+/// The agent's state between syncs.
+struct Agent {
+    maps: Maps,
+    programmed: Programmed,
+    generation: u64,
+}
+
+impl Agent {
+    /// Model, diff and apply one snapshot; log what happened.
+    fn sync(&mut self, snap: &source::Snapshot, config: &model::Config) -> Report {
+        let started = Instant::now();
+        let (desired, rejected) = model::desired(&snap.services, &snap.slices, config);
+        for r in &rejected {
+            log::error!("rejected {r}");
+        }
+        let report = sync::sync(&mut self.maps, &mut self.programmed, &desired);
+        for e in &report.errors {
+            log::error!("not programmed: {e}");
+        }
+        self.generation += 1;
+        log::info!(
+            "synced generation={} frontends={} upserted={} removed={} ops={} rejected={} errors={} took={:?}",
+            self.generation,
+            self.programmed.frontends.len(),
+            report.upserted,
+            report.removed,
+            report.ops,
+            rejected.len(),
+            report.errors.len(),
+            started.elapsed()
+        );
+        report
+    }
+}
+
+fn read_manifests(dir: &source::ManifestDir) -> anyhow::Result<source::Snapshot> {
+    let (snap, errors) = dir.read()?;
+    for e in &errors {
+        log::error!("manifest: {e}");
+    }
+    Ok(snap)
+}
+
+/// `dsproxy run`.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let (mut ebpf, maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
+    let programmed = maps.read_back().context("reading pinned state back")?;
+    log::info!(
+        "datapath loaded, pins at {}; restored {} frontends from pinned maps",
+        cfg.pin_dir.display(),
+        programmed.frontends.len()
+    );
+    let mut agent = Agent { maps, programmed, generation: 0 };
+
+    // The first sync runs on the complete source, before anything is
+    // attached or pruned, so a restart never shrinks a backend set.
+    let dir = source::ManifestDir::new(&cfg.manifests);
+    let mut fingerprint = dir.fingerprint()?;
+    let snap = read_manifests(&dir)?;
+    agent.sync(&snap, &cfg.model);
+
+    let mut attached = Vec::new();
+    attach_new(&mut ebpf, &cfg, &mut attached).context("attaching the datapath")?;
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(cfg.poll_interval);
+    let mut last_sync = Instant::now();
+    let mut pending = false;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {}
+        }
+        match dir.fingerprint() {
+            Ok(fp) if fp != fingerprint => {
+                fingerprint = fp;
+                pending = true;
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("manifest directory: {e}"),
+        }
+        if pending && last_sync.elapsed() >= cfg.min_sync_period {
+            pending = false;
+            last_sync = Instant::now();
+            match read_manifests(&dir) {
+                Ok(snap) => {
+                    agent.sync(&snap, &cfg.model);
+                }
+                // Keep what is programmed: an unreadable directory is not an
+                // empty one.
+                Err(e) => log::error!("manifest directory: {e:#}"),
+            }
+        }
+        if let Err(e) = attach_new(&mut ebpf, &cfg, &mut attached) {
+            log::error!("attaching: {e}");
+        }
+    }
+    log::info!("exiting; the datapath stays attached (pins under {})", cfg.pin_dir.display());
+    Ok(())
+}
+
+/// Attach to interfaces matching the glob that appeared since last time.
+fn attach_new(ebpf: &mut aya::Ebpf, cfg: &RunConfig, attached: &mut Vec<String>) -> attach::Result<()> {
+    // Forget interfaces that are gone, so a recreated one is attached again.
+    let present = attach::interfaces()?;
+    attached.retain(|i| present.contains(i));
+    let (new, errors) = attach::attach_matching(ebpf, &cfg.pin_dir, &cfg.attach, attached)?;
+    for iface in new {
+        log::info!("attached to {iface} (tcx ingress)");
+    }
+    for e in errors {
+        log::error!("{e}");
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! Desired vs programmed state, turned into map operations. Pure.
+//!
+//! `Programmed` mirrors the maps exactly (it is rebuilt from them at start,
+//! and every operation the kernel accepted is folded into it with
+//! `Programmed::apply`). Planning never mutates it: a `Step` lists the
+//! operations for one frontend in make-before-break order:
+//!
+//! 1. new backends (`PutBackend`), and a reverse-NAT entry for a new frontend;
+//! 2. the complete backend list in the frontend's *inactive* slot generation;
+//! 3. one write of the frontend (slot 0) that flips count and generation:
+//!    the switch is atomic for the datapath;
+//! 4. deletion of the old generation's slots.
+//!
+//! Backends are deleted only by `plan_gc`, once no slot references them.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use proxy_common::{MAX_BACKENDS_PER_SVC, SLOT_GEN_A, SLOT_GEN_B};
+
+use crate::model::{Backend, Desired, Family, Frontend, FrontendSpec};
+
+/// Slot 0 of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendValue {
+    pub count: u16,
+    pub slot_base: u16,
+    pub rev_nat_id: u32,
+}
+
+/// One map write or delete. Ids are per family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend { id: u32, backend: Backend },
+    DeleteBackend { id: u32, backend: Backend },
+    PutRevNat { id: u32, frontend: Frontend },
+    ClearRevNat { id: u32, family: Family },
+    PutSlot { frontend: Frontend, slot: u16, backend_id: u32 },
+    DeleteSlot { frontend: Frontend, slot: u16 },
+    PutFrontend { frontend: Frontend, value: FrontendValue },
+    DeleteFrontend { frontend: Frontend },
+}
+
+/// The operations for one frontend (or one clean-up), in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    /// What the step is for, for messages: `ns/name:port (vip:port/proto)`.
+    pub owner: String,
+    pub ops: Vec<Op>,
+    /// Ops at index `< commit` can be undone by `rollback`; the op at
+    /// `commit` makes the step visible; after it, failures leave garbage
+    /// for the next clean-up but never a broken frontend.
+    pub commit: usize,
+    pub rollback: Vec<Op>,
+}
+
+/// Lowest-free id allocator; ids start at 1 (0 means "none"). O(log n):
+/// ids below `next` that are not in use sit in `free`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdAlloc {
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+impl Default for IdAlloc {
+    fn default() -> Self {
+        Self { next: 1, free: BTreeSet::new() }
+    }
+}
+
+impl IdAlloc {
+    /// The `n` ids the next allocations will return, without taking them.
+    pub fn peek(&self, n: usize) -> Vec<u32> {
+        self.free.iter().copied().chain(self.next..).take(n).collect()
+    }
+
+    pub fn take(&mut self, id: u32) {
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
+    }
+
+    pub fn free(&mut self, id: u32) {
+        if id < self.next {
+            self.free.insert(id);
+        }
+    }
+}
+
+/// Per-family bookkeeping.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FamilyState {
+    pub backend_ids: IdAlloc,
+    pub rev_nat_ids: IdAlloc,
+    /// Backend id -> backend.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Backend id -> number of slots (of any generation) that reference it.
+    pub refs: HashMap<u32, u32>,
+}
+
+/// The maps' content, as the agent knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub frontends: BTreeMap<Frontend, FrontendValue>,
+    /// Every backend slot in the maps, both generations.
+    pub slots: BTreeMap<Frontend, BTreeMap<u16, u32>>,
+    /// Backend -> id.
+    pub backend_index: HashMap<Backend, u32>,
+    pub v4: FamilyState,
+    pub v6: FamilyState,
+}
+
+impl Programmed {
+    pub fn family(&self, f: Family) -> &FamilyState {
+        match f {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+
+    fn family_mut(&mut self, f: Family) -> &mut FamilyState {
+        match f {
+            Family::V4 => &mut self.v4,
+            Family::V6 => &mut self.v6,
+        }
+    }
+
+    /// The backends of `frontend`'s active generation, in slot order.
+    pub fn active_backends(&self, frontend: &Frontend) -> Option<Vec<Backend>> {
+        let value = self.frontends.get(frontend)?;
+        let slots = self.slots.get(frontend);
+        let fam = self.family(frontend.family());
+        (0..value.count)
+            .map(|i| {
+                let id = slots?.get(&(value.slot_base + i))?;
+                fam.backends.get(id).copied()
+            })
+            .collect()
+    }
+
+    /// Fold an operation the kernel accepted into the mirror.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutBackend { id, backend } => {
+                self.backend_index.insert(*backend, *id);
+                let fam = self.family_mut(backend.family());
+                fam.backend_ids.take(*id);
+                fam.backends.insert(*id, *backend);
+                fam.refs.entry(*id).or_insert(0);
+            }
+            Op::DeleteBackend { id, backend } => {
+                self.backend_index.remove(backend);
+                let fam = self.family_mut(backend.family());
+                fam.backend_ids.free(*id);
+                fam.backends.remove(id);
+                fam.refs.remove(id);
+            }
+            Op::PutRevNat { id, frontend } => self.family_mut(frontend.family()).rev_nat_ids.take(*id),
+            Op::ClearRevNat { id, family } => self.family_mut(*family).rev_nat_ids.free(*id),
+            Op::PutSlot { frontend, slot, backend_id } => {
+                let old = self.slots.entry(*frontend).or_default().insert(*slot, *backend_id);
+                let fam = self.family_mut(frontend.family());
+                if let Some(old) = old {
+                    unref(fam, old);
+                }
+                *fam.refs.entry(*backend_id).or_insert(0) += 1;
+            }
+            Op::DeleteSlot { frontend, slot } => {
+                let Some(slots) = self.slots.get_mut(frontend) else { return };
+                let old = slots.remove(slot);
+                if slots.is_empty() {
+                    self.slots.remove(frontend);
+                }
+                if let Some(old) = old {
+                    unref(self.family_mut(frontend.family()), old);
+                }
+            }
+            Op::PutFrontend { frontend, value } => {
+                self.frontends.insert(*frontend, *value);
+            }
+            Op::DeleteFrontend { frontend } => {
+                self.frontends.remove(frontend);
+            }
+        }
+    }
+}
+
+fn unref(fam: &mut FamilyState, id: u32) {
+    if let Some(n) = fam.refs.get_mut(&id) {
+        *n = n.saturating_sub(1);
+    }
+}
+
+/// What must change for the maps to match `desired`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change<'a> {
+    Upsert(Frontend, &'a FrontendSpec),
+    Remove(Frontend),
+}
+
+/// Frontends to write (new or with another backend list) and to remove.
+pub fn changes<'a>(prog: &Programmed, desired: &'a Desired) -> Vec<Change<'a>> {
+    let mut out = Vec::new();
+    for (f, spec) in &desired.frontends {
+        if prog.active_backends(f).as_deref() != Some(spec.backends.as_slice()) {
+            out.push(Change::Upsert(*f, spec));
+        }
+    }
+    for f in prog.frontends.keys() {
+        if !desired.frontends.contains_key(f) {
+            out.push(Change::Remove(*f));
+        }
+    }
+    out
+}
+
+/// Plan writing `spec` to `frontend`, make-before-break.
+pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -> Result<Step, String> {
+    let owner = format!("{} ({frontend})", spec.owner);
+    let count = u16::try_from(spec.backends.len())
+        .ok()
+        .filter(|n| *n <= MAX_BACKENDS_PER_SVC)
+        .ok_or_else(|| {
+            format!("{owner}: {} backends, more than the {MAX_BACKENDS_PER_SVC} one frontend can hold", spec.backends.len())
+        })?;
+    let family = frontend.family();
+    let fam = prog.family(family);
+    let mut ops = Vec::new();
+
+    let new_backends: Vec<&Backend> = spec.backends.iter().filter(|b| !prog.backend_index.contains_key(b)).collect();
+    let mut fresh = fam.backend_ids.peek(new_backends.len()).into_iter();
+    let mut ids = Vec::with_capacity(spec.backends.len());
+    for b in &spec.backends {
+        let id = match prog.backend_index.get(b) {
+            Some(id) => *id,
+            None => {
+                let id = fresh.next().expect("peeked one id per new backend");
+                ops.push(Op::PutBackend { id, backend: *b });
+                id
+            }
+        };
+        ids.push(id);
+    }
+
+    let existing = prog.frontends.get(&frontend);
+    let rev_nat_id = match existing {
+        Some(v) => v.rev_nat_id,
+        None => {
+            let id = fam.rev_nat_ids.peek(1)[0];
+            ops.push(Op::PutRevNat { id, frontend });
+            id
+        }
+    };
+    let slot_base = match existing {
+        Some(v) if v.slot_base == SLOT_GEN_A => SLOT_GEN_B,
+        _ => SLOT_GEN_A,
+    };
+    let mut rollback = Vec::new();
+    for (i, id) in (0u16..).zip(&ids) {
+        ops.push(Op::PutSlot { frontend, slot: slot_base + i, backend_id: *id });
+        rollback.push(Op::DeleteSlot { frontend, slot: slot_base + i });
+    }
+    if existing.is_none() {
+        rollback.push(Op::ClearRevNat { id: rev_nat_id, family });
+    }
+    let commit = ops.len();
+    ops.push(Op::PutFrontend { frontend, value: FrontendValue { count, slot_base, rev_nat_id } });
+    let new_range = slot_base..slot_base + count;
+    for slot in prog.slots.get(&frontend).into_iter().flat_map(BTreeMap::keys) {
+        if !new_range.contains(slot) {
+            ops.push(Op::DeleteSlot { frontend, slot: *slot });
+        }
+    }
+    Ok(Step { owner, ops, commit, rollback })
+}
+
+/// Plan removing `frontend`: it stops matching first, then its slots and
+/// reverse-NAT entry go.
+pub fn plan_remove(prog: &Programmed, frontend: Frontend) -> Step {
+    let mut ops = vec![Op::DeleteFrontend { frontend }];
+    for slot in prog.slots.get(&frontend).into_iter().flat_map(BTreeMap::keys) {
+        ops.push(Op::DeleteSlot { frontend, slot: *slot });
+    }
+    if let Some(v) = prog.frontends.get(&frontend) {
+        ops.push(Op::ClearRevNat { id: v.rev_nat_id, family: frontend.family() });
+    }
+    Step { owner: format!("removed frontend {frontend}"), ops, commit: 0, rollback: vec![] }
+}
+
+/// Plan deleting what nothing uses: slots outside their frontend's active
+/// generation (left by an interrupted agent), then unreferenced backends.
+/// Call again after applying: freed slots free backends.
+pub fn plan_gc(prog: &Programmed) -> Step {
+    let mut ops = Vec::new();
+    for (frontend, slots) in &prog.slots {
+        let active = prog.frontends.get(frontend).map(|v| v.slot_base..v.slot_base + v.count);
+        for slot in slots.keys() {
+            if !active.as_ref().is_some_and(|r| r.contains(slot)) {
+                ops.push(Op::DeleteSlot { frontend: *frontend, slot: *slot });
+            }
+        }
+    }
+    if ops.is_empty() {
+        for fam in [&prog.v4, &prog.v6] {
+            for (id, backend) in &fam.backends {
+                if fam.refs.get(id).copied().unwrap_or(0) == 0 {
+                    ops.push(Op::DeleteBackend { id: *id, backend: *backend });
+                }
+            }
+        }
+    }
+    Step { owner: "garbage collection".into(), commit: 0, ops, rollback: vec![] }
+}

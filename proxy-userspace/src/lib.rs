@@ -1,0 +1,18 @@
+//! dsproxy agent: a dual-stack Kubernetes service proxy on eBPF.
+//!
+//! Functional core, imperative shell:
+//! - `source`: where Services and EndpointSlices come from;
+//! - `model`: pure, objects -> desired frontends and backends;
+//! - `diff`: pure, desired vs programmed -> ordered map operations;
+//! - `sync`: applies the operations, step by step, with roll-back;
+//! - `maps`: the only code that touches the BPF maps;
+//! - `attach`: loading, TCX attachment, pinning, clean-up;
+//! - `agent`: the run loop tying them together.
+pub mod agent;
+pub mod attach;
+pub mod diff;
+pub mod maps;
+pub mod model;
+pub mod source;
+pub mod sync;
+pub mod testrun;

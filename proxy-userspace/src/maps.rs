@@ -1,0 +1,232 @@
+//! The only code that reads and writes the datapath's maps: applies `Op`s
+//! and reads the pinned state back into a `Programmed` mirror.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use proxy_common::{
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key, SvcValue,
+    names,
+};
+
+use crate::{
+    diff::{FrontendValue, Op, Programmed},
+    model::{Backend, Family, Frontend, Proto},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("map {map}: {op} failed for {object}: {source}")]
+    Write { map: &'static str, op: &'static str, object: String, source: MapError },
+    #[error("map {map}: reading failed: {source}")]
+    Read { map: &'static str, source: MapError },
+    #[error("map {map} is missing from the loaded object")]
+    Missing { map: &'static str },
+    #[error("opening pinned map {path}: {source}")]
+    OpenPinned { path: PathBuf, source: MapError },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where `apply` writes: the real maps, or a fake in tests.
+pub trait Kernel {
+    fn apply(&mut self, op: &Op) -> Result<()>;
+}
+
+/// The datapath's maps, typed.
+pub struct Maps {
+    pub svc4: HashMap<MapData, Svc4Key, SvcValue>,
+    pub svc6: HashMap<MapData, Svc6Key, SvcValue>,
+    pub backend4: HashMap<MapData, u32, Backend4>,
+    pub backend6: HashMap<MapData, u32, Backend6>,
+    pub revnat4: Array<MapData, RevNat4>,
+    pub revnat6: Array<MapData, RevNat6>,
+    pub ct4: HashMap<MapData, Ct4Key, Ct4Value>,
+    pub ct6: HashMap<MapData, Ct6Key, Ct6Value>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(map: &'static str, m: Option<Map>) -> Result<T> {
+    let m = m.ok_or(Error::Missing { map })?;
+    T::try_from(m).map_err(|source| Error::Read { map, source })
+}
+
+impl Maps {
+    /// Take the maps out of a loaded object (the programs stay in it).
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        let mut get = |name: &'static str| ebpf.take_map(name);
+        Ok(Self {
+            svc4: typed(names::SVC4, get(names::SVC4))?,
+            svc6: typed(names::SVC6, get(names::SVC6))?,
+            backend4: typed(names::BACKEND4, get(names::BACKEND4))?,
+            backend6: typed(names::BACKEND6, get(names::BACKEND6))?,
+            revnat4: typed(names::REVNAT4, get(names::REVNAT4))?,
+            revnat6: typed(names::REVNAT6, get(names::REVNAT6))?,
+            ct4: typed(names::CT4, get(names::CT4))?,
+            ct6: typed(names::CT6, get(names::CT6))?,
+            stats: typed(names::STATS, get(names::STATS))?,
+        })
+    }
+
+    /// Open the maps pinned under `dir` without loading a program.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let get = |name: &'static str| -> Result<Option<Map>> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| Error::OpenPinned { path: path.clone(), source })?;
+            Map::from_map_data(data).map(Some).map_err(|source| Error::OpenPinned { path, source })
+        };
+        Ok(Self {
+            svc4: typed(names::SVC4, get(names::SVC4)?)?,
+            svc6: typed(names::SVC6, get(names::SVC6)?)?,
+            backend4: typed(names::BACKEND4, get(names::BACKEND4)?)?,
+            backend6: typed(names::BACKEND6, get(names::BACKEND6)?)?,
+            revnat4: typed(names::REVNAT4, get(names::REVNAT4)?)?,
+            revnat6: typed(names::REVNAT6, get(names::REVNAT6)?)?,
+            ct4: typed(names::CT4, get(names::CT4)?)?,
+            ct6: typed(names::CT6, get(names::CT6)?)?,
+            stats: typed(names::STATS, get(names::STATS)?)?,
+        })
+    }
+
+    /// Sum of each counter over all CPUs.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let v = self.stats.get(&(*s as u32), 0).map_err(|source| Error::Read { map: names::STATS, source })?;
+                Ok((*s, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Read the maps back into a mirror: what a restarted agent starts from.
+    pub fn read_back(&self) -> Result<Programmed> {
+        let mut prog = Programmed::default();
+        let mut ops = Vec::new();
+        for item in self.backend4.iter() {
+            let (id, b) = item.map_err(|source| Error::Read { map: names::BACKEND4, source })?;
+            if let Some(backend) = backend_from(IpAddr::V4(Ipv4Addr::from(b.addr)), b.port, b.proto) {
+                ops.push(Op::PutBackend { id, backend });
+            }
+        }
+        for item in self.backend6.iter() {
+            let (id, b) = item.map_err(|source| Error::Read { map: names::BACKEND6, source })?;
+            if let Some(backend) = backend_from(IpAddr::V6(Ipv6Addr::from(b.addr)), b.port, b.proto) {
+                ops.push(Op::PutBackend { id, backend });
+            }
+        }
+        let svc4 = self.svc4.iter().map(|r| r.map(|(k, v)| (IpAddr::V4(Ipv4Addr::from(k.addr)), k.port, k.proto, k.slot, v)));
+        let svc6 = self.svc6.iter().map(|r| r.map(|(k, v)| (IpAddr::V6(Ipv6Addr::from(k.addr)), k.port, k.proto, k.slot, v)));
+        for item in svc4.chain(svc6) {
+            let (addr, port, proto, slot, v) = item.map_err(|source| Error::Read { map: names::SVC4, source })?;
+            let Some(proto) = Proto::from_number(proto) else { continue };
+            let frontend = Frontend { addr, port: u16::from_be(port), proto };
+            if slot == 0 {
+                let value = FrontendValue { count: v.count, slot_base: v.slot_base, rev_nat_id: v.rev_nat_id };
+                ops.push(Op::PutRevNat { id: v.rev_nat_id, frontend });
+                ops.push(Op::PutFrontend { frontend, value });
+            } else {
+                ops.push(Op::PutSlot { frontend, slot, backend_id: v.backend_id });
+            }
+        }
+        for op in &ops {
+            prog.apply(op);
+        }
+        Ok(prog)
+    }
+}
+
+fn backend_from(addr: IpAddr, port: u16, proto: u8) -> Option<Backend> {
+    Some(Backend { addr, port: u16::from_be(port), proto: Proto::from_number(proto)? })
+}
+
+fn svc4_key(f: &Frontend, slot: u16) -> Svc4Key {
+    let IpAddr::V4(a) = f.addr else { unreachable!("IPv4 frontend") };
+    Svc4Key::new(a, f.port, f.proto.number(), slot)
+}
+
+fn svc6_key(f: &Frontend, slot: u16) -> Svc6Key {
+    let IpAddr::V6(a) = f.addr else { unreachable!("IPv6 frontend") };
+    Svc6Key::new(a, f.port, f.proto.number(), slot)
+}
+
+fn write(map: &'static str, op: &'static str, object: impl ToString, r: Result<(), MapError>) -> Result<()> {
+    r.map_err(|source| Error::Write { map, op, object: object.to_string(), source })
+}
+
+/// Deleting what is already gone is success: the goal state holds.
+fn delete(map: &'static str, object: impl ToString, r: Result<(), MapError>) -> Result<()> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => write(map, "delete", object, r),
+    }
+}
+
+impl Kernel for Maps {
+    fn apply(&mut self, op: &Op) -> Result<()> {
+        match op {
+            Op::PutBackend { id, backend } => match backend.addr {
+                IpAddr::V4(a) => {
+                    let v = Backend4 { addr: a.octets(), port: backend.port.to_be(), proto: backend.proto.number(), flags: 0 };
+                    write(names::BACKEND4, "insert", backend, self.backend4.insert(id, v, 0))
+                }
+                IpAddr::V6(a) => {
+                    let v = Backend6 { addr: a.octets(), port: backend.port.to_be(), proto: backend.proto.number(), flags: 0 };
+                    write(names::BACKEND6, "insert", backend, self.backend6.insert(id, v, 0))
+                }
+            },
+            Op::DeleteBackend { id, backend } => match backend.family() {
+                Family::V4 => delete(names::BACKEND4, backend, self.backend4.remove(id)),
+                Family::V6 => delete(names::BACKEND6, backend, self.backend6.remove(id)),
+            },
+            Op::PutRevNat { id, frontend } => match frontend.addr {
+                IpAddr::V4(a) => {
+                    let v = RevNat4 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
+                    write(names::REVNAT4, "set", frontend, self.revnat4.set(*id, v, 0))
+                }
+                IpAddr::V6(a) => {
+                    let v = RevNat6 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
+                    write(names::REVNAT6, "set", frontend, self.revnat6.set(*id, v, 0))
+                }
+            },
+            Op::ClearRevNat { id, family } => match family {
+                Family::V4 => write(names::REVNAT4, "clear", id, self.revnat4.set(*id, RevNat4::default(), 0)),
+                Family::V6 => write(names::REVNAT6, "clear", id, self.revnat6.set(*id, RevNat6::default(), 0)),
+            },
+            Op::PutSlot { frontend, slot, backend_id } => {
+                let v = SvcValue { backend_id: *backend_id, ..SvcValue::default() };
+                let what = format_args!("{frontend} slot {slot}").to_string();
+                match frontend.family() {
+                    Family::V4 => write(names::SVC4, "insert", what, self.svc4.insert(svc4_key(frontend, *slot), v, 0)),
+                    Family::V6 => write(names::SVC6, "insert", what, self.svc6.insert(svc6_key(frontend, *slot), v, 0)),
+                }
+            }
+            Op::DeleteSlot { frontend, slot } => {
+                let what = format_args!("{frontend} slot {slot}").to_string();
+                match frontend.family() {
+                    Family::V4 => delete(names::SVC4, what, self.svc4.remove(&svc4_key(frontend, *slot))),
+                    Family::V6 => delete(names::SVC6, what, self.svc6.remove(&svc6_key(frontend, *slot))),
+                }
+            }
+            Op::PutFrontend { frontend, value } => {
+                let v = SvcValue {
+                    count: value.count,
+                    slot_base: value.slot_base,
+                    rev_nat_id: value.rev_nat_id,
+                    ..SvcValue::default()
+                };
+                match frontend.family() {
+                    Family::V4 => write(names::SVC4, "insert", frontend, self.svc4.insert(svc4_key(frontend, 0), v, 0)),
+                    Family::V6 => write(names::SVC6, "insert", frontend, self.svc6.insert(svc6_key(frontend, 0), v, 0)),
+                }
+            }
+            Op::DeleteFrontend { frontend } => match frontend.family() {
+                Family::V4 => delete(names::SVC4, frontend, self.svc4.remove(&svc4_key(frontend, 0))),
+                Family::V6 => delete(names::SVC6, frontend, self.svc6.remove(&svc6_key(frontend, 0))),
+            },
+        }
+    }
+}

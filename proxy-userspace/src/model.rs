@@ -1,0 +1,390 @@
+//! The functional core: Services and EndpointSlices in, desired frontends
+//! out. Pure: no I/O, no clock, deterministic order.
+//!
+//! Rules (Kubernetes semantics, see shared/SERVICE-SEMANTICS.md):
+//! - one frontend per (ClusterIP, port, protocol) for every address in
+//!   `spec.clusterIPs` (or `spec.clusterIP` when the list is empty);
+//! - the family of each ClusterIP picks the slices that feed it: IPv4 from
+//!   `addressType: IPv4`, IPv6 from `IPv6`; `FQDN` slices are ignored;
+//! - slices belong to the Service named by their `kubernetes.io/service-name`
+//!   label in the same namespace; endpoints are unioned over all slices and
+//!   counted once;
+//! - a Service port takes its backends' port from the slice port with the
+//!   same name and protocol (named `targetPort`s resolve this way);
+//! - `ready` endpoints serve; when none is ready, `serving && terminating`
+//!   ones do; otherwise the frontend has no backends;
+//! - headless, ExternalName and other proxies' Services are not proxied;
+//! - a malformed object is rejected alone, with an error naming it.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::IpAddr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+
+/// IP protocol of a frontend or backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => proxy_common::IPPROTO_TCP,
+            Proto::Udp => proxy_common::IPPROTO_UDP,
+        }
+    }
+
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::IPPROTO_TCP => Some(Proto::Tcp),
+            proxy_common::IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+
+    fn parse(s: Option<&str>) -> Result<Self, String> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Ok(Proto::Tcp),
+            "UDP" => Ok(Proto::Udp),
+            other => Err(format!("protocol {other} is not supported (TCP and UDP are)")),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// Address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The Kubernetes name (`ipFamilies`, `addressType`).
+    pub const fn k8s_name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    fn from_k8s(s: &str) -> Option<Self> {
+        match s {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        }
+    }
+}
+
+/// A service address: what clients connect to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl Frontend {
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+        }
+    }
+}
+
+/// An endpoint a frontend translates to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl Backend {
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Frontend { addr: self.addr, port: self.port, proto: self.proto }.fmt(f)
+    }
+}
+
+/// What one frontend should be programmed with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    /// `namespace/name:port` of the Service port, for messages.
+    pub owner: String,
+    /// Sorted, without duplicates; all of the frontend's family.
+    pub backends: Vec<Backend>,
+}
+
+/// The desired state of the datapath.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<Frontend, FrontendSpec>,
+}
+
+/// Agent settings that affect the model.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// `--service-proxy-name`: when set, handle only Services labelled
+    /// `service.kubernetes.io/service-proxy-name=<name>`; when unset, only
+    /// Services without that label (kube-proxy's rule).
+    pub service_proxy_name: Option<String>,
+}
+
+/// An object the model rejected, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name}: {reason}")]
+pub struct Rejected {
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub name: String,
+    pub reason: String,
+}
+
+fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// One Service port, validated.
+struct SvcPort {
+    name: String,
+    port: u16,
+    proto: Proto,
+}
+
+/// A Service that passed validation and is ours to proxy.
+struct ValidService {
+    name: String,
+    cluster_ips: Vec<IpAddr>,
+    ports: Vec<SvcPort>,
+}
+
+/// The Service's verdict: proxy it, skip it silently (not ours), or reject.
+fn validate_service(svc: &Service, config: &Config) -> Result<Option<ValidService>, String> {
+    let proxy_label = svc.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME));
+    if proxy_label != config.service_proxy_name.as_ref() {
+        return Ok(None);
+    }
+    let Some(spec) = &svc.spec else { return Ok(None) };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    let ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => vec![],
+    };
+    if ips.is_empty() || ips.iter().any(|ip| ip.is_empty() || *ip == "None") {
+        // Headless (or not yet allocated): nothing to proxy.
+        return Ok(None);
+    }
+    let mut cluster_ips = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let addr: IpAddr = ip.parse().map_err(|_| format!("clusterIPs[{i}] {ip:?} is not an IP address"))?;
+        let family = Family::of(addr);
+        if cluster_ips.iter().any(|a| Family::of(*a) == family) {
+            return Err(format!("clusterIPs has more than one {} address", family.k8s_name()));
+        }
+        if let Some(declared) = spec.ip_families.as_ref().and_then(|f| f.get(i)) {
+            if Family::from_k8s(declared) != Some(family) {
+                return Err(format!("clusterIPs[{i}] {ip} is {} but ipFamilies[{i}] is {declared}", family.k8s_name()));
+            }
+        }
+        cluster_ips.push(addr);
+    }
+    if let (Some(legacy), Some(first)) = (spec.cluster_ip.as_deref(), ips.first()) {
+        if !legacy.is_empty() && legacy != *first {
+            return Err(format!("clusterIP {legacy} differs from clusterIPs[0] {first}"));
+        }
+    }
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let name = p.name.clone().unwrap_or_default();
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| format!("port {:?} number {} is out of range 1-65535", name, p.port))?;
+        let proto = Proto::parse(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"))?;
+        if ports.iter().any(|q: &SvcPort| q.port == port && q.proto == proto) {
+            return Err(format!("port {port}/{proto} appears more than once"));
+        }
+        if ports.iter().any(|q: &SvcPort| q.name == name) {
+            return Err(format!("port name {name:?} appears more than once"));
+        }
+        ports.push(SvcPort { name, port, proto });
+    }
+    Ok(Some(ValidService { name: ns_name(&svc.metadata), cluster_ips, ports }))
+}
+
+/// Endpoint readiness, with Kubernetes' defaults for missing conditions.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Usable {
+    /// `serving && terminating`: only used when nothing is ready.
+    Terminating,
+    Ready,
+}
+
+/// Endpoints of one Service, one family, by (slice port name, protocol).
+type PortEndpoints = HashMap<(String, Proto), BTreeMap<(IpAddr, u16), Usable>>;
+
+/// Fold one slice into `acc`, or say why it is rejected.
+fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints) -> Result<(), String> {
+    // Validate the whole slice before taking anything from it.
+    let mut ports = Vec::new();
+    for p in slice.ports.iter().flatten() {
+        let Some(number) = p.port.filter(|n| *n != 0) else { continue };
+        let number = u16::try_from(number).map_err(|_| format!("port {number} is out of range 1-65535"))?;
+        let proto = Proto::parse(p.protocol.as_deref()).map_err(|e| format!("port {number}: {e}"))?;
+        ports.push((p.name.clone().unwrap_or_default(), proto, number));
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let Some(first) = ep.addresses.first() else { continue };
+        let addr: IpAddr = first.parse().map_err(|_| format!("endpoints[{i}] address {first:?} is not an IP address"))?;
+        if Family::of(addr) != family {
+            return Err(format!(
+                "endpoints[{i}] address {addr} is {} but the slice's addressType is {}",
+                Family::of(addr).k8s_name(),
+                family.k8s_name()
+            ));
+        }
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let usable = if ready {
+            Some(Usable::Ready)
+        } else if serving && terminating {
+            Some(Usable::Terminating)
+        } else {
+            None
+        };
+        if let Some(usable) = usable {
+            endpoints.push((addr, usable));
+        }
+    }
+    for (name, proto, number) in ports {
+        let set = acc.entry((name, proto)).or_default();
+        for (addr, usable) in &endpoints {
+            // The same endpoint in two slices counts once, with its best
+            // condition (a pod moving between slices).
+            let e = set.entry((*addr, number)).or_insert(*usable);
+            *e = (*e).max(*usable);
+        }
+    }
+    Ok(())
+}
+
+/// Compute the desired frontends. Rejected objects are returned beside the
+/// result; everything else is in it.
+pub fn desired(services: &[Service], slices: &[EndpointSlice], config: &Config) -> (Desired, Vec<Rejected>) {
+    let mut rejected = Vec::new();
+    // (namespace/service, family) -> endpoints by port.
+    let mut by_service: HashMap<(String, Family), PortEndpoints> = HashMap::new();
+    for slice in slices {
+        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+            continue;
+        };
+        let Some(family) = Family::from_k8s(&slice.address_type) else {
+            continue; // FQDN slices are not proxied.
+        };
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+        let mut scratch = PortEndpoints::new();
+        match add_slice(slice, family, &mut scratch) {
+            Ok(()) => {
+                let acc = by_service.entry((format!("{ns}/{svc_name}"), family)).or_default();
+                for (port, eps) in scratch {
+                    let set = acc.entry(port).or_default();
+                    for (ep, usable) in eps {
+                        let e = set.entry(ep).or_insert(usable);
+                        *e = (*e).max(usable);
+                    }
+                }
+            }
+            Err(reason) => rejected.push(Rejected { kind: "EndpointSlice", name: ns_name(&slice.metadata), reason }),
+        }
+    }
+
+    let mut out = Desired::default();
+    let mut seen = BTreeSet::new();
+    for svc in services {
+        let valid = match validate_service(svc, config) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            Err(reason) => {
+                rejected.push(Rejected { kind: "Service", name: ns_name(&svc.metadata), reason });
+                continue;
+            }
+        };
+        if !seen.insert(valid.name.clone()) {
+            rejected.push(Rejected { kind: "Service", name: valid.name, reason: "defined more than once".into() });
+            continue;
+        }
+        for vip in &valid.cluster_ips {
+            let family = Family::of(*vip);
+            let eps = by_service.get(&(valid.name.clone(), family));
+            for port in &valid.ports {
+                let set = eps.and_then(|e| e.get(&(port.name.clone(), port.proto)));
+                let best = set.and_then(|s| s.values().max().copied());
+                let backends = set
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, u)| Some(**u) == best)
+                    .map(|((addr, p), _)| Backend { addr: *addr, port: *p, proto: port.proto })
+                    .collect();
+                let owner = if port.name.is_empty() {
+                    format!("{}:{}", valid.name, port.port)
+                } else {
+                    format!("{}:{}", valid.name, port.name)
+                };
+                let frontend = Frontend { addr: *vip, port: port.port, proto: port.proto };
+                if let Some(other) = out.frontends.get(&frontend) {
+                    let reason = format!("{frontend} is already served by {}", other.owner);
+                    rejected.push(Rejected { kind: "Service", name: valid.name.clone(), reason });
+                    continue;
+                }
+                out.frontends.insert(frontend, FrontendSpec { owner, backends });
+            }
+        }
+    }
+    (out, rejected)
+}
