@@ -10,6 +10,7 @@
 //! - `agent`: the run loop tying them together.
 pub mod agent;
 pub mod attach;
+pub mod cli;
 pub mod diff;
 pub mod maps;
 pub mod model;

@@ -1,0 +1,148 @@
+//! The `dsproxy` command line.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use crate::{
+    agent::{self, RunConfig},
+    attach::{self, Capacities},
+    maps::Maps,
+    model, source,
+};
+use proxy_common::capacity;
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dsproxy";
+
+#[derive(Parser)]
+#[command(name = "dsproxy", version, about = "Dual-stack Kubernetes service proxy on eBPF")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Program and attach the datapath, then follow the source until SIGINT/SIGTERM.
+    Run {
+        /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched live.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Interfaces to attach to (shell glob; commas separate alternatives).
+        #[arg(long)]
+        attach: String,
+        /// bpffs directory for pinned maps and links.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Least time between two syncs, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        min_sync_period_ms: u64,
+        /// How often to look for source and interface changes, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        poll_interval_ms: u64,
+        /// Handle only Services labelled service.kubernetes.io/service-proxy-name=NAME.
+        #[arg(long)]
+        service_proxy_name: Option<String>,
+        /// Service map entries per family (frontends plus backend slots).
+        #[arg(long, default_value_t = capacity::SVC)]
+        svc_capacity: u32,
+        /// Backends per family.
+        #[arg(long, default_value_t = capacity::BACKEND)]
+        backend_capacity: u32,
+        /// Frontends (reverse-NAT entries) per family.
+        #[arg(long, default_value_t = capacity::REVNAT)]
+        revnat_capacity: u32,
+        /// Conntrack entries per family (two per connection).
+        #[arg(long, default_value_t = capacity::CT)]
+        ct_capacity: u32,
+    },
+    /// Detach and unpin everything under the pin directory (like kube-proxy --cleanup).
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Print the programmed frontends and the datapath counters.
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Validate manifests and print the frontends they would program; touches no kernel state.
+    Check {
+        #[arg(long)]
+        manifests: PathBuf,
+    },
+}
+
+/// Parse the command line and run it.
+pub fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Run {
+            manifests,
+            attach,
+            pin_dir,
+            min_sync_period_ms,
+            poll_interval_ms,
+            service_proxy_name,
+            svc_capacity,
+            backend_capacity,
+            revnat_capacity,
+            ct_capacity,
+        } => {
+            let cfg = RunConfig {
+                manifests,
+                attach,
+                pin_dir,
+                capacities: Capacities {
+                    svc: svc_capacity,
+                    backend: backend_capacity,
+                    revnat: revnat_capacity,
+                    ct: ct_capacity,
+                },
+                min_sync_period: Duration::from_millis(min_sync_period_ms),
+                poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+                model: model::Config { service_proxy_name },
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(cfg))
+        }
+        Command::Cleanup { pin_dir } => {
+            let removed = attach::cleanup(&pin_dir)?;
+            println!("removed {} pins under {}", removed.len(), pin_dir.display());
+            Ok(())
+        }
+        Command::Status { pin_dir } => status(&pin_dir),
+        Command::Check { manifests } => check(&manifests),
+    }
+}
+
+fn status(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let maps = Maps::open_pinned(&pin_dir.join("maps")).context("is the datapath loaded?")?;
+    let prog = maps.read_back()?;
+    for (frontend, value) in &prog.frontends {
+        let backends = prog.active_backends(frontend).unwrap_or_default();
+        let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
+        println!("{frontend} rev_nat={} -> [{}]", value.rev_nat_id, list.join(", "));
+    }
+    for (stat, n) in maps.stats()? {
+        println!("{:<20} {n}", stat.name());
+    }
+    Ok(())
+}
+
+fn check(dir: &std::path::Path) -> anyhow::Result<()> {
+    let (snap, errors) = source::ManifestDir::new(dir).read()?;
+    let (desired, rejected) = model::desired(&snap.services, &snap.slices, &model::Config::default());
+    for (frontend, spec) in &desired.frontends {
+        let list: Vec<String> = spec.backends.iter().map(ToString::to_string).collect();
+        println!("{frontend} ({}) -> [{}]", spec.owner, list.join(", "));
+    }
+    for e in &errors {
+        println!("error: {e}");
+    }
+    for r in &rejected {
+        println!("rejected: {r}");
+    }
+    if errors.is_empty() && rejected.is_empty() { Ok(()) } else { anyhow::bail!("{} errors", errors.len() + rejected.len()) }
+}

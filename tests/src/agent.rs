@@ -1,0 +1,137 @@
+//! The agent under test, run as a user would: `ip netns exec NODE dsproxy
+//! run ...` with its pins on a bpffs outside /sys.
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{netns::NetNs, topo::ATTACH_GLOB};
+
+/// Lines the agent printed, shared with the reader thread.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running agent, stopped with SIGTERM on drop.
+pub struct Agent {
+    child: Child,
+    log: Arc<Log>,
+    pub pin_dir: PathBuf,
+    bin: PathBuf,
+    /// Unpin everything on drop (not after `stop`, which models a restart).
+    cleanup_on_drop: bool,
+}
+
+impl Agent {
+    /// Start `bin run` inside `node` and wait for its first sync and attach.
+    pub fn start(bin: &Path, node: &NetNs, manifests: &Path, pin_dir: &Path) -> Self {
+        Self::start_with(bin, node, manifests, pin_dir, &[])
+    }
+
+    pub fn start_with(bin: &Path, node: &NetNs, manifests: &Path, pin_dir: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.name])
+            .arg(bin)
+            .args(["run", "--attach", ATTACH_GLOB, "--min-sync-period-ms", "50", "--poll-interval-ms", "50"])
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Log::default());
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("  [dsproxy] {line}");
+                sink.lines.lock().expect("log lock").push(line);
+                sink.changed.notify_all();
+            }
+        });
+        let agent = Self { child, log, pin_dir: pin_dir.to_owned(), bin: bin.to_owned(), cleanup_on_drop: true };
+        agent.wait_for_line(|l| l.contains("attached to"), Duration::from_secs(20));
+        agent
+    }
+
+    /// Wait until a printed line satisfies `pred`; panic with the log if not.
+    pub fn wait_for_line(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().expect("log lock");
+        loop {
+            if let Some(l) = lines.iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            let now = Instant::now();
+            assert!(now < deadline, "agent did not print the expected line in {timeout:?}; log:\n{}", lines.join("\n"));
+            lines = self.log.changed.wait_timeout(lines, deadline - now).expect("log lock").0;
+        }
+    }
+
+    /// Number of syncs so far.
+    pub fn generation(&self) -> u64 {
+        let lines = self.log.lines.lock().expect("log lock");
+        lines.iter().filter(|l| l.contains("synced generation=")).count() as u64
+    }
+
+    /// Wait for a sync after generation `after`; returns its log line.
+    pub fn wait_for_sync_after(&self, after: u64, timeout: Duration) -> String {
+        let needle = format!("synced generation={} ", after + 1);
+        self.wait_for_line(|l| l.contains(&needle), timeout)
+    }
+
+    /// All lines printed so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lines.lock().expect("log lock").clone()
+    }
+
+    /// SIGTERM and wait: the datapath must stay attached and pinned.
+    pub fn stop(mut self) {
+        self.terminate();
+        self.cleanup_on_drop = false;
+    }
+
+    fn terminate(&mut self) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `dsproxy cleanup`: what tests call when they finish.
+    pub fn cleanup(bin: &Path, pin_dir: &Path) {
+        let status = Command::new(bin).arg("cleanup").arg("--pin-dir").arg(pin_dir).stdout(Stdio::null()).status();
+        assert!(status.is_ok_and(|s| s.success()), "dsproxy cleanup failed for {}", pin_dir.display());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+        if !self.cleanup_on_drop {
+            return;
+        }
+        // The guard is also the teardown path on panic: unpin.
+        let _ = Command::new(&self.bin).arg("cleanup").arg("--pin-dir").arg(&self.pin_dir).stdout(Stdio::null()).status();
+    }
+}

@@ -1,0 +1,155 @@
+//! Backend servers and clients over real sockets. A backend answers every
+//! request line (TCP) or datagram (UDP) with `NAME LOCAL PEER`: who it is,
+//! the address it was reached on, and the client address it saw.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use crate::netns::NetNs;
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a backend said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub backend: String,
+    /// The address the backend was reached on (after DNAT).
+    pub local: SocketAddr,
+    /// The client address the backend saw.
+    pub peer: SocketAddr,
+}
+
+impl Reply {
+    fn parse(line: &str) -> std::io::Result<Self> {
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad reply {line:?}"));
+        let mut it = line.split_whitespace();
+        let backend = it.next().ok_or_else(bad)?.to_owned();
+        let local = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        let peer = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        Ok(Self { backend, local, peer })
+    }
+}
+
+/// A TCP and a UDP echo server on one address and port, stopped on drop.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    fds: Vec<i32>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Backend {
+    /// Serve TCP and UDP on `addr` inside `ns`.
+    pub fn start(ns: &NetNs, name: &str, addr: SocketAddr) -> Self {
+        let (tcp, udp) = ns.run(move || {
+            let tcp = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+            let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+            (tcp, udp)
+        });
+        let fds = vec![tcp.as_raw_fd(), udp.as_raw_fd()];
+        let n1 = name.to_owned();
+        let tcp_thread = thread::spawn(move || {
+            // accept fails once `Drop` shuts the listener down.
+            while let Ok((stream, peer)) = tcp.accept() {
+                let name = n1.clone();
+                thread::spawn(move || serve_tcp(&name, stream, peer));
+            }
+        });
+        let n2 = name.to_owned();
+        let udp_thread = thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            // recv returns 0 bytes from an unconnected peer once shut down.
+            while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let msg = format!("{n2} {} {peer}\n", udp.local_addr().expect("local addr"));
+                let _ = udp.send_to(msg.as_bytes(), peer);
+            }
+        });
+        Self { name: name.to_owned(), addr, fds, threads: vec![tcp_thread, udp_thread] }
+    }
+}
+
+fn serve_tcp(name: &str, stream: TcpStream, peer: SocketAddr) {
+    let local = stream.local_addr().expect("local addr");
+    let mut writer = stream.try_clone().expect("clone stream");
+    for line in BufReader::new(stream).lines() {
+        if line.is_err() {
+            break;
+        }
+        if writer.write_all(format!("{name} {local} {peer}\n").as_bytes()).is_err() {
+            break;
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        for fd in &self.fds {
+            // SAFETY: the sockets are still owned by the server threads;
+            // shutdown only wakes their blocking calls.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP request: connect, send a line, read the answer, close.
+pub fn tcp_request(target: SocketAddr) -> std::io::Result<Reply> {
+    let stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
+    let mut conn = Conn::from_stream(stream)?;
+    conn.request()
+}
+
+/// One UDP request from a socket connected to `target`: the kernel only
+/// accepts an answer whose source is exactly `target`, so a reply that was
+/// not rewritten back to the VIP times out.
+pub fn udp_request(target: SocketAddr) -> std::io::Result<Reply> {
+    let bind: SocketAddr = if target.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.expect("addr");
+    let sock = UdpSocket::bind(bind)?;
+    sock.set_read_timeout(Some(IO_TIMEOUT))?;
+    sock.connect(target)?;
+    sock.send(b"hello\n")?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf)?;
+    Reply::parse(String::from_utf8_lossy(&buf[..n]).trim())
+}
+
+/// A TCP connection that stays open for several requests.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    pub fn connect(target: SocketAddr) -> std::io::Result<Self> {
+        Self::from_stream(TcpStream::connect_timeout(&target, IO_TIMEOUT)?)
+    }
+
+    fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
+    }
+
+    /// The address the client's socket believes it is connected to.
+    pub fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        self.writer.peer_addr()
+    }
+
+    pub fn request(&mut self) -> std::io::Result<Reply> {
+        self.writer.write_all(b"hello\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        Reply::parse(line.trim())
+    }
+}

@@ -1,0 +1,83 @@
+//! Service and EndpointSlice manifests for tests, written as JSON documents
+//! (JSON is YAML) in the shape the Kubernetes API serves them.
+use std::net::IpAddr;
+
+use serde_json::{Value, json};
+
+/// A Service port: name, port, protocol, targetPort.
+pub struct Port<'a> {
+    pub name: &'a str,
+    pub port: u16,
+    pub proto: &'a str,
+    pub target: u16,
+}
+
+pub fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// A ClusterIP Service with `cluster_ips` (families in that order).
+pub fn service(name: &str, cluster_ips: &[IpAddr], policy: &str, ports: &[Port<'_>]) -> Value {
+    let families: Vec<&str> = cluster_ips.iter().map(|ip| family(*ip)).collect();
+    let ips: Vec<String> = cluster_ips.iter().map(ToString::to_string).collect();
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"name": p.name, "port": p.port, "protocol": p.proto, "targetPort": p.target}))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": ips.first(),
+            "clusterIPs": ips,
+            "ipFamilies": families,
+            "ipFamilyPolicy": policy,
+            "ports": ports,
+        }
+    })
+}
+
+/// Conditions of an endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Cond {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+pub const READY: Cond = Cond { ready: true, serving: true, terminating: false };
+pub const TERMINATING: Cond = Cond { ready: false, serving: true, terminating: true };
+
+/// An EndpointSlice of `service` for `address_type` with the given ports
+/// (name, port, protocol) and endpoints.
+pub fn slice(name: &str, service: &str, address_type: &str, ports: &[(&str, u16, &str)], endpoints: &[(IpAddr, Cond)]) -> Value {
+    let ports: Vec<Value> = ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto})).collect();
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, c)| {
+            json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": c.ready, "serving": c.serving, "terminating": c.terminating},
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service, "endpointslice.kubernetes.io/managed-by": "dsproxy-tests"},
+        },
+        "addressType": address_type,
+        "ports": ports,
+        "endpoints": endpoints,
+    })
+}
+
+/// Several objects as one multi-document YAML text.
+pub fn documents(objs: &[Value]) -> String {
+    objs.iter().map(|o| format!("---\n{o}\n")).collect()
+}
