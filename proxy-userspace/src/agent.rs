@@ -79,6 +79,8 @@ fn read_manifests(dir: &source::ManifestDir) -> anyhow::Result<source::Snapshot>
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (mut ebpf, maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
     let programmed = maps.read_back().context("reading pinned state back")?;
+    let (verified, xlated) = attach::program_size(&mut ebpf)?;
+    log::info!("program {}: {verified} instructions verified, {xlated} after translation", proxy_common::PROGRAM_NAME);
     log::info!(
         "datapath loaded, pins at {}; restored {} frontends from pinned maps",
         cfg.pin_dir.display(),

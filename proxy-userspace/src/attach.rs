@@ -140,6 +140,13 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
     prog.try_into().map_err(|source| Error::Program { op: "type", source })
 }
 
+/// The loaded program's size: instructions the verifier processed, and
+/// instructions after the kernel's translation.
+pub fn program_size(ebpf: &mut Ebpf) -> Result<(u32, u32)> {
+    let info = program(ebpf)?.info().map_err(|source| Error::Program { op: "info", source })?;
+    Ok((info.verified_instruction_count().unwrap_or(0), info.size_translated().unwrap_or(0) / 8))
+}
+
 /// Interfaces of the current network namespace.
 pub fn interfaces() -> Result<Vec<String>> {
     // SAFETY: if_nameindex returns a heap array terminated by a zero entry,

@@ -55,6 +55,14 @@ enum Command {
         #[arg(long, default_value_t = capacity::CT)]
         ct_capacity: u32,
     },
+    /// Load the datapath, pin its maps, attach it to every interface matching
+    /// GLOB, print the verifier's figures and exit (the datapath stays).
+    Load {
+        #[arg(long)]
+        attach: String,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Detach and unpin everything under the pin directory (like kube-proxy --cleanup).
     Cleanup {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -106,6 +114,17 @@ pub fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(agent::run(cfg))
+        }
+        Command::Load { attach, pin_dir } => {
+            let (mut ebpf, _maps) = attach::load(&pin_dir, &Capacities::default())?;
+            let (verified, xlated) = attach::program_size(&mut ebpf)?;
+            println!("program {}: {verified} instructions verified, {xlated} instructions after translation", proxy_common::PROGRAM_NAME);
+            let (new, errors) = attach::attach_matching(&mut ebpf, &pin_dir, &attach, &mut Vec::new())?;
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            println!("attached to {} (tcx ingress); maps and links pinned under {}", new.join(", "), pin_dir.display());
+            if errors.is_empty() { Ok(()) } else { anyhow::bail!("{} interfaces failed", errors.len()) }
         }
         Command::Cleanup { pin_dir } => {
             let removed = attach::cleanup(&pin_dir)?;

@@ -1,1 +1,227 @@
-fn main() {}
+//! `cargo xtask`: set-up, build, test, demo and bench for dsproxy.
+//!
+//! xtask depends on nothing of the project, so it builds on a fresh machine
+//! before the eBPF toolchain exists; `setup` then installs what is missing.
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (idempotent).
+    Setup,
+    /// Build the eBPF object and print its path.
+    BuildEbpf,
+    /// Build, load, attach to every interface matching GLOB in the current
+    /// network namespace, and pin maps and links.
+    BuildAndLoad {
+        #[arg(long)]
+        attach: String,
+        #[arg(long, default_value = "/sys/fs/bpf/dsproxy")]
+        pin_dir: PathBuf,
+    },
+    /// Unit tests, BPF_PROG_TEST_RUN packet tests and network-namespace tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`: test filters).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A dual-stack Service end to end in throw-away namespaces, with a transcript.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => {
+            setup()?;
+            let obj = build_ebpf()?;
+            println!("{}", obj.display());
+            Ok(())
+        }
+        Cmd::BuildAndLoad { attach, pin_dir } => {
+            setup()?;
+            let bin = build_bin("proxy-userspace", "dsproxy", false)?;
+            run(Command::new(bin).arg("load").arg("--attach").arg(attach).arg("--pin-dir").arg(pin_dir))
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--no-fail-fast"]);
+            if !args.is_empty() {
+                cmd.arg("--").args(args);
+            }
+            run(&mut cmd)
+        }
+        Cmd::Demo => {
+            setup()?;
+            let agent = build_bin("proxy-userspace", "dsproxy", false)?;
+            let demo = build_bin("dsproxy-tests", "dsproxy-demo", false)?;
+            run(Command::new(demo).arg("--agent").arg(agent))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+/// `~/.cargo/bin`, where `cargo install` puts bpf-linker.
+fn cargo_bin_dir() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// PATH with `~/.cargo/bin` first, for every child process.
+fn path_env() -> OsString {
+    let mut paths = vec![cargo_bin_dir()];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).expect("valid PATH")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.env("PATH", path_env());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.env("PATH", path_env()).status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.env("PATH", path_env()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn have(program: &str) -> bool {
+    env::split_paths(&path_env()).any(|d| d.join(program).is_file())
+}
+
+/// Install Debian packages, running `apt-get update` first.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    println!("setup: installing {} (apt-get)", packages.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(packages).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn setup() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } != 0 {
+        bail!("dsproxy's set-up and tests need root (package installs, BPF, network namespaces)");
+    }
+    // The eBPF crate builds with the nightly toolchain and its rust-src.
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        bail!("the nightly toolchain is missing: `rustup toolchain install nightly` (the eBPF crate needs it)");
+    }
+    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output()?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        println!("setup: adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let mut missing: Vec<&str> = Vec::new();
+    for (program, package) in [("ip", "iproute2"), ("sysctl", "procps"), ("mount", "mount")] {
+        if !have(program) {
+            missing.push(package);
+        }
+    }
+    if !have("bpf-linker") && !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
+        missing.push("llvm-22-dev");
+    }
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    if !have("bpf-linker") {
+        println!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
+        let mut path = vec![Path::new(LLVM_PREFIX).join("bin")];
+        path.extend(env::split_paths(&path_env()));
+        run(cargo()
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", env::join_paths(path)?))?;
+    }
+    if !is_bpffs("/sys/fs/bpf") {
+        println!("setup: mounting bpffs on /sys/fs/bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+fn is_bpffs(path: &str) -> bool {
+    // `stat -f -c %T` prints "bpf_fs" for a bpffs.
+    Command::new("stat")
+        .args(["-f", "-c", "%T", path])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "bpf_fs")
+}
+
+/// Build one binary and return its path, as cargo reports it (no guessing
+/// at target/ layouts).
+fn build_bin(package: &str, bin: &str, release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", package, "--bin", bin, "--message-format=json-render-diagnostics"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("build {bin}"))?;
+    if !out.status.success() {
+        bail!("building {bin} failed");
+    }
+    executable(&out.stdout, bin).with_context(|| format!("cargo did not report the {bin} executable"))
+}
+
+/// The `"executable"` of the compiler-artifact message for target `name`.
+fn executable(json_lines: &[u8], name: &str) -> Option<PathBuf> {
+    let text = String::from_utf8_lossy(json_lines);
+    let needle = format!("\"name\":\"{name}\"");
+    text.lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains(&needle))
+        .find_map(|l| {
+            let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = start + l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..end]))
+        })
+}
+
+fn build_ebpf() -> Result<PathBuf> {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--package", "proxy-ebpf", "--bins", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--message-format=json-render-diagnostics"])
+        .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf")
+        .env("PATH", path_env());
+    let out = cmd.stderr(Stdio::inherit()).output().context("build eBPF")?;
+    if !out.status.success() {
+        bail!("building the eBPF object failed");
+    }
+    executable(&out.stdout, "dsproxy-tc").context("cargo did not report the eBPF object")
+}
