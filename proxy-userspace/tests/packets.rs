@@ -1,0 +1,503 @@
+//! Packet tests: crafted frames through the real TC program with
+//! BPF_PROG_TEST_RUN, checksums re-verified in userspace. One fixture table
+//! per family (Katran's PacketAttributes, Cilium's PKTGEN/CHECK).
+//!
+//! Needs root and BPF; fails loudly without them.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
+    path::PathBuf,
+    process::Command,
+};
+
+use aya::Ebpf;
+use dsproxy::{
+    attach::{self, Capacities},
+    diff::Programmed,
+    maps::Maps,
+    model::{Backend, Desired, Frontend, FrontendSpec, Proto},
+    sync, testrun,
+};
+use proxy_common::{CT_DIR_FORWARD, ct_state, ct_timeout};
+
+const TC_ACT_OK: i32 = 0;
+
+// ---------------------------------------------------------------- frames
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn csum_add(bytes: &[u8]) -> u32 {
+    bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
+}
+
+fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            p.extend(s.octets());
+            p.extend(d.octets());
+            p.extend([0, proto]);
+            p.extend(u16::try_from(len).expect("len").to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            p.extend(s.octets());
+            p.extend(d.octets());
+            p.extend(u32::try_from(len).expect("len").to_be_bytes());
+            p.extend([0, 0, 0, proto]);
+        }
+        _ => panic!("mixed families"),
+    }
+    p
+}
+
+/// A TCP or UDP segment with a correct checksum (UDP over IPv4 may ask for
+/// none: `zero_udp_csum`).
+fn l4(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16, flags: u8, zero_udp_csum: bool) -> Vec<u8> {
+    let payload = b"dsproxy";
+    let mut seg = Vec::new();
+    seg.extend(sport.to_be_bytes());
+    seg.extend(dport.to_be_bytes());
+    let csum_at = if proto == TCP {
+        seg.extend(1000u32.to_be_bytes()); // seq
+        seg.extend(if flags & ACK != 0 { 2000u32 } else { 0 }.to_be_bytes());
+        seg.extend([5 << 4, flags]);
+        seg.extend(65535u16.to_be_bytes());
+        seg.extend([0, 0, 0, 0]); // csum, urgent
+        16
+    } else {
+        seg.extend(u16::try_from(8 + payload.len()).expect("len").to_be_bytes());
+        seg.extend([0, 0]);
+        6
+    };
+    seg.extend(payload);
+    if !zero_udp_csum {
+        let mut sum = csum_add(&pseudo(src, dst, proto, seg.len()));
+        sum += csum_add(&seg);
+        let mut c = csum_fold(sum);
+        if c == 0 && proto == UDP {
+            c = 0xffff;
+        }
+        seg[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    seg
+}
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    f.extend(ethertype.to_be_bytes());
+    f
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: usize, l4: &[u8]) -> Vec<u8> {
+    let ihl = 20 + options;
+    let mut h = vec![0x40 | u8::try_from(ihl / 4).expect("ihl"), 0];
+    h.extend(u16::try_from(ihl + l4.len()).expect("len").to_be_bytes());
+    h.extend([0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]); // id, DF, ttl, proto, csum
+    h.extend(src.octets());
+    h.extend(dst.octets());
+    h.extend(std::iter::repeat_n(1u8, options)); // NOP options
+    let c = csum_fold(csum_add(&h));
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = eth(0x0800);
+    f.extend(h);
+    f.extend(l4);
+    f
+}
+
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = eth(0x86DD);
+    f.extend([0x60, 0, 0, 0]);
+    f.extend(u16::try_from(payload.len()).expect("len").to_be_bytes());
+    f.extend([next, 64]);
+    f.extend(src.octets());
+    f.extend(dst.octets());
+    f.extend(payload);
+    f
+}
+
+/// A TCP/UDP frame from `src` to `dst` of either family.
+fn frame(src: (IpAddr, u16), dst: (IpAddr, u16), proto: u8, flags: u8) -> Vec<u8> {
+    let seg = l4(src.0, dst.0, proto, src.1, dst.1, flags, false);
+    match (src.0, dst.0) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(s, d, proto, 0, &seg),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, proto, &seg),
+        _ => panic!("mixed families"),
+    }
+}
+
+/// Source and destination of a frame, and whether every checksum in it is
+/// right (recomputed from scratch).
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+}
+
+fn inspect(f: &[u8]) -> Seen {
+    let ethertype = u16::from_be_bytes([f[12], f[13]]);
+    let (src, dst, proto, l4_off, l4_len) = if ethertype == 0x0800 {
+        let ihl = usize::from(f[14] & 0xf) * 4;
+        assert_eq!(csum_fold(csum_add(&f[14..14 + ihl])), 0, "IPv4 header checksum is wrong");
+        let tot = usize::from(u16::from_be_bytes([f[16], f[17]]));
+        let s = IpAddr::V4(Ipv4Addr::new(f[26], f[27], f[28], f[29]));
+        let d = IpAddr::V4(Ipv4Addr::new(f[30], f[31], f[32], f[33]));
+        (s, d, f[23], 14 + ihl, tot - ihl)
+    } else {
+        let s = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&f[22..38]).expect("16")));
+        let d = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&f[38..54]).expect("16")));
+        (s, d, f[20], 54, usize::from(u16::from_be_bytes([f[18], f[19]])))
+    };
+    let seg = &f[l4_off..l4_off + l4_len];
+    let csum_at = if proto == TCP { 16 } else { 6 };
+    let zero_udp = proto == UDP && seg[6] == 0 && seg[7] == 0;
+    if !zero_udp {
+        let sum = csum_add(&pseudo(src, dst, proto, seg.len())) + csum_add(seg);
+        assert_eq!(csum_fold(sum), 0, "L4 checksum is wrong (checksum field {:02x}{:02x})", seg[csum_at], seg[csum_at + 1]);
+    }
+    let sport = u16::from_be_bytes([seg[0], seg[1]]);
+    let dport = u16::from_be_bytes([seg[2], seg[3]]);
+    Seen { src: (src, sport), dst: (dst, dport) }
+}
+
+// ---------------------------------------------------------------- setup
+
+/// A private bpffs for the pins, unmounted on drop.
+struct Env {
+    ebpf: Ebpf,
+    maps: Maps,
+    prog: Programmed,
+    mount: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
+static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn env() -> Env {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "packet tests need root and BPF: run them via `cargo xtask test`");
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mount = PathBuf::from(format!("/run/dsproxy-packet-tests/{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&mount).expect("mkdir");
+    let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount).status().is_ok_and(|s| s.success());
+    assert!(ok, "mounting a bpffs on {} failed", mount.display());
+    let caps = Capacities { svc: 1024, backend: 256, revnat: 256, ct: 1024 };
+    let (ebpf, maps) = attach::load(&mount.join("dsproxy"), &caps).expect("load datapath");
+    Env { ebpf, maps, prog: Programmed::default(), mount }
+}
+
+impl Env {
+    fn try_run(&mut self, frame: &[u8]) -> std::io::Result<testrun::Outcome> {
+        let prog = attach::program(&mut self.ebpf).expect("program");
+        let fd = prog.fd().expect("loaded");
+        testrun::run(&fd.as_fd(), frame, 1)
+    }
+
+    fn run(&mut self, frame: &[u8]) -> testrun::Outcome {
+        self.try_run(frame).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()))
+    }
+
+    fn program(&mut self, frontends: &[(Frontend, Vec<Backend>)]) {
+        let mut desired = Desired::default();
+        for (f, b) in frontends {
+            desired.frontends.insert(*f, FrontendSpec { owner: "default/web:p".into(), backends: b.clone() });
+        }
+        let report = sync::sync(&mut self.maps, &mut self.prog, &desired);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+}
+
+fn v4(s: &str) -> IpAddr {
+    s.parse().expect("addr")
+}
+
+const CLIENT4: &str = "198.18.1.2";
+const CLIENT6: &str = "fd00:0:0:1::2";
+const VIP4: &str = "198.19.0.10";
+const VIP6: &str = "fd00:ffff::10";
+
+fn backends(addrs: &[&str], proto: Proto) -> Vec<Backend> {
+    addrs.iter().map(|a| Backend { addr: v4(a), port: 8080, proto }).collect()
+}
+
+/// Frontends for port 80 TCP and UDP on both VIPs, two backends each.
+fn web(env: &mut Env) {
+    let mut fronts = Vec::new();
+    for proto in [Proto::Tcp, Proto::Udp] {
+        fronts.push((Frontend { addr: v4(VIP4), port: 80, proto }, backends(&["198.18.2.2", "198.18.3.2"], proto)));
+        fronts.push((Frontend { addr: v4(VIP6), port: 80, proto }, backends(&["fd00:0:0:2::2", "fd00:0:0:3::2"], proto)));
+    }
+    env.program(&fronts);
+}
+
+// ---------------------------------------------------------------- tests
+
+/// One fixture: a frame in, what must come out.
+struct Case {
+    description: &'static str,
+    input: Vec<u8>,
+    /// `None`: the frame must come out byte for byte unchanged.
+    expected_dst: Option<&'static [&'static str]>,
+}
+
+fn run_cases(env: &mut Env, cases: Vec<Case>) {
+    for case in cases {
+        let out = env.run(&case.input);
+        assert_eq!(out.verdict, TC_ACT_OK, "{}: verdict", case.description);
+        match case.expected_dst {
+            None => assert_eq!(out.frame, case.input, "{}: frame must pass untouched", case.description),
+            Some(allowed) => {
+                let before = inspect(&case.input);
+                let after = inspect(&out.frame);
+                assert_eq!(after.src, before.src, "{}: source must not change", case.description);
+                assert!(
+                    allowed.iter().any(|a| v4(a) == after.dst.0) && after.dst.1 == 8080,
+                    "{}: DNAT to {:?}, expected one of {allowed:?}:8080",
+                    case.description,
+                    after.dst
+                );
+                assert_eq!(out.frame.len(), case.input.len(), "{}: length", case.description);
+            }
+        }
+    }
+}
+
+#[test]
+fn should_dnat_v4_tcp_and_udp_to_v4_backends_with_valid_checksums() {
+    let mut env = env();
+    web(&mut env);
+    let be: &[&str] = &["198.18.2.2", "198.18.3.2"];
+    let (c, vip) = ((v4(CLIENT4), 40000), (v4(VIP4), 80));
+    let seg = l4(c.0, vip.0, UDP, 40002, 80, 0, true);
+    let IpAddr::V4(c4) = c.0 else { unreachable!() };
+    let IpAddr::V4(vip4) = vip.0 else { unreachable!() };
+    run_cases(&mut env, vec![
+        Case { description: "v4 TCP SYN", input: frame(c, vip, TCP, SYN), expected_dst: Some(be) },
+        Case { description: "v4 UDP", input: frame((c.0, 40001), vip, UDP, 0), expected_dst: Some(be) },
+        Case { description: "v4 UDP without checksum", input: ipv4(c4, vip4, UDP, 0, &seg), expected_dst: Some(be) },
+        Case {
+            description: "v4 TCP with IP options (IHL 7)",
+            input: ipv4(c4, vip4, TCP, 8, &l4(c.0, vip.0, TCP, 40003, 80, SYN, false)),
+            expected_dst: Some(be),
+        },
+    ]);
+    // The checksum-less UDP datagram keeps checksum 0.
+    let out = env.run(&ipv4(c4, vip4, UDP, 0, &seg));
+    assert_eq!(&out.frame[14 + 20 + 6..14 + 20 + 8], &[0, 0], "UDP checksum 0 must stay 0 on IPv4");
+}
+
+#[test]
+fn should_dnat_v6_tcp_and_udp_to_v6_backends_with_valid_checksums() {
+    let mut env = env();
+    web(&mut env);
+    let be: &[&str] = &["fd00:0:0:2::2", "fd00:0:0:3::2"];
+    let (c, vip) = ((v4(CLIENT6), 40000), (v4(VIP6), 80));
+    run_cases(&mut env, vec![
+        Case { description: "v6 TCP SYN", input: frame(c, vip, TCP, SYN), expected_dst: Some(be) },
+        Case { description: "v6 UDP", input: frame((c.0, 40001), vip, UDP, 0), expected_dst: Some(be) },
+    ]);
+}
+
+#[test]
+fn should_reverse_nat_replies_on_both_families() {
+    let mut env = env();
+    web(&mut env);
+    for (client, vip) in [(CLIENT4, VIP4), (CLIENT6, VIP6)] {
+        for proto in [TCP, UDP] {
+            let c = (v4(client), 41000);
+            let out = env.run(&frame(c, (v4(vip), 80), proto, SYN));
+            let backend = inspect(&out.frame).dst;
+            // The backend answers from its own address...
+            let reply = env.run(&frame(backend, c, proto, SYN | ACK));
+            let seen = inspect(&reply.frame);
+            // ...and the client sees the VIP.
+            assert_eq!(seen.src, (v4(vip), 80), "reply source must be rewritten to the VIP ({proto})");
+            assert_eq!(seen.dst, c);
+        }
+    }
+}
+
+#[test]
+fn should_pass_everything_else_untouched() {
+    let mut env = env();
+    web(&mut env);
+    let (c4, vip4v) = (Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 19, 0, 10));
+    let (c6, vip6v) = (CLIENT6.parse::<Ipv6Addr>().expect("v6"), VIP6.parse::<Ipv6Addr>().expect("v6"));
+    let syn4 = l4(c4.into(), vip4v.into(), TCP, 40000, 80, SYN, false);
+    let syn6 = l4(c6.into(), vip6v.into(), TCP, 40000, 80, SYN, false);
+    let mut arp = eth(0x0806);
+    arp.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend([0u8; 20]);
+    let mut fragment = ipv4(c4, vip4v, TCP, 0, &syn4);
+    fragment[14 + 6] = 0x20; // more fragments
+    let mut truncated = ipv4(c4, vip4v, TCP, 0, &syn4);
+    truncated.truncate(14 + 20 + 10);
+    let mut bad_ihl = ipv4(c4, vip4v, TCP, 0, &syn4);
+    bad_ihl[14] = 0x44;
+    let mut bad_version = ipv4(c4, vip4v, TCP, 0, &syn4);
+    bad_version[14] = 0x55;
+    let mut long_tot_len = ipv4(c4, vip4v, TCP, 0, &syn4);
+    long_tot_len[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    let mut bad_doff = ipv4(c4, vip4v, TCP, 0, &syn4);
+    bad_doff[14 + 20 + 12] = 0x40;
+    let mut v6_truncated = ipv6(c6, vip6v, TCP, &syn6);
+    v6_truncated.truncate(14 + 40 + 8);
+    let mut v6_zero_udp = ipv6(c6, vip6v, UDP, &l4(c6.into(), vip6v.into(), UDP, 40000, 80, 0, false));
+    v6_zero_udp[14 + 40 + 6..14 + 40 + 8].copy_from_slice(&[0, 0]);
+    let mut hop_by_hop = vec![TCP, 0, 1, 4, 0, 0, 0, 0];
+    hop_by_hop.extend(&syn6);
+    let icmp4 = ipv4(c4, vip4v, 1, 0, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
+    let icmp6_ns = ipv6(c6, "ff02::1:ff00:1".parse().expect("v6"), 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
+    let cases = vec![
+        Case { description: "ARP", input: arp, expected_dst: None },
+        Case { description: "ICMP echo to the VIP", input: icmp4, expected_dst: None },
+        Case { description: "ICMPv6 neighbour solicitation", input: icmp6_ns, expected_dst: None },
+        Case { description: "TCP to a non-service address", input: frame((v4(CLIENT4), 1), (v4("198.18.9.9"), 80), TCP, SYN), expected_dst: None },
+        Case { description: "TCP to the VIP on another port", input: frame((v4(CLIENT4), 1), (v4(VIP4), 81), TCP, SYN), expected_dst: None },
+        Case { description: "v6 TCP to a non-service address", input: frame((v4(CLIENT6), 1), (v4("fd00::9"), 80), TCP, SYN), expected_dst: None },
+        Case { description: "IPv4 fragment to the VIP", input: fragment, expected_dst: None },
+        Case { description: "IPv4 truncated inside TCP", input: truncated, expected_dst: None },
+        Case { description: "IPv4 IHL 4", input: bad_ihl, expected_dst: None },
+        Case { description: "IP version 5", input: bad_version, expected_dst: None },
+        Case { description: "IPv4 total length beyond the frame", input: long_tot_len, expected_dst: None },
+        Case { description: "TCP data offset 4", input: bad_doff, expected_dst: None },
+        Case { description: "IPv6 truncated inside TCP", input: v6_truncated, expected_dst: None },
+        Case { description: "IPv6 UDP with checksum 0", input: v6_zero_udp, expected_dst: None },
+        Case { description: "IPv6 hop-by-hop header before TCP", input: ipv6(c6, vip6v, 0, &hop_by_hop), expected_dst: None },
+    ];
+    run_cases(&mut env, cases);
+}
+
+#[test]
+fn should_pass_random_garbage_untouched() {
+    let mut env = env();
+    web(&mut env);
+    // xorshift: deterministic, no extra crate.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..2000 {
+        let len = 14 + usize::try_from(next() % 120).expect("len");
+        let mut f: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let ethertype: u16 = if i % 2 == 0 { 0x0800 } else { 0x86DD };
+        f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        if len > 15 {
+            f[14] = if ethertype == 0x0800 { 0x45 } else { 0x60 };
+        }
+        // BPF_PROG_TEST_RUN itself refuses a frame too short for the IP
+        // header its ethertype names, before the program runs.
+        let l3_min = if ethertype == 0x0800 { 14 + 20 } else { 14 + 40 };
+        let out = match env.try_run(&f) {
+            Ok(out) => out,
+            Err(e) if len < l3_min && e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(e) => panic!("BPF_PROG_TEST_RUN on random frame {i} ({len} bytes): {e}"),
+        };
+        assert_eq!(out.verdict, TC_ACT_OK, "frame {i}");
+        assert_eq!(out.frame, f, "random frame {i} was modified");
+    }
+}
+
+#[test]
+fn should_not_translate_a_vip_without_backends_of_its_family() {
+    let mut env = env();
+    // The v6 frontend exists but has no backends (only v4 endpoints).
+    env.program(&[
+        (Frontend { addr: v4(VIP4), port: 80, proto: Proto::Tcp }, backends(&["198.18.2.2"], Proto::Tcp)),
+        (Frontend { addr: v4(VIP6), port: 80, proto: Proto::Tcp }, vec![]),
+    ]);
+    let f = frame((v4(CLIENT6), 1234), (v4(VIP6), 80), TCP, SYN);
+    assert_eq!(env.run(&f).frame, f, "a v6 VIP without v6 backends must not be translated");
+    let stats = env.maps.stats().expect("stats");
+    assert!(stats.iter().any(|(s, n)| s.name() == "pass_no_backend" && *n == 1), "{stats:?}");
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).expect("secs") * 1_000_000_000 + u64::try_from(ts.tv_nsec).expect("ns")
+}
+
+/// The forward entry of the v4 flow from `client` port `sport`.
+fn ct4_forward(env: &Env, sport: u16) -> proxy_common::Ct4Value {
+    env.maps
+        .ct4
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD && u16::from_be(k.sport) == sport)
+        .map(|(_, v)| v)
+        .expect("forward conntrack entry")
+}
+
+#[test]
+fn should_expire_conntrack_entries_by_tcp_state() {
+    let mut env = env();
+    web(&mut env);
+    let c = (v4(CLIENT4), 42000);
+    let vip = (v4(VIP4), 80);
+    let remaining = |env: &Env| ct4_forward(env, 42000).expires.saturating_sub(monotonic_ns());
+    let backend = inspect(&env.run(&frame(c, vip, TCP, SYN)).frame).dst;
+    assert!(remaining(&env) <= ct_timeout::TCP_SYN && remaining(&env) > ct_timeout::TCP_SYN / 2, "SYN timeout");
+    env.run(&frame(backend, c, TCP, SYN | ACK));
+    assert_ne!(ct4_forward(&env, 42000).state & ct_state::SEEN_REPLY, 0);
+    assert!(remaining(&env) > ct_timeout::TCP_SYN, "an answered connection is established");
+    env.run(&frame(c, vip, TCP, FIN | ACK));
+    assert!(remaining(&env) > ct_timeout::TCP_SYN, "one FIN: still open (half-closed)");
+    env.run(&frame(backend, c, TCP, FIN | ACK));
+    assert!(remaining(&env) <= ct_timeout::TCP_CLOSE, "FIN both ways: close timeout");
+
+    let c2 = (v4(CLIENT4), 42001);
+    let b2 = inspect(&env.run(&frame(c2, vip, TCP, SYN)).frame).dst;
+    env.run(&frame(b2, c2, TCP, RST));
+    let left = ct4_forward(&env, 42001).expires.saturating_sub(monotonic_ns());
+    assert!(left <= ct_timeout::TCP_CLOSE, "RST: close timeout");
+
+    let c3 = (v4(CLIENT4), 42002);
+    env.run(&frame(c3, (v4(VIP4), 80), UDP, 0));
+    let udp = env.maps.ct4.iter().filter_map(Result::ok).find(|(k, _)| u16::from_be(k.sport) == 42002).expect("udp entry").1;
+    let left = udp.expires.saturating_sub(monotonic_ns());
+    assert!(left <= ct_timeout::UDP && left > ct_timeout::UDP / 2, "UDP idle timeout");
+}
+
+#[test]
+fn should_keep_established_flows_on_their_backend_when_backends_change() {
+    let mut env = env();
+    let f = Frontend { addr: v4(VIP4), port: 80, proto: Proto::Tcp };
+    env.program(&[(f, backends(&["198.18.2.2"], Proto::Tcp))]);
+    let c = (v4(CLIENT4), 43000);
+    let vip = (v4(VIP4), 80);
+    let first = inspect(&env.run(&frame(c, vip, TCP, SYN)).frame).dst;
+    assert_eq!(first.0, v4("198.18.2.2"));
+    env.run(&frame(first, c, TCP, SYN | ACK));
+    // The backend set is replaced entirely.
+    env.program(&[(f, backends(&["198.18.3.2", "198.18.4.2"], Proto::Tcp))]);
+    for _ in 0..5 {
+        let again = inspect(&env.run(&frame(c, vip, TCP, ACK)).frame).dst;
+        assert_eq!(again, first, "an established flow must keep its backend");
+    }
+    for port in 0..20 {
+        let new = inspect(&env.run(&frame((c.0, 44000 + port), vip, TCP, SYN)).frame).dst;
+        assert_ne!(new.0, v4("198.18.2.2"), "new flows must not go to a removed backend");
+    }
+}
