@@ -388,3 +388,248 @@ pub fn desired(services: &[Service], slices: &[EndpointSlice], config: &Config) 
     }
     (out, rejected)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn svc(name: &str, ips: &[&str], families: &[&str], ports: Value) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ips.first(), "clusterIPs": ips, "ipFamilies": families, "ports": ports}
+        }))
+        .expect("valid Service")
+    }
+
+    fn web_ports() -> Value {
+        json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}])
+    }
+
+    /// A slice of Service `svc` with `(name, port, protocol)` ports and
+    /// `(address, ready, serving, terminating)` endpoints (None: unset).
+    fn slice(name: &str, svc: &str, family: &str, ports: Value, eps: &[(&str, Option<bool>, Option<bool>, Option<bool>)]) -> EndpointSlice {
+        let eps: Vec<Value> = eps
+            .iter()
+            .map(|(a, r, s, t)| json!({"addresses": [a], "conditions": {"ready": r, "serving": s, "terminating": t}}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default", "labels": {LABEL_SERVICE_NAME: svc}},
+            "addressType": family,
+            "ports": ports,
+            "endpoints": eps,
+        }))
+        .expect("valid EndpointSlice")
+    }
+
+    fn http(port: u16) -> Value {
+        json!([{"name": "http", "port": port, "protocol": "TCP"}])
+    }
+
+    const R: (Option<bool>, Option<bool>, Option<bool>) = (Some(true), Some(true), Some(false));
+    const T: (Option<bool>, Option<bool>, Option<bool>) = (Some(false), Some(true), Some(true));
+
+    fn ep(a: &str, c: (Option<bool>, Option<bool>, Option<bool>)) -> (&str, Option<bool>, Option<bool>, Option<bool>) {
+        (a, c.0, c.1, c.2)
+    }
+
+    fn v4_slice() -> EndpointSlice {
+        slice("web-v4", "web", "IPv4", http(8080), &[ep("198.18.2.2", R), ep("198.18.3.2", R)])
+    }
+
+    fn v6_slice() -> EndpointSlice {
+        slice("web-v6", "web", "IPv6", http(8080), &[ep("fd00::2:2", R)])
+    }
+
+    /// The frontends as `vip:port/proto -> [backends]` strings.
+    fn table(services: &[Service], slices: &[EndpointSlice]) -> (Vec<String>, Vec<Rejected>) {
+        let (d, rejected) = desired(services, slices, &Config::default());
+        let rows = d
+            .frontends
+            .iter()
+            .map(|(f, s)| {
+                let b: Vec<String> = s.backends.iter().map(ToString::to_string).collect();
+                format!("{f} -> [{}]", b.join(" "))
+            })
+            .collect();
+        (rows, rejected)
+    }
+
+    #[test]
+    fn dual_stack_cases_from_the_kubernetes_docs() {
+        let v4b = "198.19.0.10:80/TCP -> [198.18.2.2:8080/TCP 198.18.3.2:8080/TCP]";
+        let v6b = "[fd00:ffff::a]:80/TCP -> [[fd00::2:2]:8080/TCP]";
+        let v6_empty = "[fd00:ffff::a]:80/TCP -> []";
+        let cases: Vec<(&str, Service, Vec<EndpointSlice>, Vec<&str>)> = vec![
+            ("SingleStack IPv4 ignores IPv6 slices", svc("web", &["198.19.0.10"], &["IPv4"], web_ports()), vec![v4_slice(), v6_slice()], vec![v4b]),
+            ("SingleStack IPv6 ignores IPv4 slices", svc("web", &["fd00:ffff::a"], &["IPv6"], web_ports()), vec![v4_slice(), v6_slice()], vec![v6b]),
+            (
+                "PreferDualStack [IPv4, IPv6]",
+                svc("web", &["198.19.0.10", "fd00:ffff::a"], &["IPv4", "IPv6"], web_ports()),
+                vec![v4_slice(), v6_slice()],
+                vec![v4b, v6b],
+            ),
+            (
+                "RequireDualStack [IPv6, IPv4]: same datapath",
+                svc("web", &["fd00:ffff::a", "198.19.0.10"], &["IPv6", "IPv4"], web_ports()),
+                vec![v6_slice(), v4_slice()],
+                vec![v4b, v6b],
+            ),
+            (
+                "RequireDualStack with only IPv4 endpoints: the IPv6 VIP has none, never IPv4 ones",
+                svc("web", &["198.19.0.10", "fd00:ffff::a"], &["IPv4", "IPv6"], web_ports()),
+                vec![v4_slice()],
+                vec![v4b, v6_empty],
+            ),
+        ];
+        for (what, s, slices, want) in cases {
+            let (rows, rejected) = table(&[s], &slices);
+            assert!(rejected.is_empty(), "{what}: {rejected:?}");
+            let mut want: Vec<String> = want.into_iter().map(String::from).collect();
+            want.sort();
+            assert_eq!(rows, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn switching_single_to_dual_stack_and_back_adds_and_removes_the_second_vip() {
+        let single = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
+        let dual = svc("web", &["198.19.0.10", "fd00:ffff::a"], &["IPv4", "IPv6"], web_ports());
+        let slices = [v4_slice(), v6_slice()];
+        let (a, _) = table(std::slice::from_ref(&single), &slices);
+        let (b, _) = table(&[dual], &slices);
+        let (c, _) = table(&[single], &slices);
+        assert_eq!(a.len(), 1);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0], a[0], "the IPv4 frontend is untouched by the switch");
+        assert_eq!(a, c);
+    }
+
+    #[test]
+    fn services_that_are_not_proxied() {
+        let mut headless = svc("web", &["None"], &["IPv4"], web_ports());
+        assert!(table(&[headless.clone()], &[v4_slice()]).0.is_empty(), "headless");
+        headless.spec.as_mut().expect("spec").cluster_ips = None;
+        headless.spec.as_mut().expect("spec").cluster_ip = Some("None".into());
+        assert!(table(&[headless], &[v4_slice()]).0.is_empty(), "headless (legacy field)");
+        let mut ext = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
+        ext.spec.as_mut().expect("spec").type_ = Some("ExternalName".into());
+        assert!(table(&[ext], &[v4_slice()]).0.is_empty(), "ExternalName");
+        let mut other = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
+        other.metadata.labels = Some([(LABEL_SERVICE_PROXY_NAME.to_owned(), "other".to_owned())].into());
+        assert!(table(&[other.clone()], &[v4_slice()]).0.is_empty(), "another proxy's Service");
+        let cfg = Config { service_proxy_name: Some("other".into()) };
+        assert_eq!(desired(&[other], &[v4_slice()], &cfg).0.frontends.len(), 1, "ours when the name matches");
+        let plain = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
+        assert!(desired(&[plain], &[v4_slice()], &cfg).0.frontends.is_empty(), "with a name set, unlabelled Services are not ours");
+    }
+
+    #[test]
+    fn malformed_services_are_rejected_alone_with_their_name() {
+        let good = svc("good", &["198.19.0.11"], &["IPv4"], web_ports());
+        let cases: Vec<(Service, &str)> = vec![
+            (svc("web", &["198.19.0.999"], &["IPv4"], web_ports()), "not an IP address"),
+            (svc("web", &["fd00:ffff::a"], &["IPv4"], web_ports()), "is IPv6 but ipFamilies[0] is IPv4"),
+            (svc("web", &["198.19.0.10", "198.19.0.12"], &["IPv4", "IPv6"], web_ports()), "more than one IPv4"),
+            (svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 0}])), "out of range"),
+            (svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 70000}])), "out of range"),
+            (svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 80}, {"name": "b", "port": 80}])), "more than once"),
+            (svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 80, "protocol": "SCTP"}])), "not supported"),
+        ];
+        for (bad, reason) in cases {
+            let (rows, rejected) = table(&[bad, good.clone()], &[]);
+            assert_eq!(rows.len(), 1, "the good Service is still programmed ({reason})");
+            assert_eq!(rejected.len(), 1, "{reason}");
+            assert_eq!(rejected[0].name, "default/web");
+            assert!(rejected[0].reason.contains(reason), "{} does not say {reason:?}", rejected[0]);
+        }
+    }
+
+    #[test]
+    fn slices_are_joined_by_label_and_family() {
+        let s = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
+        let mut unlabelled = slice("x", "web", "IPv4", http(8080), &[ep("198.18.9.9", R)]);
+        unlabelled.metadata.labels = None;
+        let mut other_ns = slice("y", "web", "IPv4", http(8080), &[ep("198.18.9.8", R)]);
+        other_ns.metadata.namespace = Some("other".into());
+        let fqdn = slice("z", "web", "FQDN", http(8080), &[ep("example.invalid", R)]);
+        let wrong_family = slice("w", "web", "IPv6", http(8080), &[ep("198.18.9.7", R)]);
+        let (rows, rejected) = table(&[s], &[v4_slice(), unlabelled, other_ns, fqdn, wrong_family]);
+        assert_eq!(rows, vec!["198.19.0.10:80/TCP -> [198.18.2.2:8080/TCP 198.18.3.2:8080/TCP]"]);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].name, "default/w");
+        assert!(rejected[0].reason.contains("addressType is IPv6"), "{}", rejected[0]);
+    }
+
+    #[test]
+    fn many_slices_are_unioned_and_duplicates_count_once() {
+        let s = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
+        let a = slice("a", "web", "IPv4", http(8080), &[ep("198.18.2.2", R), ep("198.18.3.2", T)]);
+        // The same endpoint moved to a new slice and is ready there.
+        let b = slice("b", "web", "IPv4", http(8080), &[ep("198.18.3.2", R), ep("198.18.4.2", R)]);
+        let (rows, _) = table(&[s], &[a, b]);
+        assert_eq!(rows, vec!["198.19.0.10:80/TCP -> [198.18.2.2:8080/TCP 198.18.3.2:8080/TCP 198.18.4.2:8080/TCP]"]);
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_slice_and_protocols_stay_apart() {
+        let s = svc(
+            "web",
+            &["198.19.0.10"],
+            &["IPv4"],
+            json!([{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 80, "protocol": "UDP"}]),
+        );
+        let a = slice("a", "web", "IPv4", json!([{"name": "http", "port": 8080, "protocol": "TCP"}]), &[ep("198.18.2.2", R)]);
+        let b = slice(
+            "b",
+            "web",
+            "IPv4",
+            json!([{"name": "http", "port": 9090, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}]),
+            &[ep("198.18.3.2", R)],
+        );
+        let (rows, _) = table(&[s], &[a, b]);
+        assert_eq!(
+            rows,
+            vec![
+                "198.19.0.10:80/TCP -> [198.18.2.2:8080/TCP 198.18.3.2:9090/TCP]",
+                "198.19.0.10:80/UDP -> [198.18.3.2:5353/UDP]",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_port_missing_from_the_slices_has_no_backends() {
+        let s = svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "metrics", "port": 9100}]));
+        let (rows, _) = table(&[s], &[v4_slice()]);
+        assert_eq!(rows, vec!["198.19.0.10:9100/TCP -> []"]);
+    }
+
+    #[test]
+    fn endpoint_conditions_ready_then_terminating_fallback() {
+        let s = || svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
+        let none = (None, None, None);
+        let not_serving = (Some(false), Some(false), Some(true));
+        let not_ready = (Some(false), Some(false), Some(false));
+        let cases: Vec<(&str, Vec<(&str, Option<bool>, Option<bool>, Option<bool>)>, &str)> = vec![
+            ("ready ones only while any is ready", vec![ep("198.18.2.2", R), ep("198.18.3.2", T)], "[198.18.2.2:8080/TCP]"),
+            ("serving+terminating when none is ready", vec![ep("198.18.2.2", T), ep("198.18.3.2", T), ep("198.18.4.2", not_serving)], "[198.18.2.2:8080/TCP 198.18.3.2:8080/TCP]"),
+            ("not serving: unused", vec![ep("198.18.2.2", not_serving), ep("198.18.3.2", not_ready)], "[]"),
+            ("no conditions: ready", vec![ep("198.18.2.2", none)], "[198.18.2.2:8080/TCP]"),
+        ];
+        for (what, eps, want) in cases {
+            let (rows, _) = table(&[s()], &[slice("a", "web", "IPv4", http(8080), &eps)]);
+            assert_eq!(rows, vec![format!("198.19.0.10:80/TCP -> {want}")], "{what}");
+        }
+    }
+
+    #[test]
+    fn two_services_on_one_vip_port_keep_the_first() {
+        let a = svc("a", &["198.19.0.10"], &["IPv4"], web_ports());
+        let b = svc("b", &["198.19.0.10"], &["IPv4"], web_ports());
+        let (d, rejected) = desired(&[a, b], &[], &Config::default());
+        assert_eq!(d.frontends.values().next().map(|s| s.owner.as_str()), Some("default/a:http"));
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].reason.contains("already served by default/a:http"));
+    }
+}

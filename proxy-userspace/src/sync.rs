@@ -74,3 +74,228 @@ pub fn sync(kernel: &mut impl Kernel, prog: &mut Programmed, desired: &Desired) 
     }
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, net::IpAddr};
+
+    use super::*;
+    use crate::{
+        diff::{FrontendValue, Op},
+        maps,
+        model::{Backend, Family, Frontend, FrontendSpec, Proto},
+    };
+
+    /// The maps, in memory, with capacities and failure injection. After
+    /// every op it checks the datapath invariant: every frontend's active
+    /// slots exist and point at existing backends of its family.
+    #[derive(Default)]
+    struct Fake {
+        frontends: BTreeMap<Frontend, FrontendValue>,
+        slots: BTreeMap<(Frontend, u16), u32>,
+        backends: BTreeMap<(Family, u32), Backend>,
+        revnat: BTreeMap<(Family, u32), Frontend>,
+        /// Most service-map entries (frontends plus slots) per family.
+        svc_capacity: usize,
+        ops: usize,
+    }
+
+    impl Fake {
+        fn new(svc_capacity: usize) -> Self {
+            Self { svc_capacity, ..Self::default() }
+        }
+
+        fn svc_entries(&self, fam: Family) -> usize {
+            self.frontends.keys().filter(|f| f.family() == fam).count()
+                + self.slots.keys().filter(|(f, _)| f.family() == fam).count()
+        }
+
+        fn full(&self, f: &Frontend, slot: u16) -> bool {
+            let exists = if slot == 0 { self.frontends.contains_key(f) } else { self.slots.contains_key(&(*f, slot)) };
+            !exists && self.svc_entries(f.family()) >= self.svc_capacity
+        }
+
+        /// What a packet to `f` can reach right now.
+        fn reachable(&self, f: &Frontend) -> Vec<Backend> {
+            let v = self.frontends[f];
+            (0..v.count)
+                .map(|i| {
+                    let id = self.slots.get(&(*f, v.slot_base + i)).unwrap_or_else(|| panic!("{f}: active slot {} missing", v.slot_base + i));
+                    *self.backends.get(&(f.family(), *id)).unwrap_or_else(|| panic!("{f}: backend {id} missing"))
+                })
+                .collect()
+        }
+
+        fn check(&self) {
+            for (f, v) in &self.frontends {
+                for b in self.reachable(f) {
+                    assert_eq!(b.family(), f.family(), "{f}: cross-family backend");
+                }
+                assert_eq!(self.revnat.get(&(f.family(), v.rev_nat_id)), Some(f), "{f}: reverse-NAT entry");
+            }
+        }
+    }
+
+    fn full_err(what: String) -> maps::Error {
+        maps::Error::Write { map: "SVC", op: "insert", object: what, source: aya::maps::MapError::KeyNotFound }
+    }
+
+    impl Kernel for Fake {
+        fn apply(&mut self, op: &Op) -> maps::Result<()> {
+            match op {
+                Op::PutBackend { id, backend } => {
+                    self.backends.insert((backend.family(), *id), *backend);
+                }
+                Op::DeleteBackend { id, backend } => {
+                    self.backends.remove(&(backend.family(), *id));
+                }
+                Op::PutRevNat { id, frontend } => {
+                    self.revnat.insert((frontend.family(), *id), *frontend);
+                }
+                Op::ClearRevNat { id, family } => {
+                    self.revnat.remove(&(*family, *id));
+                }
+                Op::PutSlot { frontend, slot, backend_id } => {
+                    if self.full(frontend, *slot) {
+                        return Err(full_err(format!("{frontend} slot {slot}")));
+                    }
+                    self.slots.insert((*frontend, *slot), *backend_id);
+                }
+                Op::DeleteSlot { frontend, slot } => {
+                    self.slots.remove(&(*frontend, *slot));
+                }
+                Op::PutFrontend { frontend, value } => {
+                    if self.full(frontend, 0) {
+                        return Err(full_err(frontend.to_string()));
+                    }
+                    self.frontends.insert(*frontend, *value);
+                }
+                Op::DeleteFrontend { frontend } => {
+                    self.frontends.remove(frontend);
+                }
+            }
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+    }
+
+    fn fe(vip: &str, port: u16) -> Frontend {
+        Frontend { addr: vip.parse().expect("ip"), port, proto: Proto::Tcp }
+    }
+
+    fn be(addr: &str) -> Backend {
+        Backend { addr: addr.parse::<IpAddr>().expect("ip"), port: 8080, proto: Proto::Tcp }
+    }
+
+    fn want(entries: &[(Frontend, &[&str])]) -> Desired {
+        let mut d = Desired::default();
+        for (f, bs) in entries {
+            let backends = bs.iter().map(|b| be(b)).collect();
+            d.frontends.insert(*f, FrontendSpec { owner: format!("default/svc-{}:http", f.port), backends });
+        }
+        d
+    }
+
+    #[test]
+    fn programs_swaps_and_removes_with_no_window_of_missing_backends() {
+        let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
+        let a = fe("198.19.0.10", 80);
+        let b = fe("fd00:ffff::a", 80);
+        let states = [
+            want(&[(a, &["198.18.2.2", "198.18.3.2"]), (b, &["fd00::2"])]),
+            want(&[(a, &["198.18.3.2", "198.18.4.2", "198.18.5.2"]), (b, &[])]),
+            want(&[(a, &["198.18.9.2"]), (b, &["fd00::3", "fd00::4"])]),
+            want(&[(b, &["fd00::3"])]),
+            want(&[]),
+        ];
+        for d in &states {
+            let r = sync(&mut k, &mut prog, d);
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            for (f, spec) in &d.frontends {
+                assert_eq!(k.reachable(f), spec.backends, "{f}");
+                assert_eq!(prog.active_backends(f).as_ref(), Some(&spec.backends), "mirror of {f}");
+            }
+            assert_eq!(k.frontends.len(), d.frontends.len());
+            let used: std::collections::BTreeSet<(Family, u32)> = k.slots.iter().map(|((f, _), id)| (f.family(), *id)).collect();
+            assert_eq!(k.backends.len(), used.len(), "unused backends are collected");
+        }
+        assert!(k.slots.is_empty() && k.backends.is_empty() && k.revnat.is_empty(), "everything removed at the end");
+    }
+
+    #[test]
+    fn an_unchanged_state_writes_nothing() {
+        let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
+        let d = want(&[(fe("198.19.0.10", 80), &["198.18.2.2"])]);
+        sync(&mut k, &mut prog, &d);
+        let before = k.ops;
+        let r = sync(&mut k, &mut prog, &d);
+        assert_eq!((r.ops, k.ops), (0, before));
+    }
+
+    #[test]
+    fn the_new_generation_is_complete_before_the_flip() {
+        let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
+        let a = fe("198.19.0.10", 80);
+        sync(&mut k, &mut prog, &want(&[(a, &["198.18.2.2"])]));
+        let step = diff::plan_upsert(&prog, a, &want(&[(a, &["198.18.3.2", "198.18.4.2"])]).frontends[&a]).expect("plan");
+        let flip = step.ops.iter().position(|o| matches!(o, Op::PutFrontend { .. })).expect("flip");
+        assert_eq!(flip, step.commit);
+        let before: Vec<_> = step.ops[..flip].iter().collect();
+        assert!(before.iter().filter(|o| matches!(o, Op::PutSlot { .. })).count() == 2, "both new slots before the flip: {step:?}");
+        assert!(step.ops[flip + 1..].iter().all(|o| matches!(o, Op::DeleteSlot { .. })), "only old slots go after the flip: {step:?}");
+    }
+
+    #[test]
+    fn a_full_map_rejects_the_frontend_that_does_not_fit_and_keeps_the_rest() {
+        // Room for 5 entries per family: frontend `a` (1 + 2 slots) fits,
+        // then `b` (1 + 3 slots) does not.
+        let (mut k, mut prog) = (Fake::new(5), Programmed::default());
+        let a = fe("198.19.0.10", 80);
+        let b = fe("198.19.0.11", 80);
+        let r = sync(&mut k, &mut prog, &want(&[(a, &["198.18.2.2", "198.18.3.2"]), (b, &["198.18.4.2", "198.18.5.2", "198.18.6.2"])]));
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(r.errors[0].contains("default/svc-80:http") && r.errors[0].contains("198.19.0.11:80/TCP"), "{}", r.errors[0]);
+        assert_eq!(k.reachable(&a).len(), 2);
+        assert!(!k.frontends.contains_key(&b), "the frontend that did not fit is not half-programmed");
+        assert_eq!(k.svc_entries(Family::V4), 3, "its partial slots were rolled back");
+        // Growing `a` beyond the capacity fails too, and `a` keeps its old backends.
+        let r = sync(&mut k, &mut prog, &want(&[(a, &["198.18.2.2", "198.18.3.2", "198.18.7.2"])]));
+        assert_eq!(r.errors.len(), 1);
+        assert_eq!(k.reachable(&a), vec![be("198.18.2.2"), be("198.18.3.2")], "what was programmed stays");
+        assert_eq!(prog.active_backends(&a), Some(k.reachable(&a)), "the mirror agrees with the maps");
+    }
+
+    #[test]
+    fn random_sequences_keep_the_invariant_and_converge() {
+        let frontends = [fe("198.19.0.10", 80), fe("198.19.0.10", 443), fe("fd00:ffff::a", 80)];
+        let pool4: Vec<String> = (2..10).map(|i| format!("198.18.{i}.2")).collect();
+        let pool6: Vec<String> = (2..10).map(|i| format!("fd00::{i}")).collect();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let (mut k, mut prog) = (Fake::new(10_000), Programmed::default());
+        for _ in 0..300 {
+            let mut d = Desired::default();
+            for f in &frontends {
+                if rnd(4) == 0 {
+                    continue;
+                }
+                let pool = if f.family() == Family::V4 { &pool4 } else { &pool6 };
+                let mut backends: Vec<Backend> = pool.iter().filter(|_| rnd(2) == 0).map(|a| be(a)).collect();
+                backends.sort();
+                d.frontends.insert(*f, FrontendSpec { owner: f.to_string(), backends });
+            }
+            let r = sync(&mut k, &mut prog, &d);
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            for (f, spec) in &d.frontends {
+                assert_eq!(k.reachable(f), spec.backends);
+            }
+            assert_eq!(k.frontends.len(), d.frontends.len());
+        }
+    }
+}
