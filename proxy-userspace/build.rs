@@ -4,21 +4,14 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    let meta = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let meta = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = meta
         .packages
         .into_iter()
         .find(|p| p.name.as_str() == "proxy-ebpf")
         .ok_or_else(|| anyhow!("proxy-ebpf package not found"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("proxy-ebpf manifest has no parent"))?
-        .as_str()
-        .to_owned();
+    let root_dir =
+        ebpf.manifest_path.parent().ok_or_else(|| anyhow!("proxy-ebpf manifest has no parent"))?.as_str().to_owned();
     aya_build::build_ebpf(
         [Package { name: "proxy-ebpf", root_dir: &root_dir, ..Default::default() }],
         Toolchain::default(),

@@ -30,9 +30,7 @@ pub mod names {
     pub const CT6: &str = "CT6_V1";
     pub const STATS: &str = "STATS_V1";
     /// Every map the datapath pins, in the order the agent reports them.
-    pub const ALL: [&str; 9] = [
-        SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS,
-    ];
+    pub const ALL: [&str; 9] = [SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS];
 }
 
 /// Name of the TC program in the object file.
@@ -111,14 +109,7 @@ const _: () = assert!(size_of::<Svc6Key>() == 24);
 
 impl Svc4Key {
     pub const fn new(addr: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
-        Self {
-            addr: addr.octets(),
-            port: port.to_be(),
-            proto,
-            scope: SCOPE_EXTERNAL,
-            slot,
-            _pad: [0; 2],
-        }
+        Self { addr: addr.octets(), port: port.to_be(), proto, scope: SCOPE_EXTERNAL, slot, _pad: [0; 2] }
     }
 }
 
@@ -138,14 +129,7 @@ impl Svc6Key {
     }
 
     pub const fn new(addr: Ipv6Addr, port: u16, proto: u8, slot: u16) -> Self {
-        Self {
-            addr: addr.octets(),
-            port: port.to_be(),
-            proto,
-            scope: SCOPE_EXTERNAL,
-            slot,
-            _pad: [0; 2],
-        }
+        Self { addr: addr.octets(), port: port.to_be(), proto, scope: SCOPE_EXTERNAL, slot, _pad: [0; 2] }
     }
 }
 

@@ -8,11 +8,7 @@ use crate::family::Family;
 /// Pick a backend of the frontend `(addr, port, proto)` whose slot-0 value
 /// is `svc`. Returns the backend id and its address and port.
 #[inline(always)]
-pub fn select<F: Family>(
-    vip: (F::Addr, u16),
-    proto: u8,
-    svc: &SvcValue,
-) -> Option<(u32, (F::Addr, u16))> {
+pub fn select<F: Family>(vip: (F::Addr, u16), proto: u8, svc: &SvcValue) -> Option<(u32, (F::Addr, u16))> {
     if svc.count == 0 {
         return None;
     }

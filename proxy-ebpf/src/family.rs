@@ -6,14 +6,10 @@
 //! The maps of one family are only ever reached through that family's impl,
 //! so an IPv6 VIP can never be translated to an IPv4 backend.
 use aya_ebpf::programs::TcContext;
-use proxy_common::{
-    Ct4Key, Ct4Value, Ct6Key, Ct6Value, Svc4Key, Svc6Key, SvcValue,
-};
+use proxy_common::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, Svc4Key, Svc6Key, SvcValue};
 
 use crate::{
-    maps::{
-        BACKEND4_V1, BACKEND6_V1, CT4_V1, CT6_V1, REVNAT4_V1, REVNAT6_V1, SVC4_V1, SVC6_V1,
-    },
+    maps::{BACKEND4_V1, BACKEND6_V1, CT4_V1, CT6_V1, REVNAT4_V1, REVNAT6_V1, SVC4_V1, SVC6_V1},
     nat::{self, End},
     parse::{L4, Verdict},
 };
@@ -45,13 +41,8 @@ pub trait Family {
     fn ct_key(src: (Self::Addr, u16), dst: (Self::Addr, u16), proto: u8, dir: u8) -> Self::CtKey;
     fn ct_get(key: &Self::CtKey) -> Option<*mut Self::CtValue>;
     fn ct_insert(key: &Self::CtKey, value: &Self::CtValue, flags: u64) -> Result<(), i32>;
-    fn ct_value(
-        expires: u64,
-        backend_id: u32,
-        rev_nat_id: u32,
-        backend: (Self::Addr, u16),
-        state: u8,
-    ) -> Self::CtValue;
+    fn ct_value(expires: u64, backend_id: u32, rev_nat_id: u32, backend: (Self::Addr, u16), state: u8)
+    -> Self::CtValue;
     fn ct_ref(value: &mut Self::CtValue) -> CtRef<'_, Self::Addr>;
 
     /// Rewrite address and port at `end` from `old` to `new`, fixing checksums.
@@ -123,13 +114,7 @@ macro_rules! family_impl {
             }
 
             #[inline(always)]
-            fn ct_value(
-                expires: u64,
-                backend_id: u32,
-                rev_nat_id: u32,
-                backend: ($addr, u16),
-                state: u8,
-            ) -> $ct_value {
+            fn ct_value(expires: u64, backend_id: u32, rev_nat_id: u32, backend: ($addr, u16), state: u8) -> $ct_value {
                 Self::CtValue {
                     expires,
                     backend_id,
@@ -165,7 +150,5 @@ macro_rules! family_impl {
     };
 }
 
-family_impl!(V4, [u8; 4], Svc4Key, Ct4Key, Ct4Value,
-    SVC4_V1, BACKEND4_V1, REVNAT4_V1, CT4_V1, nat::rewrite_v4);
-family_impl!(V6, [u8; 16], Svc6Key, Ct6Key, Ct6Value,
-    SVC6_V1, BACKEND6_V1, REVNAT6_V1, CT6_V1, nat::rewrite_v6);
+family_impl!(V4, [u8; 4], Svc4Key, Ct4Key, Ct4Value, SVC4_V1, BACKEND4_V1, REVNAT4_V1, CT4_V1, nat::rewrite_v4);
+family_impl!(V6, [u8; 16], Svc6Key, Ct6Key, Ct6Value, SVC6_V1, BACKEND6_V1, REVNAT6_V1, CT6_V1, nat::rewrite_v6);

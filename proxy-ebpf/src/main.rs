@@ -57,7 +57,7 @@ fn handle<F: Family>(ctx: &TcContext, pkt: &Pkt<F::Addr>) -> Result<i32, i32> {
 #[inline(always)]
 pub(crate) fn pass(stat: Stat) -> Verdict {
     stats::count(stat);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

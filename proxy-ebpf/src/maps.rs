@@ -7,25 +7,21 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Stat, Svc4Key,
-    Svc6Key, SvcValue, capacity,
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key, SvcValue,
+    capacity,
 };
 
 // Service and backend tables change only when the agent writes them, so they
 // are allocated on demand (no prealloc): memory follows the number of
 // Services, not the configured capacity.
 #[map]
-pub static SVC4_V1: HashMap<Svc4Key, SvcValue> =
-    HashMap::pinned(capacity::SVC, BPF_F_NO_PREALLOC);
+pub static SVC4_V1: HashMap<Svc4Key, SvcValue> = HashMap::pinned(capacity::SVC, BPF_F_NO_PREALLOC);
 #[map]
-pub static SVC6_V1: HashMap<Svc6Key, SvcValue> =
-    HashMap::pinned(capacity::SVC, BPF_F_NO_PREALLOC);
+pub static SVC6_V1: HashMap<Svc6Key, SvcValue> = HashMap::pinned(capacity::SVC, BPF_F_NO_PREALLOC);
 #[map]
-pub static BACKEND4_V1: HashMap<u32, Backend4> =
-    HashMap::pinned(capacity::BACKEND, BPF_F_NO_PREALLOC);
+pub static BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKEND, BPF_F_NO_PREALLOC);
 #[map]
-pub static BACKEND6_V1: HashMap<u32, Backend6> =
-    HashMap::pinned(capacity::BACKEND, BPF_F_NO_PREALLOC);
+pub static BACKEND6_V1: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKEND, BPF_F_NO_PREALLOC);
 // Indexed by reverse-NAT id: an array lookup is inlined by the verifier.
 #[map]
 pub static REVNAT4_V1: Array<RevNat4> = Array::pinned(capacity::REVNAT, 0);

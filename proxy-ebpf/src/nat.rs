@@ -25,11 +25,7 @@ pub enum End {
 /// turns a computed 0 into 0xffff.
 #[inline(always)]
 fn l4_flags(l4: &L4) -> u64 {
-    if l4.proto == IPPROTO_UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    }
+    if l4.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 }
 }
 
 #[inline(always)]
@@ -44,7 +40,7 @@ fn port_off(l4: &L4, end: End) -> usize {
 #[inline(always)]
 fn drop_rewrite<E>(_: E) -> Verdict {
     stats::count(Stat::DropRewrite);
-    aya_ebpf::bindings::TC_ACT_SHOT as i32
+    aya_ebpf::bindings::TC_ACT_SHOT
 }
 
 /// Rewrite the port at `end`, fixing the L4 checksum.
@@ -53,20 +49,13 @@ fn rewrite_port(ctx: &TcContext, l4: &L4, end: End, old: u16, new: u16) -> Resul
     if old == new {
         return Ok(());
     }
-    ctx.l4_csum_replace(l4.csum_off, u64::from(old), u64::from(new), l4_flags(l4) | 2)
-        .map_err(drop_rewrite)?;
+    ctx.l4_csum_replace(l4.csum_off, u64::from(old), u64::from(new), l4_flags(l4) | 2).map_err(drop_rewrite)?;
     ctx.store(port_off(l4, end), &new, 0).map_err(drop_rewrite)
 }
 
 /// Rewrite the IPv4 address and port at `end`.
 #[inline(always)]
-pub fn rewrite_v4(
-    ctx: &TcContext,
-    l4: &L4,
-    end: End,
-    old: ([u8; 4], u16),
-    new: ([u8; 4], u16),
-) -> Result<(), Verdict> {
+pub fn rewrite_v4(ctx: &TcContext, l4: &L4, end: End, old: ([u8; 4], u16), new: ([u8; 4], u16)) -> Result<(), Verdict> {
     let (old_addr, new_addr) = (u32::from_ne_bytes(old.0), u32::from_ne_bytes(new.0));
     let addr_off = match end {
         End::Src => IP4_SADDR_OFF,
@@ -80,8 +69,7 @@ pub fn rewrite_v4(
     )
     .map_err(drop_rewrite)?;
     rewrite_port(ctx, l4, end, old.1, new.1)?;
-    ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
-        .map_err(drop_rewrite)?;
+    ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4).map_err(drop_rewrite)?;
     ctx.store(addr_off, &new.0, 0).map_err(drop_rewrite)
 }
 

@@ -112,8 +112,7 @@ fn ensure_linear(ctx: &TcContext, len: usize) -> Result<(), Verdict> {
     if (ctx.len() as usize) < len {
         return Err(pass(Stat::PassMalformed));
     }
-    ctx.pull_data(len as u32)
-        .map_err(|_| pass(Stat::PassMalformed))
+    ctx.pull_data(len as u32).map_err(|_| pass(Stat::PassMalformed))
 }
 
 #[inline(always)]

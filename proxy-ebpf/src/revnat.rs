@@ -33,5 +33,5 @@ pub fn reverse<F: Family>(ctx: &TcContext, pkt: &Pkt<F::Addr>) -> Result<Verdict
     }
     F::rewrite(ctx, l4, End::Src, pkt.src(), vip)?;
     stats::count(Stat::RevNat);
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }

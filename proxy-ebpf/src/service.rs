@@ -35,5 +35,5 @@ pub fn forward<F: Family>(ctx: &TcContext, pkt: &Pkt<F::Addr>, svc: &SvcValue) -
     };
     F::rewrite(ctx, &pkt.l4, End::Dst, pkt.dst(), backend)?;
     stats::count(stat);
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }

@@ -272,7 +272,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
         fs::remove_dir(&dir).map_err(io_err("remove", &dir))?;
     }
     // The pin dir itself goes only when empty: never remove what we did not make.
-    if fs::read_dir(pin_dir).map(|mut d| d.next().is_none()).unwrap_or(false) {
+    if fs::read_dir(pin_dir).is_ok_and(|mut d| d.next().is_none()) {
         fs::remove_dir(pin_dir).map_err(io_err("remove", pin_dir))?;
     }
     Ok(removed)

@@ -1,14 +1,14 @@
 //! The `dsproxy` command line.
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
 use crate::{
     agent::{self, RunConfig},
     attach::{self, Capacities},
     maps::Maps,
     model, source,
 };
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 use proxy_common::capacity;
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dsproxy";
@@ -110,15 +110,15 @@ pub fn main() -> anyhow::Result<()> {
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 model: model::Config { service_proxy_name },
             };
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(agent::run(cfg))
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(cfg))
         }
         Command::Load { attach, pin_dir } => {
             let (mut ebpf, _maps) = attach::load(&pin_dir, &Capacities::default())?;
             let (verified, xlated) = attach::program_size(&mut ebpf)?;
-            println!("program {}: {verified} instructions verified, {xlated} instructions after translation", proxy_common::PROGRAM_NAME);
+            println!(
+                "program {}: {verified} instructions verified, {xlated} instructions after translation",
+                proxy_common::PROGRAM_NAME
+            );
             let (new, errors) = attach::attach_matching(&mut ebpf, &pin_dir, &attach, &mut Vec::new())?;
             for e in &errors {
                 eprintln!("error: {e}");
@@ -163,5 +163,9 @@ fn check(dir: &std::path::Path) -> anyhow::Result<()> {
     for r in &rejected {
         println!("rejected: {r}");
     }
-    if errors.is_empty() && rejected.is_empty() { Ok(()) } else { anyhow::bail!("{} errors", errors.len() + rejected.len()) }
+    if errors.is_empty() && rejected.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{} errors", errors.len() + rejected.len())
+    }
 }

@@ -218,12 +218,9 @@ pub fn changes<'a>(prog: &Programmed, desired: &'a Desired) -> Vec<Change<'a>> {
 /// Plan writing `spec` to `frontend`, make-before-break.
 pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -> Result<Step, String> {
     let owner = format!("{} ({frontend})", spec.owner);
-    let count = u16::try_from(spec.backends.len())
-        .ok()
-        .filter(|n| *n <= MAX_BACKENDS_PER_SVC)
-        .ok_or_else(|| {
-            format!("{owner}: {} backends, more than the {MAX_BACKENDS_PER_SVC} one frontend can hold", spec.backends.len())
-        })?;
+    let count = u16::try_from(spec.backends.len()).ok().filter(|n| *n <= MAX_BACKENDS_PER_SVC).ok_or_else(|| {
+        format!("{owner}: {} backends, more than the {MAX_BACKENDS_PER_SVC} one frontend can hold", spec.backends.len())
+    })?;
     let family = frontend.family();
     let fam = prog.family(family);
     let mut ops = Vec::new();
@@ -232,25 +229,23 @@ pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -
     let mut fresh = fam.backend_ids.peek(new_backends.len()).into_iter();
     let mut ids = Vec::with_capacity(spec.backends.len());
     for b in &spec.backends {
-        let id = match prog.backend_index.get(b) {
-            Some(id) => *id,
-            None => {
-                let id = fresh.next().expect("peeked one id per new backend");
-                ops.push(Op::PutBackend { id, backend: *b });
-                id
-            }
+        let id = if let Some(id) = prog.backend_index.get(b) {
+            *id
+        } else {
+            let id = fresh.next().expect("peeked one id per new backend");
+            ops.push(Op::PutBackend { id, backend: *b });
+            id
         };
         ids.push(id);
     }
 
     let existing = prog.frontends.get(&frontend);
-    let rev_nat_id = match existing {
-        Some(v) => v.rev_nat_id,
-        None => {
-            let id = fam.rev_nat_ids.peek(1)[0];
-            ops.push(Op::PutRevNat { id, frontend });
-            id
-        }
+    let rev_nat_id = if let Some(v) = existing {
+        v.rev_nat_id
+    } else {
+        let id = fam.rev_nat_ids.peek(1)[0];
+        ops.push(Op::PutRevNat { id, frontend });
+        id
     };
     let slot_base = match existing {
         Some(v) if v.slot_base == SLOT_GEN_A => SLOT_GEN_B,

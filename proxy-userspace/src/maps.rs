@@ -7,8 +7,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key, SvcValue,
-    names,
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key, SvcValue, names,
 };
 
 use crate::{
@@ -105,20 +104,22 @@ impl Maps {
     pub fn read_back(&self) -> Result<Programmed> {
         let mut prog = Programmed::default();
         let mut ops = Vec::new();
-        for item in self.backend4.iter() {
+        for item in &self.backend4 {
             let (id, b) = item.map_err(|source| Error::Read { map: names::BACKEND4, source })?;
             if let Some(backend) = backend_from(IpAddr::V4(Ipv4Addr::from(b.addr)), b.port, b.proto) {
                 ops.push(Op::PutBackend { id, backend });
             }
         }
-        for item in self.backend6.iter() {
+        for item in &self.backend6 {
             let (id, b) = item.map_err(|source| Error::Read { map: names::BACKEND6, source })?;
             if let Some(backend) = backend_from(IpAddr::V6(Ipv6Addr::from(b.addr)), b.port, b.proto) {
                 ops.push(Op::PutBackend { id, backend });
             }
         }
-        let svc4 = self.svc4.iter().map(|r| r.map(|(k, v)| (IpAddr::V4(Ipv4Addr::from(k.addr)), k.port, k.proto, k.slot, v)));
-        let svc6 = self.svc6.iter().map(|r| r.map(|(k, v)| (IpAddr::V6(Ipv6Addr::from(k.addr)), k.port, k.proto, k.slot, v)));
+        let svc4 =
+            self.svc4.iter().map(|r| r.map(|(k, v)| (IpAddr::V4(Ipv4Addr::from(k.addr)), k.port, k.proto, k.slot, v)));
+        let svc6 =
+            self.svc6.iter().map(|r| r.map(|(k, v)| (IpAddr::V6(Ipv6Addr::from(k.addr)), k.port, k.proto, k.slot, v)));
         for item in svc4.chain(svc6) {
             let (addr, port, proto, slot, v) = item.map_err(|source| Error::Read { map: names::SVC4, source })?;
             let Some(proto) = Proto::from_number(proto) else { continue };
@@ -152,12 +153,12 @@ fn svc6_key(f: &Frontend, slot: u16) -> Svc6Key {
     Svc6Key::new(a, f.port, f.proto.number(), slot)
 }
 
-fn write(map: &'static str, op: &'static str, object: impl ToString, r: Result<(), MapError>) -> Result<()> {
+fn write(map: &'static str, op: &'static str, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
     r.map_err(|source| Error::Write { map, op, object: object.to_string(), source })
 }
 
 /// Deleting what is already gone is success: the goal state holds.
-fn delete(map: &'static str, object: impl ToString, r: Result<(), MapError>) -> Result<()> {
+fn delete(map: &'static str, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -170,45 +171,59 @@ impl Kernel for Maps {
         match op {
             Op::PutBackend { id, backend } => match backend.addr {
                 IpAddr::V4(a) => {
-                    let v = Backend4 { addr: a.octets(), port: backend.port.to_be(), proto: backend.proto.number(), flags: 0 };
-                    write(names::BACKEND4, "insert", backend, self.backend4.insert(id, v, 0))
+                    let v = Backend4 {
+                        addr: a.octets(),
+                        port: backend.port.to_be(),
+                        proto: backend.proto.number(),
+                        flags: 0,
+                    };
+                    write(names::BACKEND4, "insert", &backend, self.backend4.insert(id, v, 0))
                 }
                 IpAddr::V6(a) => {
-                    let v = Backend6 { addr: a.octets(), port: backend.port.to_be(), proto: backend.proto.number(), flags: 0 };
-                    write(names::BACKEND6, "insert", backend, self.backend6.insert(id, v, 0))
+                    let v = Backend6 {
+                        addr: a.octets(),
+                        port: backend.port.to_be(),
+                        proto: backend.proto.number(),
+                        flags: 0,
+                    };
+                    write(names::BACKEND6, "insert", &backend, self.backend6.insert(id, v, 0))
                 }
             },
             Op::DeleteBackend { id, backend } => match backend.family() {
-                Family::V4 => delete(names::BACKEND4, backend, self.backend4.remove(id)),
-                Family::V6 => delete(names::BACKEND6, backend, self.backend6.remove(id)),
+                Family::V4 => delete(names::BACKEND4, &backend, self.backend4.remove(id)),
+                Family::V6 => delete(names::BACKEND6, &backend, self.backend6.remove(id)),
             },
             Op::PutRevNat { id, frontend } => match frontend.addr {
                 IpAddr::V4(a) => {
                     let v = RevNat4 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
-                    write(names::REVNAT4, "set", frontend, self.revnat4.set(*id, v, 0))
+                    write(names::REVNAT4, "set", &frontend, self.revnat4.set(*id, v, 0))
                 }
                 IpAddr::V6(a) => {
                     let v = RevNat6 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
-                    write(names::REVNAT6, "set", frontend, self.revnat6.set(*id, v, 0))
+                    write(names::REVNAT6, "set", &frontend, self.revnat6.set(*id, v, 0))
                 }
             },
             Op::ClearRevNat { id, family } => match family {
-                Family::V4 => write(names::REVNAT4, "clear", id, self.revnat4.set(*id, RevNat4::default(), 0)),
-                Family::V6 => write(names::REVNAT6, "clear", id, self.revnat6.set(*id, RevNat6::default(), 0)),
+                Family::V4 => write(names::REVNAT4, "clear", &id, self.revnat4.set(*id, RevNat4::default(), 0)),
+                Family::V6 => write(names::REVNAT6, "clear", &id, self.revnat6.set(*id, RevNat6::default(), 0)),
             },
             Op::PutSlot { frontend, slot, backend_id } => {
                 let v = SvcValue { backend_id: *backend_id, ..SvcValue::default() };
                 let what = format_args!("{frontend} slot {slot}").to_string();
                 match frontend.family() {
-                    Family::V4 => write(names::SVC4, "insert", what, self.svc4.insert(svc4_key(frontend, *slot), v, 0)),
-                    Family::V6 => write(names::SVC6, "insert", what, self.svc6.insert(svc6_key(frontend, *slot), v, 0)),
+                    Family::V4 => {
+                        write(names::SVC4, "insert", &what, self.svc4.insert(svc4_key(frontend, *slot), v, 0))
+                    }
+                    Family::V6 => {
+                        write(names::SVC6, "insert", &what, self.svc6.insert(svc6_key(frontend, *slot), v, 0))
+                    }
                 }
             }
             Op::DeleteSlot { frontend, slot } => {
                 let what = format_args!("{frontend} slot {slot}").to_string();
                 match frontend.family() {
-                    Family::V4 => delete(names::SVC4, what, self.svc4.remove(&svc4_key(frontend, *slot))),
-                    Family::V6 => delete(names::SVC6, what, self.svc6.remove(&svc6_key(frontend, *slot))),
+                    Family::V4 => delete(names::SVC4, &what, self.svc4.remove(&svc4_key(frontend, *slot))),
+                    Family::V6 => delete(names::SVC6, &what, self.svc6.remove(&svc6_key(frontend, *slot))),
                 }
             }
             Op::PutFrontend { frontend, value } => {
@@ -219,13 +234,17 @@ impl Kernel for Maps {
                     ..SvcValue::default()
                 };
                 match frontend.family() {
-                    Family::V4 => write(names::SVC4, "insert", frontend, self.svc4.insert(svc4_key(frontend, 0), v, 0)),
-                    Family::V6 => write(names::SVC6, "insert", frontend, self.svc6.insert(svc6_key(frontend, 0), v, 0)),
+                    Family::V4 => {
+                        write(names::SVC4, "insert", &frontend, self.svc4.insert(svc4_key(frontend, 0), v, 0))
+                    }
+                    Family::V6 => {
+                        write(names::SVC6, "insert", &frontend, self.svc6.insert(svc6_key(frontend, 0), v, 0))
+                    }
                 }
             }
             Op::DeleteFrontend { frontend } => match frontend.family() {
-                Family::V4 => delete(names::SVC4, frontend, self.svc4.remove(&svc4_key(frontend, 0))),
-                Family::V6 => delete(names::SVC6, frontend, self.svc6.remove(&svc6_key(frontend, 0))),
+                Family::V4 => delete(names::SVC4, &frontend, self.svc4.remove(&svc4_key(frontend, 0))),
+                Family::V6 => delete(names::SVC6, &frontend, self.svc6.remove(&svc6_key(frontend, 0))),
             },
         }
     }

@@ -177,11 +177,7 @@ pub struct Rejected {
 }
 
 fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or("default"),
-        meta.name.as_deref().unwrap_or("")
-    )
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
 }
 
 /// One Service port, validated.
@@ -224,17 +220,18 @@ fn validate_service(svc: &Service, config: &Config) -> Result<Option<ValidServic
         if cluster_ips.iter().any(|a| Family::of(*a) == family) {
             return Err(format!("clusterIPs has more than one {} address", family.k8s_name()));
         }
-        if let Some(declared) = spec.ip_families.as_ref().and_then(|f| f.get(i)) {
-            if Family::from_k8s(declared) != Some(family) {
-                return Err(format!("clusterIPs[{i}] {ip} is {} but ipFamilies[{i}] is {declared}", family.k8s_name()));
-            }
+        if let Some(declared) = spec.ip_families.as_ref().and_then(|f| f.get(i))
+            && Family::from_k8s(declared) != Some(family)
+        {
+            return Err(format!("clusterIPs[{i}] {ip} is {} but ipFamilies[{i}] is {declared}", family.k8s_name()));
         }
         cluster_ips.push(addr);
     }
-    if let (Some(legacy), Some(first)) = (spec.cluster_ip.as_deref(), ips.first()) {
-        if !legacy.is_empty() && legacy != *first {
-            return Err(format!("clusterIP {legacy} differs from clusterIPs[0] {first}"));
-        }
+    if let (Some(legacy), Some(first)) = (spec.cluster_ip.as_deref(), ips.first())
+        && !legacy.is_empty()
+        && legacy != *first
+    {
+        return Err(format!("clusterIP {legacy} differs from clusterIPs[0] {first}"));
     }
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
@@ -279,7 +276,8 @@ fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints) -> 
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
         let Some(first) = ep.addresses.first() else { continue };
-        let addr: IpAddr = first.parse().map_err(|_| format!("endpoints[{i}] address {first:?} is not an IP address"))?;
+        let addr: IpAddr =
+            first.parse().map_err(|_| format!("endpoints[{i}] address {first:?} is not an IP address"))?;
         if Family::of(addr) != family {
             return Err(format!(
                 "endpoints[{i}] address {addr} is {} but the slice's addressType is {}",
@@ -390,6 +388,7 @@ pub fn desired(services: &[Service], slices: &[EndpointSlice], config: &Config) 
 }
 
 #[cfg(test)]
+#[expect(clippy::needless_pass_by_value, clippy::type_complexity, reason = "test tables read best inline")]
 mod tests {
     use serde_json::{Value, json};
 
@@ -409,7 +408,13 @@ mod tests {
 
     /// A slice of Service `svc` with `(name, port, protocol)` ports and
     /// `(address, ready, serving, terminating)` endpoints (None: unset).
-    fn slice(name: &str, svc: &str, family: &str, ports: Value, eps: &[(&str, Option<bool>, Option<bool>, Option<bool>)]) -> EndpointSlice {
+    fn slice(
+        name: &str,
+        svc: &str,
+        family: &str,
+        ports: Value,
+        eps: &[(&str, Option<bool>, Option<bool>, Option<bool>)],
+    ) -> EndpointSlice {
         let eps: Vec<Value> = eps
             .iter()
             .map(|(a, r, s, t)| json!({"addresses": [a], "conditions": {"ready": r, "serving": s, "terminating": t}}))
@@ -462,8 +467,18 @@ mod tests {
         let v6b = "[fd00:ffff::a]:80/TCP -> [[fd00::2:2]:8080/TCP]";
         let v6_empty = "[fd00:ffff::a]:80/TCP -> []";
         let cases: Vec<(&str, Service, Vec<EndpointSlice>, Vec<&str>)> = vec![
-            ("SingleStack IPv4 ignores IPv6 slices", svc("web", &["198.19.0.10"], &["IPv4"], web_ports()), vec![v4_slice(), v6_slice()], vec![v4b]),
-            ("SingleStack IPv6 ignores IPv4 slices", svc("web", &["fd00:ffff::a"], &["IPv6"], web_ports()), vec![v4_slice(), v6_slice()], vec![v6b]),
+            (
+                "SingleStack IPv4 ignores IPv6 slices",
+                svc("web", &["198.19.0.10"], &["IPv4"], web_ports()),
+                vec![v4_slice(), v6_slice()],
+                vec![v4b],
+            ),
+            (
+                "SingleStack IPv6 ignores IPv4 slices",
+                svc("web", &["fd00:ffff::a"], &["IPv6"], web_ports()),
+                vec![v4_slice(), v6_slice()],
+                vec![v6b],
+            ),
             (
                 "PreferDualStack [IPv4, IPv6]",
                 svc("web", &["198.19.0.10", "fd00:ffff::a"], &["IPv4", "IPv6"], web_ports()),
@@ -522,7 +537,10 @@ mod tests {
         let cfg = Config { service_proxy_name: Some("other".into()) };
         assert_eq!(desired(&[other], &[v4_slice()], &cfg).0.frontends.len(), 1, "ours when the name matches");
         let plain = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
-        assert!(desired(&[plain], &[v4_slice()], &cfg).0.frontends.is_empty(), "with a name set, unlabelled Services are not ours");
+        assert!(
+            desired(&[plain], &[v4_slice()], &cfg).0.frontends.is_empty(),
+            "with a name set, unlabelled Services are not ours"
+        );
     }
 
     #[test]
@@ -534,8 +552,14 @@ mod tests {
             (svc("web", &["198.19.0.10", "198.19.0.12"], &["IPv4", "IPv6"], web_ports()), "more than one IPv4"),
             (svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 0}])), "out of range"),
             (svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 70000}])), "out of range"),
-            (svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 80}, {"name": "b", "port": 80}])), "more than once"),
-            (svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 80, "protocol": "SCTP"}])), "not supported"),
+            (
+                svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 80}, {"name": "b", "port": 80}])),
+                "more than once",
+            ),
+            (
+                svc("web", &["198.19.0.10"], &["IPv4"], json!([{"name": "a", "port": 80, "protocol": "SCTP"}])),
+                "not supported",
+            ),
         ];
         for (bad, reason) in cases {
             let (rows, rejected) = table(&[bad, good.clone()], &[]);
@@ -580,7 +604,13 @@ mod tests {
             &["IPv4"],
             json!([{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 80, "protocol": "UDP"}]),
         );
-        let a = slice("a", "web", "IPv4", json!([{"name": "http", "port": 8080, "protocol": "TCP"}]), &[ep("198.18.2.2", R)]);
+        let a = slice(
+            "a",
+            "web",
+            "IPv4",
+            json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+            &[ep("198.18.2.2", R)],
+        );
         let b = slice(
             "b",
             "web",
@@ -612,8 +642,16 @@ mod tests {
         let not_serving = (Some(false), Some(false), Some(true));
         let not_ready = (Some(false), Some(false), Some(false));
         let cases: Vec<(&str, Vec<(&str, Option<bool>, Option<bool>, Option<bool>)>, &str)> = vec![
-            ("ready ones only while any is ready", vec![ep("198.18.2.2", R), ep("198.18.3.2", T)], "[198.18.2.2:8080/TCP]"),
-            ("serving+terminating when none is ready", vec![ep("198.18.2.2", T), ep("198.18.3.2", T), ep("198.18.4.2", not_serving)], "[198.18.2.2:8080/TCP 198.18.3.2:8080/TCP]"),
+            (
+                "ready ones only while any is ready",
+                vec![ep("198.18.2.2", R), ep("198.18.3.2", T)],
+                "[198.18.2.2:8080/TCP]",
+            ),
+            (
+                "serving+terminating when none is ready",
+                vec![ep("198.18.2.2", T), ep("198.18.3.2", T), ep("198.18.4.2", not_serving)],
+                "[198.18.2.2:8080/TCP 198.18.3.2:8080/TCP]",
+            ),
             ("not serving: unused", vec![ep("198.18.2.2", not_serving), ep("198.18.3.2", not_ready)], "[]"),
             ("no conditions: ready", vec![ep("198.18.2.2", none)], "[198.18.2.2:8080/TCP]"),
         ];

@@ -48,7 +48,8 @@ impl ManifestDir {
 
     fn files(&self) -> Result<Vec<PathBuf>, Error> {
         let entries = fs::read_dir(&self.dir).map_err(|source| Error::Io { path: self.dir.clone(), source })?;
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
+        let mut files: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
         files.sort();
         Ok(files)
     }

@@ -120,7 +120,10 @@ mod tests {
             let v = self.frontends[f];
             (0..v.count)
                 .map(|i| {
-                    let id = self.slots.get(&(*f, v.slot_base + i)).unwrap_or_else(|| panic!("{f}: active slot {} missing", v.slot_base + i));
+                    let id = self
+                        .slots
+                        .get(&(*f, v.slot_base + i))
+                        .unwrap_or_else(|| panic!("{f}: active slot {} missing", v.slot_base + i));
                     *self.backends.get(&(f.family(), *id)).unwrap_or_else(|| panic!("{f}: backend {id} missing"))
                 })
                 .collect()
@@ -217,7 +220,8 @@ mod tests {
                 assert_eq!(prog.active_backends(f).as_ref(), Some(&spec.backends), "mirror of {f}");
             }
             assert_eq!(k.frontends.len(), d.frontends.len());
-            let used: std::collections::BTreeSet<(Family, u32)> = k.slots.iter().map(|((f, _), id)| (f.family(), *id)).collect();
+            let used: std::collections::BTreeSet<(Family, u32)> =
+                k.slots.iter().map(|((f, _), id)| (f.family(), *id)).collect();
             assert_eq!(k.backends.len(), used.len(), "unused backends are collected");
         }
         assert!(k.slots.is_empty() && k.backends.is_empty() && k.revnat.is_empty(), "everything removed at the end");
@@ -238,12 +242,19 @@ mod tests {
         let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
         let a = fe("198.19.0.10", 80);
         sync(&mut k, &mut prog, &want(&[(a, &["198.18.2.2"])]));
-        let step = diff::plan_upsert(&prog, a, &want(&[(a, &["198.18.3.2", "198.18.4.2"])]).frontends[&a]).expect("plan");
+        let step =
+            diff::plan_upsert(&prog, a, &want(&[(a, &["198.18.3.2", "198.18.4.2"])]).frontends[&a]).expect("plan");
         let flip = step.ops.iter().position(|o| matches!(o, Op::PutFrontend { .. })).expect("flip");
         assert_eq!(flip, step.commit);
         let before: Vec<_> = step.ops[..flip].iter().collect();
-        assert!(before.iter().filter(|o| matches!(o, Op::PutSlot { .. })).count() == 2, "both new slots before the flip: {step:?}");
-        assert!(step.ops[flip + 1..].iter().all(|o| matches!(o, Op::DeleteSlot { .. })), "only old slots go after the flip: {step:?}");
+        assert!(
+            before.iter().filter(|o| matches!(o, Op::PutSlot { .. })).count() == 2,
+            "both new slots before the flip: {step:?}"
+        );
+        assert!(
+            step.ops[flip + 1..].iter().all(|o| matches!(o, Op::DeleteSlot { .. })),
+            "only old slots go after the flip: {step:?}"
+        );
     }
 
     #[test]
@@ -253,9 +264,17 @@ mod tests {
         let (mut k, mut prog) = (Fake::new(5), Programmed::default());
         let a = fe("198.19.0.10", 80);
         let b = fe("198.19.0.11", 80);
-        let r = sync(&mut k, &mut prog, &want(&[(a, &["198.18.2.2", "198.18.3.2"]), (b, &["198.18.4.2", "198.18.5.2", "198.18.6.2"])]));
+        let r = sync(
+            &mut k,
+            &mut prog,
+            &want(&[(a, &["198.18.2.2", "198.18.3.2"]), (b, &["198.18.4.2", "198.18.5.2", "198.18.6.2"])]),
+        );
         assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
-        assert!(r.errors[0].contains("default/svc-80:http") && r.errors[0].contains("198.19.0.11:80/TCP"), "{}", r.errors[0]);
+        assert!(
+            r.errors[0].contains("default/svc-80:http") && r.errors[0].contains("198.19.0.11:80/TCP"),
+            "{}",
+            r.errors[0]
+        );
         assert_eq!(k.reachable(&a).len(), 2);
         assert!(!k.frontends.contains_key(&b), "the frontend that did not fit is not half-programmed");
         assert_eq!(k.svc_entries(Family::V4), 3, "its partial slots were rolled back");

@@ -53,14 +53,7 @@ pub fn run(prog: &impl AsRawFd, frame: &[u8], repeat: u32) -> io::Result<Outcome
     };
     // SAFETY: `attr` is a correctly laid out bpf_attr prefix that outlives
     // the call; the buffers it points to are live and sized as declared.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            std::mem::size_of::<TestAttr>(),
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, std::mem::size_of::<TestAttr>()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -35,7 +35,7 @@ fn csum_fold(mut sum: u32) -> u16 {
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    !u16::try_from(sum).expect("folded to 16 bits")
 }
 
 fn csum_add(bytes: &[u8]) -> u32 {
@@ -164,7 +164,13 @@ fn inspect(f: &[u8]) -> Seen {
     let zero_udp = proto == UDP && seg[6] == 0 && seg[7] == 0;
     if !zero_udp {
         let sum = csum_add(&pseudo(src, dst, proto, seg.len())) + csum_add(seg);
-        assert_eq!(csum_fold(sum), 0, "L4 checksum is wrong (checksum field {:02x}{:02x})", seg[csum_at], seg[csum_at + 1]);
+        assert_eq!(
+            csum_fold(sum),
+            0,
+            "L4 checksum is wrong (checksum field {:02x}{:02x})",
+            seg[csum_at],
+            seg[csum_at + 1]
+        );
     }
     let sport = u16::from_be_bytes([seg[0], seg[1]]);
     let dport = u16::from_be_bytes([seg[2], seg[3]]);
@@ -242,7 +248,8 @@ fn web(env: &mut Env) {
     let mut fronts = Vec::new();
     for proto in [Proto::Tcp, Proto::Udp] {
         fronts.push((Frontend { addr: v4(VIP4), port: 80, proto }, backends(&["198.18.2.2", "198.18.3.2"], proto)));
-        fronts.push((Frontend { addr: v4(VIP6), port: 80, proto }, backends(&["fd00:0:0:2::2", "fd00:0:0:3::2"], proto)));
+        fronts
+            .push((Frontend { addr: v4(VIP6), port: 80, proto }, backends(&["fd00:0:0:2::2", "fd00:0:0:3::2"], proto)));
     }
     env.program(&fronts);
 }
@@ -288,16 +295,23 @@ fn should_dnat_v4_tcp_and_udp_to_v4_backends_with_valid_checksums() {
     let seg = l4(c.0, vip.0, UDP, 40002, 80, 0, true);
     let IpAddr::V4(c4) = c.0 else { unreachable!() };
     let IpAddr::V4(vip4) = vip.0 else { unreachable!() };
-    run_cases(&mut env, vec![
-        Case { description: "v4 TCP SYN", input: frame(c, vip, TCP, SYN), expected_dst: Some(be) },
-        Case { description: "v4 UDP", input: frame((c.0, 40001), vip, UDP, 0), expected_dst: Some(be) },
-        Case { description: "v4 UDP without checksum", input: ipv4(c4, vip4, UDP, 0, &seg), expected_dst: Some(be) },
-        Case {
-            description: "v4 TCP with IP options (IHL 7)",
-            input: ipv4(c4, vip4, TCP, 8, &l4(c.0, vip.0, TCP, 40003, 80, SYN, false)),
-            expected_dst: Some(be),
-        },
-    ]);
+    run_cases(
+        &mut env,
+        vec![
+            Case { description: "v4 TCP SYN", input: frame(c, vip, TCP, SYN), expected_dst: Some(be) },
+            Case { description: "v4 UDP", input: frame((c.0, 40001), vip, UDP, 0), expected_dst: Some(be) },
+            Case {
+                description: "v4 UDP without checksum",
+                input: ipv4(c4, vip4, UDP, 0, &seg),
+                expected_dst: Some(be),
+            },
+            Case {
+                description: "v4 TCP with IP options (IHL 7)",
+                input: ipv4(c4, vip4, TCP, 8, &l4(c.0, vip.0, TCP, 40003, 80, SYN, false)),
+                expected_dst: Some(be),
+            },
+        ],
+    );
     // The checksum-less UDP datagram keeps checksum 0.
     let out = env.run(&ipv4(c4, vip4, UDP, 0, &seg));
     assert_eq!(&out.frame[14 + 20 + 6..14 + 20 + 8], &[0, 0], "UDP checksum 0 must stay 0 on IPv4");
@@ -309,10 +323,13 @@ fn should_dnat_v6_tcp_and_udp_to_v6_backends_with_valid_checksums() {
     web(&mut env);
     let be: &[&str] = &["fd00:0:0:2::2", "fd00:0:0:3::2"];
     let (c, vip) = ((v4(CLIENT6), 40000), (v4(VIP6), 80));
-    run_cases(&mut env, vec![
-        Case { description: "v6 TCP SYN", input: frame(c, vip, TCP, SYN), expected_dst: Some(be) },
-        Case { description: "v6 UDP", input: frame((c.0, 40001), vip, UDP, 0), expected_dst: Some(be) },
-    ]);
+    run_cases(
+        &mut env,
+        vec![
+            Case { description: "v6 TCP SYN", input: frame(c, vip, TCP, SYN), expected_dst: Some(be) },
+            Case { description: "v6 UDP", input: frame((c.0, 40001), vip, UDP, 0), expected_dst: Some(be) },
+        ],
+    );
 }
 
 #[test]
@@ -369,9 +386,21 @@ fn should_pass_everything_else_untouched() {
         Case { description: "ARP", input: arp, expected_dst: None },
         Case { description: "ICMP echo to the VIP", input: icmp4, expected_dst: None },
         Case { description: "ICMPv6 neighbour solicitation", input: icmp6_ns, expected_dst: None },
-        Case { description: "TCP to a non-service address", input: frame((v4(CLIENT4), 1), (v4("198.18.9.9"), 80), TCP, SYN), expected_dst: None },
-        Case { description: "TCP to the VIP on another port", input: frame((v4(CLIENT4), 1), (v4(VIP4), 81), TCP, SYN), expected_dst: None },
-        Case { description: "v6 TCP to a non-service address", input: frame((v4(CLIENT6), 1), (v4("fd00::9"), 80), TCP, SYN), expected_dst: None },
+        Case {
+            description: "TCP to a non-service address",
+            input: frame((v4(CLIENT4), 1), (v4("198.18.9.9"), 80), TCP, SYN),
+            expected_dst: None,
+        },
+        Case {
+            description: "TCP to the VIP on another port",
+            input: frame((v4(CLIENT4), 1), (v4(VIP4), 81), TCP, SYN),
+            expected_dst: None,
+        },
+        Case {
+            description: "v6 TCP to a non-service address",
+            input: frame((v4(CLIENT6), 1), (v4("fd00::9"), 80), TCP, SYN),
+            expected_dst: None,
+        },
         Case { description: "IPv4 fragment to the VIP", input: fragment, expected_dst: None },
         Case { description: "IPv4 truncated inside TCP", input: truncated, expected_dst: None },
         Case { description: "IPv4 IHL 4", input: bad_ihl, expected_dst: None },
@@ -380,7 +409,11 @@ fn should_pass_everything_else_untouched() {
         Case { description: "TCP data offset 4", input: bad_doff, expected_dst: None },
         Case { description: "IPv6 truncated inside TCP", input: v6_truncated, expected_dst: None },
         Case { description: "IPv6 UDP with checksum 0", input: v6_zero_udp, expected_dst: None },
-        Case { description: "IPv6 hop-by-hop header before TCP", input: ipv6(c6, vip6v, 0, &hop_by_hop), expected_dst: None },
+        Case {
+            description: "IPv6 hop-by-hop header before TCP",
+            input: ipv6(c6, vip6v, 0, &hop_by_hop),
+            expected_dst: None,
+        },
     ];
     run_cases(&mut env, cases);
 }
@@ -399,7 +432,7 @@ fn should_pass_random_garbage_untouched() {
     };
     for i in 0..2000 {
         let len = 14 + usize::try_from(next() % 120).expect("len");
-        let mut f: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let mut f: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
         let ethertype: u16 = if i % 2 == 0 { 0x0800 } else { 0x86DD };
         f[12..14].copy_from_slice(&ethertype.to_be_bytes());
         if len > 15 {
@@ -475,7 +508,8 @@ fn should_expire_conntrack_entries_by_tcp_state() {
 
     let c3 = (v4(CLIENT4), 42002);
     env.run(&frame(c3, (v4(VIP4), 80), UDP, 0));
-    let udp = env.maps.ct4.iter().filter_map(Result::ok).find(|(k, _)| u16::from_be(k.sport) == 42002).expect("udp entry").1;
+    let udp =
+        env.maps.ct4.iter().filter_map(Result::ok).find(|(k, _)| u16::from_be(k.sport) == 42002).expect("udp entry").1;
     let left = udp.expires.saturating_sub(monotonic_ns());
     assert!(left <= ct_timeout::UDP && left > ct_timeout::UDP / 2, "UDP idle timeout");
 }

@@ -132,6 +132,7 @@ impl Drop for Agent {
             return;
         }
         // The guard is also the teardown path on panic: unpin.
-        let _ = Command::new(&self.bin).arg("cleanup").arg("--pin-dir").arg(&self.pin_dir).stdout(Stdio::null()).status();
+        let _ =
+            Command::new(&self.bin).arg("cleanup").arg("--pin-dir").arg(&self.pin_dir).stdout(Stdio::null()).status();
     }
 }

@@ -52,8 +52,15 @@ pub const TERMINATING: Cond = Cond { ready: false, serving: true, terminating: t
 
 /// An EndpointSlice of `service` for `address_type` with the given ports
 /// (name, port, protocol) and endpoints.
-pub fn slice(name: &str, service: &str, address_type: &str, ports: &[(&str, u16, &str)], endpoints: &[(IpAddr, Cond)]) -> Value {
-    let ports: Vec<Value> = ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto})).collect();
+pub fn slice(
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(IpAddr, Cond)],
+) -> Value {
+    let ports: Vec<Value> =
+        ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto})).collect();
     let endpoints: Vec<Value> = endpoints
         .iter()
         .map(|(ip, c)| {
@@ -79,5 +86,11 @@ pub fn slice(name: &str, service: &str, address_type: &str, ports: &[(&str, u16,
 
 /// Several objects as one multi-document YAML text.
 pub fn documents(objs: &[Value]) -> String {
-    objs.iter().map(|o| format!("---\n{o}\n")).collect()
+    let mut out = String::new();
+    for o in objs {
+        out.push_str("---\n");
+        out.push_str(&o.to_string());
+        out.push('\n');
+    }
+    out
 }

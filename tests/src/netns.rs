@@ -18,10 +18,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// Run a command, panicking with its output when it fails.
 pub fn sh(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
@@ -35,7 +32,10 @@ pub fn sh(cmd: &[&str]) -> String {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert!(euid == 0, "these tests need root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN); run them as root via `cargo xtask test`");
+    assert!(
+        euid == 0,
+        "these tests need root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN); run them as root via `cargo xtask test`"
+    );
     assert!(
         Path::new("/sys/fs/bpf").exists() || Path::new("/sys/kernel/btf/vmlinux").exists(),
         "this kernel exposes no BPF filesystem or BTF; dsproxy needs both"

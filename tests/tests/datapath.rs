@@ -68,7 +68,9 @@ fn requests(s: &Setup, target: SocketAddr, udp: bool, count: usize) -> Vec<Reply
         (0..count)
             .map(|i| {
                 let r = if udp { udp_request(target) } else { tcp_request(target) };
-                r.unwrap_or_else(|e| panic!("request {i} to {target} ({}) failed: {e}", if udp { "udp" } else { "tcp" }))
+                r.unwrap_or_else(|e| {
+                    panic!("request {i} to {target} ({}) failed: {e}", if udp { "udp" } else { "tcp" })
+                })
             })
             .collect()
     })
@@ -80,7 +82,12 @@ fn assert_same_family(s: &Setup, replies: &[Reply], v6: bool) {
     let allowed: BTreeSet<IpAddr> = s.backends.iter().map(|b| s.c.addr(*b, v6)).collect();
     let client = s.c.addr(s.client, v6);
     for r in replies {
-        assert!(allowed.contains(&r.local.ip()), "reply from {} is not a {} backend ({allowed:?})", r.local, if v6 { "v6" } else { "v4" });
+        assert!(
+            allowed.contains(&r.local.ip()),
+            "reply from {} is not a {} backend ({allowed:?})",
+            r.local,
+            if v6 { "v6" } else { "v4" }
+        );
         assert_eq!(r.local.port(), TARGET_PORT, "DNAT must use the slice's port");
         assert_eq!(r.peer.ip(), client, "the backend must see the client's own address");
     }
@@ -233,7 +240,17 @@ fn should_refuse_a_pin_dir_that_is_not_on_bpffs() {
     let s = setup(1, 0, &[false]);
     // `ip netns exec` gives the command a fresh /sys: /sys/fs/bpf is no bpffs there.
     let out = Command::new("ip")
-        .args(["netns", "exec", &s.c.topo.node.name, BIN, "run", "--attach", "dsp*", "--pin-dir", "/sys/fs/bpf/dsproxy-x"])
+        .args([
+            "netns",
+            "exec",
+            &s.c.topo.node.name,
+            BIN,
+            "run",
+            "--attach",
+            "dsp*",
+            "--pin-dir",
+            "/sys/fs/bpf/dsproxy-x",
+        ])
         .arg("--manifests")
         .arg(&s.c.manifests.0)
         .output()
@@ -249,11 +266,14 @@ fn should_follow_a_scale_up_and_keep_established_flows() {
     let be2 = s.c.backend("be2", TARGET_PORT, false);
     let targets = [vip(&s, false), vip(&s, true)];
     let mut conns: Vec<(Conn, String)> = s.c.in_pod(s.client, move || {
-        targets.iter().map(|t| {
-            let mut c = Conn::connect(*t).expect("connect");
-            let b = c.request().expect("request").backend;
-            (c, b)
-        }).collect()
+        targets
+            .iter()
+            .map(|t| {
+                let mut c = Conn::connect(*t).expect("connect");
+                let b = c.request().expect("request").backend;
+                (c, b)
+            })
+            .collect()
     });
     s.backends.push(be2);
     let text = web_manifests(&s, &s.backends.clone(), &[false, true]);

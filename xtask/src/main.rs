@@ -69,7 +69,7 @@ fn main() -> Result<()> {
             if !args.is_empty() {
                 cmd.arg("--").args(args);
             }
-            run(&mut cmd)
+            run_tests(&mut cmd)
         }
         Cmd::Demo => {
             setup()?;
@@ -114,6 +114,40 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Run `cargo test`, passing its output through, and close with one
+/// summary line over every test binary: `N passed, M failed`.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd.env("PATH", path_env()).stdout(Stdio::piped()).spawn().context("spawn cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(word).map(|n| {
+                            n.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").parse().unwrap_or(0)
+                        })
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
 fn succeeds(cmd: &mut Command) -> bool {
     cmd.env("PATH", path_env()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
@@ -126,7 +160,10 @@ fn have(program: &str) -> bool {
 fn apt_install(packages: &[&str]) -> Result<()> {
     println!("setup: installing {} (apt-get)", packages.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(packages).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -164,7 +201,15 @@ fn setup() -> Result<()> {
         let mut path = vec![Path::new(LLVM_PREFIX).join("bin")];
         path.extend(env::split_paths(&path_env()));
         run(cargo()
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("PATH", env::join_paths(path)?))?;
     }
@@ -206,13 +251,11 @@ fn build_bin(package: &str, bin: &str, release: bool) -> Result<PathBuf> {
 fn executable(json_lines: &[u8], name: &str) -> Option<PathBuf> {
     let text = String::from_utf8_lossy(json_lines);
     let needle = format!("\"name\":\"{name}\"");
-    text.lines()
-        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains(&needle))
-        .find_map(|l| {
-            let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
-            let end = start + l[start..].find('"')?;
-            Some(PathBuf::from(&l[start..end]))
-        })
+    text.lines().filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains(&needle)).find_map(|l| {
+        let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+        let end = start + l[start..].find('"')?;
+        Some(PathBuf::from(&l[start..end]))
+    })
 }
 
 fn build_ebpf() -> Result<PathBuf> {

@@ -50,7 +50,9 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!("-- transcript --");
-    for (vip, port, udp) in [(v4.into(), 80, false), (v6.into(), 80, false), (v4.into(), 53, true), (v6.into(), 53, true)] {
+    for (vip, port, udp) in
+        [(v4.into(), 80, false), (v6.into(), 80, false), (v4.into(), 53, true), (v6.into(), 53, true)]
+    {
         let target = SocketAddr::new(vip, port);
         let replies = c.in_pod(client, move || {
             (0..4).map(|_| if udp { udp_request(target) } else { tcp_request(target) }).collect::<Vec<_>>()
