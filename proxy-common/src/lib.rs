@@ -67,8 +67,6 @@ pub const SLOT_GEN_B: u16 = 1 + MAX_BACKENDS_PER_SVC;
 pub mod svc_flags {
     /// ClientIP session affinity (reserved).
     pub const AFFINITY: u32 = 1 << 0;
-    /// Refuse new connections when the frontend has no backends.
-    pub const REJECT_EMPTY: u32 = 1 << 1;
 }
 
 /// Service map key, IPv4.
@@ -362,10 +360,15 @@ pub enum Stat {
     CtInsertFailed = 10,
     /// A reverse entry whose reverse-NAT id is unknown.
     PassStaleRevNat = 11,
+    /// New connection to a frontend without backends: answered with a TCP
+    /// RST or ICMP port unreachable.
+    RejectNoBackend = 12,
+    /// UDP flow whose backend was removed: moved to a live backend.
+    UdpRepick = 13,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::PassNotIp,
         Stat::PassNotL4,
@@ -379,6 +382,8 @@ impl Stat {
         Stat::DropRewrite,
         Stat::CtInsertFailed,
         Stat::PassStaleRevNat,
+        Stat::RejectNoBackend,
+        Stat::UdpRepick,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -395,6 +400,8 @@ impl Stat {
             Stat::DropRewrite => "drop_rewrite",
             Stat::CtInsertFailed => "ct_insert_failed",
             Stat::PassStaleRevNat => "pass_stale_rev_nat",
+            Stat::RejectNoBackend => "reject_no_backend",
+            Stat::UdpRepick => "udp_repick",
         }
     }
 }

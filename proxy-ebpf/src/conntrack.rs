@@ -102,6 +102,14 @@ pub fn lookup_forward<F: Family>(pkt: &Pkt<F::Addr>, now: u64) -> Forward<F::Add
     if *ct.expires <= now || is_reopen(*ct.state, &pkt.l4) {
         return Forward::Miss { stale: true };
     }
+    // A UDP flow has no end: when its backend is removed, the next datagram
+    // moves to a live one instead of following the old entry into a black
+    // hole (kube-proxy clears such entries; kubernetes#19029). TCP flows
+    // keep their backend until they end.
+    if !pkt.l4.is_tcp() && F::backend(ct.backend_id) != Some(ct.backend) {
+        stats::count(Stat::UdpRepick);
+        return Forward::Miss { stale: true };
+    }
     touch(&mut ct, &pkt.l4, false, now);
     Forward::Hit(ct.backend)
 }

@@ -11,13 +11,15 @@ use proxy_common::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, Svc4Key, Svc6Key, SvcValu
 use crate::{
     maps::{BACKEND4_V1, BACKEND6_V1, CT4_V1, CT6_V1, REVNAT4_V1, REVNAT6_V1, SVC4_V1, SVC6_V1},
     nat::{self, End},
-    parse::{L4, Verdict},
+    parse::{L4, Pkt, Verdict},
+    reject,
 };
 
 /// Mutable view of a conntrack value.
 pub struct CtRef<'a, A> {
     pub expires: &'a mut u64,
     pub state: &'a mut u8,
+    pub backend_id: u32,
     pub rev_nat_id: u32,
     /// Backend address and port, network byte order.
     pub backend: (A, u16),
@@ -45,6 +47,9 @@ pub trait Family {
     -> Self::CtValue;
     fn ct_ref(value: &mut Self::CtValue) -> CtRef<'_, Self::Addr>;
 
+    /// Refuse a new connection to a frontend without backends.
+    fn reject(ctx: &TcContext, pkt: &Pkt<Self::Addr>) -> Verdict;
+
     /// Rewrite address and port at `end` from `old` to `new`, fixing checksums.
     fn rewrite(
         ctx: &TcContext,
@@ -70,7 +75,7 @@ fn copy<T: Copy>(ptr: Option<*const T>) -> Option<T> {
 
 macro_rules! family_impl {
     ($fam:ty, $addr:ty, $svc_key:ty, $ct_key:ty, $ct_value:ty,
-     $svc:ident, $backend:ident, $revnat:ident, $ct:ident, $rewrite:path) => {
+     $svc:ident, $backend:ident, $revnat:ident, $ct:ident, $rewrite:path, $reject:path) => {
         impl Family for $fam {
             type Addr = $addr;
             type SvcKey = $svc_key;
@@ -129,11 +134,17 @@ macro_rules! family_impl {
             #[inline(always)]
             fn ct_ref(v: &mut $ct_value) -> CtRef<'_, $addr> {
                 CtRef {
+                    backend_id: v.backend_id,
                     rev_nat_id: v.rev_nat_id,
                     backend: (v.backend_addr, v.backend_port),
                     expires: &mut v.expires,
                     state: &mut v.state,
                 }
+            }
+
+            #[inline(always)]
+            fn reject(ctx: &TcContext, pkt: &Pkt<$addr>) -> Verdict {
+                $reject(ctx.skb.skb, pkt)
             }
 
             #[inline(always)]
@@ -150,5 +161,29 @@ macro_rules! family_impl {
     };
 }
 
-family_impl!(V4, [u8; 4], Svc4Key, Ct4Key, Ct4Value, SVC4_V1, BACKEND4_V1, REVNAT4_V1, CT4_V1, nat::rewrite_v4);
-family_impl!(V6, [u8; 16], Svc6Key, Ct6Key, Ct6Value, SVC6_V1, BACKEND6_V1, REVNAT6_V1, CT6_V1, nat::rewrite_v6);
+family_impl!(
+    V4,
+    [u8; 4],
+    Svc4Key,
+    Ct4Key,
+    Ct4Value,
+    SVC4_V1,
+    BACKEND4_V1,
+    REVNAT4_V1,
+    CT4_V1,
+    nat::rewrite_v4,
+    reject::reject_v4
+);
+family_impl!(
+    V6,
+    [u8; 16],
+    Svc6Key,
+    Ct6Key,
+    Ct6Value,
+    SVC6_V1,
+    BACKEND6_V1,
+    REVNAT6_V1,
+    CT6_V1,
+    nat::rewrite_v6,
+    reject::reject_v6
+);

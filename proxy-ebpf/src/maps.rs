@@ -34,3 +34,7 @@ pub static CT4_V1: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(capacity::C
 pub static CT6_V1: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
 pub static STATS_V1: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+// Per-CPU scratch space for composing TCP RST and ICMP answers
+// (`reject.rs`); not pinned, it holds no state between packets.
+#[map]
+pub static SCRATCH_V1: PerCpuArray<crate::reject::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -11,8 +11,8 @@ use crate::pass;
 pub type Verdict = i32;
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 const IPV4_HLEN_MIN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const TCP_HLEN_MIN: usize = 20;
@@ -75,11 +75,6 @@ impl<A: Copy> Pkt<A> {
     }
 }
 
-pub enum L3 {
-    V4(Pkt<[u8; 4]>),
-    V6(Pkt<[u8; 16]>),
-}
-
 /// Pointer to a `T` at `off` in the linear part of the frame, or `Err` when
 /// it does not fit.
 #[inline(always)]
@@ -115,18 +110,14 @@ fn ensure_linear(ctx: &TcContext, len: usize) -> Result<(), Verdict> {
     ctx.pull_data(len as u32).map_err(|_| pass(Stat::PassMalformed))
 }
 
+/// The frame's ethertype.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<L3, Verdict> {
-    let eth_type = u16::from_be(read::<u16>(ctx, 12)?);
-    match eth_type {
-        ETH_P_IP => parse_v4(ctx).map(L3::V4),
-        ETH_P_IPV6 => parse_v6(ctx).map(L3::V6),
-        _ => Err(pass(Stat::PassNotIp)),
-    }
+pub fn ethertype(ctx: &TcContext) -> Result<u16, Verdict> {
+    Ok(u16::from_be(read::<u16>(ctx, 12)?))
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext) -> Result<Pkt<[u8; 4]>, Verdict> {
+pub fn parse_v4(ctx: &TcContext) -> Result<Pkt<[u8; 4]>, Verdict> {
     ensure_linear(ctx, ETH_HLEN + IPV4_HLEN_MIN)?;
     let ver_ihl = read::<u8>(ctx, ETH_HLEN)?;
     // The L4 offset comes from IHL, never a fixed 20: options are legal.
@@ -152,7 +143,7 @@ fn parse_v4(ctx: &TcContext) -> Result<Pkt<[u8; 4]>, Verdict> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext) -> Result<Pkt<[u8; 16]>, Verdict> {
+pub fn parse_v6(ctx: &TcContext) -> Result<Pkt<[u8; 16]>, Verdict> {
     ensure_linear(ctx, ETH_HLEN + IPV6_HLEN)?;
     let ver = read::<u8>(ctx, ETH_HLEN)?;
     if ver >> 4 != 6 {

@@ -8,7 +8,7 @@ use crate::{
     family::Family,
     nat::End,
     parse::{Pkt, Verdict},
-    pass, stats,
+    stats,
 };
 
 /// The frontend (slot 0) the packet is addressed to, if any.
@@ -26,8 +26,9 @@ pub fn forward<F: Family>(ctx: &TcContext, pkt: &Pkt<F::Addr>, svc: &SvcValue) -
         Forward::Hit(backend) => (backend, Stat::DnatEstablished),
         Forward::Miss { stale } => {
             let Some((id, backend)) = backend::select::<F>(pkt.dst(), pkt.l4.proto, svc) else {
-                // No backend of this family: never borrow one of the other.
-                return Ok(pass(Stat::PassNoBackend));
+                // No backend of this family (never borrow one of the
+                // other): refuse, as kube-proxy's REJECT rules do.
+                return Ok(F::reject(ctx, pkt));
             };
             let backend = conntrack::create::<F>(pkt, id, backend, svc.rev_nat_id, stale, now);
             (backend, Stat::DnatNew)

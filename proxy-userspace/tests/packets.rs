@@ -451,18 +451,79 @@ fn should_pass_random_garbage_untouched() {
     }
 }
 
+const TC_ACT_REDIRECT: i32 = 7;
+
+/// A frontend without backends of its family answers new TCP connections
+/// with a RST and UDP datagrams with ICMP port unreachable, from the VIP,
+/// and never translates to the other family.
 #[test]
-fn should_not_translate_a_vip_without_backends_of_its_family() {
+fn should_refuse_connections_to_a_vip_without_backends_of_its_family() {
     let mut env = env();
-    // The v6 frontend exists but has no backends (only v4 endpoints).
-    env.program(&[
-        (Frontend { addr: v4(VIP4), port: 80, proto: Proto::Tcp }, backends(&["198.18.2.2"], Proto::Tcp)),
-        (Frontend { addr: v4(VIP6), port: 80, proto: Proto::Tcp }, vec![]),
-    ]);
-    let f = frame((v4(CLIENT6), 1234), (v4(VIP6), 80), TCP, SYN);
-    assert_eq!(env.run(&f).frame, f, "a v6 VIP without v6 backends must not be translated");
+    let mut fronts = Vec::new();
+    for proto in [Proto::Tcp, Proto::Udp] {
+        // Only IPv4 endpoints: the IPv6 frontends are empty.
+        fronts.push((Frontend { addr: v4(VIP4), port: 80, proto }, vec![]));
+        fronts.push((Frontend { addr: v4(VIP6), port: 80, proto }, vec![]));
+    }
+    env.program(&fronts);
+    for (client, vip) in [(CLIENT4, VIP4), (CLIENT6, VIP6)] {
+        let (c, vip) = ((v4(client), 1234), (v4(vip), 80));
+        // TCP SYN: RST|ACK acknowledging SYN + 7 payload bytes, from the VIP.
+        let out = env.run(&frame(c, vip, TCP, SYN));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{client}: the RST goes back out of the interface");
+        let seen = inspect(&out.frame);
+        assert_eq!((seen.src, seen.dst), (vip, c), "{client}: RST from the VIP to the client");
+        let tcp = &out.frame[out.frame.len() - 20..];
+        assert_eq!(tcp[13], RST | ACK, "{client}: flags");
+        assert_eq!(u32::from_be_bytes(tcp[8..12].try_into().expect("4")), 1000 + 1 + 7, "{client}: ack");
+        assert_eq!(&out.frame[..6], &[2, 0, 0, 0, 0, 2], "{client}: MACs swapped");
+        // An ACK (no SYN): RST with seq = their ack.
+        let out = env.run(&frame(c, vip, TCP, ACK));
+        let tcp = &out.frame[out.frame.len() - 20..];
+        assert_eq!(
+            (tcp[13], u32::from_be_bytes(tcp[4..8].try_into().expect("4"))),
+            (RST, 2000),
+            "{client}: RST to an ACK"
+        );
+        // A RST is never answered.
+        let rst = frame(c, vip, TCP, RST);
+        assert_eq!(env.run(&rst).frame, rst, "{client}: a RST passes untouched");
+        // UDP: ICMP port unreachable quoting the datagram's headers.
+        let dgram = frame(c, vip, UDP, 0);
+        let out = env.run(&dgram);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        check_port_unreachable(&out.frame, &dgram);
+    }
     let stats = env.maps.stats().expect("stats");
-    assert!(stats.iter().any(|(s, n)| s.name() == "pass_no_backend" && *n == 1), "{stats:?}");
+    assert!(stats.iter().any(|(s, n)| s.name() == "reject_no_backend" && *n == 6), "{stats:?}");
+    assert!(stats.iter().all(|(s, n)| !s.name().starts_with("dnat") || *n == 0), "nothing translated: {stats:?}");
+}
+
+/// `icmp` is a valid ICMP / ICMPv6 port unreachable for `orig`, sent from
+/// orig's destination to orig's source.
+fn check_port_unreachable(icmp: &[u8], orig: &[u8]) {
+    let v6 = u16::from_be_bytes([orig[12], orig[13]]) == 0x86DD;
+    let (ip_len, msg_off) = if v6 { (40, 14 + 40) } else { (20, 14 + 20) };
+    let msg = &icmp[msg_off..];
+    assert_eq!(msg.len(), 8 + ip_len + 8, "ICMP quotes the IP header and 8 bytes");
+    assert_eq!(&msg[8..], &orig[14..14 + ip_len + 8], "quoted headers");
+    let (src, dst) = if v6 {
+        let s = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&icmp[22..38]).expect("16")));
+        let d = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&icmp[38..54]).expect("16")));
+        assert_eq!((msg[0], msg[1], icmp[20]), (1, 4, 58), "ICMPv6 port unreachable");
+        let sum = csum_add(&pseudo(s, d, 58, msg.len())) + csum_add(msg);
+        assert_eq!(csum_fold(sum), 0, "ICMPv6 checksum");
+        (s, d)
+    } else {
+        assert_eq!(csum_fold(csum_add(&icmp[14..34])), 0, "IPv4 header checksum");
+        assert_eq!((msg[0], msg[1], icmp[23]), (3, 3, 1), "ICMP port unreachable");
+        assert_eq!(csum_fold(csum_add(msg)), 0, "ICMP checksum");
+        let s = IpAddr::V4(Ipv4Addr::new(icmp[26], icmp[27], icmp[28], icmp[29]));
+        let d = IpAddr::V4(Ipv4Addr::new(icmp[30], icmp[31], icmp[32], icmp[33]));
+        (s, d)
+    };
+    let before = inspect(orig);
+    assert_eq!((src, dst), (before.dst.0, before.src.0), "from the VIP to the client");
 }
 
 fn monotonic_ns() -> u64 {
@@ -534,4 +595,27 @@ fn should_keep_established_flows_on_their_backend_when_backends_change() {
         let new = inspect(&env.run(&frame((c.0, 44000 + port), vip, TCP, SYN)).frame).dst;
         assert_ne!(new.0, v4("198.18.2.2"), "new flows must not go to a removed backend");
     }
+}
+
+#[test]
+fn should_move_udp_flows_off_a_removed_backend_and_keep_them_otherwise() {
+    let mut env = env();
+    let f = Frontend { addr: v4(VIP6), port: 80, proto: Proto::Udp };
+    env.program(&[(f, backends(&["fd00:0:0:2::2"], Proto::Udp))]);
+    let c = (v4(CLIENT6), 45000);
+    let vip = (v4(VIP6), 80);
+    let first = inspect(&env.run(&frame(c, vip, UDP, 0)).frame).dst;
+    assert_eq!(first.0, v4("fd00:0:0:2::2"));
+    // Another backend joins: the flow stays where it is.
+    env.program(&[(f, backends(&["fd00:0:0:2::2", "fd00:0:0:3::2"], Proto::Udp))]);
+    for _ in 0..5 {
+        assert_eq!(inspect(&env.run(&frame(c, vip, UDP, 0)).frame).dst, first, "a live UDP flow keeps its backend");
+    }
+    // Its backend leaves: the next datagram reaches the live one.
+    env.program(&[(f, backends(&["fd00:0:0:3::2"], Proto::Udp))]);
+    let moved = inspect(&env.run(&frame(c, vip, UDP, 0)).frame).dst;
+    assert_eq!(moved.0, v4("fd00:0:0:3::2"), "a UDP flow must leave a removed backend");
+    // And the reply of the new backend is reverse-translated.
+    let reply = inspect(&env.run(&frame(moved, c, UDP, 0)).frame);
+    assert_eq!(reply.src, vip);
 }
