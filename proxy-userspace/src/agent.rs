@@ -3,6 +3,7 @@
 //! attached and pinned.
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -12,15 +13,25 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     attach::{self, Capacities},
     diff::Programmed,
+    kube_source::{self, KubeSource},
     maps::Maps,
     model, source,
     sync::{self, Report},
 };
 
+/// Where the agent reads Services and EndpointSlices from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests, watched for changes.
+    Manifests(PathBuf),
+    /// The Kubernetes API.
+    Kube(kube_source::Options),
+}
+
 /// Settings of `dsproxy run`.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub attach: String,
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
@@ -67,12 +78,71 @@ impl Agent {
     }
 }
 
-fn read_manifests(dir: &source::ManifestDir) -> anyhow::Result<source::Snapshot> {
-    let (snap, errors) = dir.read()?;
-    for e in &errors {
-        log::error!("manifest: {e}");
+/// An open source.
+enum Source {
+    Dir { dir: source::ManifestDir, fingerprint: source::Fingerprint },
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// Open the source and wait for its complete initial state.
+    async fn open(cfg: &SourceConfig) -> anyhow::Result<Self> {
+        match cfg {
+            SourceConfig::Manifests(path) => {
+                let dir = source::ManifestDir::new(path);
+                let fingerprint = dir.fingerprint()?;
+                Ok(Source::Dir { dir, fingerprint })
+            }
+            SourceConfig::Kube(opts) => {
+                let kube = KubeSource::start(opts).await?;
+                log::info!("waiting for the initial lists of Services, EndpointSlices and Node {}", opts.node_name);
+                kube.wait_ready().await?;
+                Ok(Source::Kube(kube))
+            }
+        }
     }
-    Ok(snap)
+
+    /// The current objects. Errors name the objects that could not be read;
+    /// `Err` means the source as a whole is unreadable right now.
+    fn snapshot(&self) -> anyhow::Result<source::Snapshot> {
+        let (snap, errors) = match self {
+            Source::Dir { dir, .. } => {
+                let (snap, errors) = dir.read()?;
+                (snap, errors.iter().map(ToString::to_string).collect())
+            }
+            Source::Kube(kube) => kube.snapshot(),
+        };
+        for e in &errors {
+            log::error!("source: {e}");
+        }
+        Ok(snap)
+    }
+
+    /// Polled sources: has anything changed since last time?
+    fn poll(&mut self) -> bool {
+        match self {
+            Source::Dir { dir, fingerprint } => match dir.fingerprint() {
+                Ok(fp) if fp != *fingerprint => {
+                    *fingerprint = fp;
+                    true
+                }
+                Ok(_) => false,
+                Err(e) => {
+                    log::error!("manifest directory: {e}");
+                    false
+                }
+            },
+            Source::Kube(_) => false,
+        }
+    }
+
+    /// Event-driven sources: resolves on the next change.
+    fn changed(&self) -> Option<Arc<tokio::sync::Notify>> {
+        match self {
+            Source::Dir { .. } => None,
+            Source::Kube(kube) => Some(Arc::clone(&kube.changed)),
+        }
+    }
 }
 
 /// `dsproxy run`.
@@ -90,9 +160,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     // The first sync runs on the complete source, before anything is
     // attached or pruned, so a restart never shrinks a backend set.
-    let dir = source::ManifestDir::new(&cfg.manifests);
-    let mut fingerprint = dir.fingerprint()?;
-    let snap = read_manifests(&dir)?;
+    let mut src = Source::open(&cfg.source).await?;
+    let snap = src.snapshot()?;
     agent.sync(&snap, &cfg.model);
 
     let mut attached = Vec::new();
@@ -101,36 +170,42 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(cfg.poll_interval);
+    let notify = src.changed();
     let mut last_sync = Instant::now();
     let mut pending = false;
     loop {
+        let changed = async {
+            match &notify {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = tick.tick() => {}
-        }
-        match dir.fingerprint() {
-            Ok(fp) if fp != fingerprint => {
-                fingerprint = fp;
-                pending = true;
-            }
-            Ok(_) => {}
-            Err(e) => log::error!("manifest directory: {e}"),
-        }
-        if pending && last_sync.elapsed() >= cfg.min_sync_period {
-            pending = false;
-            last_sync = Instant::now();
-            match read_manifests(&dir) {
-                Ok(snap) => {
-                    agent.sync(&snap, &cfg.model);
+            () = changed => pending = true,
+            _ = tick.tick() => {
+                pending |= src.poll();
+                if let Err(e) = attach_new(&mut ebpf, &cfg, &mut attached) {
+                    log::error!("attaching: {e}");
                 }
-                // Keep what is programmed: an unreadable directory is not an
-                // empty one.
-                Err(e) => log::error!("manifest directory: {e:#}"),
             }
         }
-        if let Err(e) = attach_new(&mut ebpf, &cfg, &mut attached) {
-            log::error!("attaching: {e}");
+        if !pending {
+            continue;
+        }
+        // Coalesce: at most one sync per min_sync_period.
+        if let Some(wait) = cfg.min_sync_period.checked_sub(last_sync.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        pending = false;
+        last_sync = Instant::now();
+        match src.snapshot() {
+            Ok(snap) => {
+                agent.sync(&snap, &cfg.model);
+            }
+            // Keep what is programmed: an unreadable source is not an empty one.
+            Err(e) => log::error!("source: {e:#}"),
         }
     }
     log::info!("exiting; the datapath stays attached (pins under {})", cfg.pin_dir.display());

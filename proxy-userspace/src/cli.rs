@@ -2,8 +2,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
-    agent::{self, RunConfig},
+    agent::{self, RunConfig, SourceConfig},
     attach::{self, Capacities},
+    kube_source,
     maps::Maps,
     model, source,
 };
@@ -24,9 +25,17 @@ struct Cli {
 enum Command {
     /// Program and attach the datapath, then follow the source until SIGINT/SIGTERM.
     Run {
-        /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched live.
+        /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched
+        /// live. Without it the agent follows the Kubernetes API.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig for the API server; without it (and without
+        /// --manifests) the in-cluster configuration is used.
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (default: the hostname).
+        #[arg(long)]
+        node_name: Option<String>,
         /// Interfaces to attach to (shell glob; commas separate alternatives).
         #[arg(long)]
         attach: String,
@@ -86,6 +95,8 @@ pub fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run {
             manifests,
+            kubeconfig,
+            node_name,
             attach,
             pin_dir,
             min_sync_period_ms,
@@ -96,8 +107,16 @@ pub fn main() -> anyhow::Result<()> {
             revnat_capacity,
             ct_capacity,
         } => {
+            let source = match manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::Kube(kube_source::Options {
+                    kubeconfig,
+                    node_name: node_name.unwrap_or_else(hostname),
+                    service_proxy_name: service_proxy_name.clone(),
+                }),
+            };
             let cfg = RunConfig {
-                manifests,
+                source,
                 attach,
                 pin_dir,
                 capacities: Capacities {
@@ -134,6 +153,11 @@ pub fn main() -> anyhow::Result<()> {
         Command::Status { pin_dir } => status(&pin_dir),
         Command::Check { manifests } => check(&manifests),
     }
+}
+
+/// The kernel's hostname: kube-proxy's default node name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
 fn status(pin_dir: &std::path::Path) -> anyhow::Result<()> {

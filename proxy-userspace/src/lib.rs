@@ -1,7 +1,8 @@
 //! dsproxy agent: a dual-stack Kubernetes service proxy on eBPF.
 //!
 //! Functional core, imperative shell:
-//! - `source`: where Services and EndpointSlices come from;
+//! - `source`, `kube_source`: where Services and EndpointSlices come from
+//!   (a manifest directory, or the Kubernetes API);
 //! - `model`: pure, objects -> desired frontends and backends;
 //! - `diff`: pure, desired vs programmed -> ordered map operations;
 //! - `sync`: applies the operations, step by step, with roll-back;
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod attach;
 pub mod cli;
 pub mod diff;
+pub mod kube_source;
 pub mod maps;
 pub mod model;
 pub mod source;

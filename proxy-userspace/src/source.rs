@@ -11,7 +11,10 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 
 /// The objects a source currently holds.
@@ -19,6 +22,8 @@ use serde::Deserialize;
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// This node, when the source knows it (reserved for topology rules).
+    pub node: Option<Node>,
 }
 
 #[derive(Debug, thiserror::Error)]

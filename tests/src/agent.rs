@@ -1,6 +1,7 @@
 //! The agent under test, run as a user would: `ip netns exec NODE dsproxy
 //! run ...` with its pins on a bpffs outside /sys.
 use std::{
+    ffi::OsString,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -29,21 +30,33 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Start `bin run` inside `node` and wait for its first sync and attach.
+    /// Start `bin run` inside `node` on a manifest directory and wait for
+    /// its first sync and attach.
     pub fn start(bin: &Path, node: &NetNs, manifests: &Path, pin_dir: &Path) -> Self {
         Self::start_with(bin, node, manifests, pin_dir, &[])
     }
 
     pub fn start_with(bin: &Path, node: &NetNs, manifests: &Path, pin_dir: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<OsString> = vec!["--manifests".into(), manifests.into()];
+        args.extend(extra.iter().map(OsString::from));
+        Self::spawn(bin, node, pin_dir, &args)
+    }
+
+    /// Start `bin run` following the Kubernetes API described by `kubeconfig`.
+    pub fn start_kube(bin: &Path, node: &NetNs, kubeconfig: &Path, node_name: &str, pin_dir: &Path) -> Self {
+        let args: Vec<OsString> =
+            vec!["--kubeconfig".into(), kubeconfig.into(), "--node-name".into(), node_name.into()];
+        Self::spawn(bin, node, pin_dir, &args)
+    }
+
+    fn spawn(bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &node.name])
             .arg(bin)
             .args(["run", "--attach", ATTACH_GLOB, "--min-sync-period-ms", "50", "--poll-interval-ms", "50"])
-            .arg("--manifests")
-            .arg(manifests)
+            .args(source)
             .arg("--pin-dir")
             .arg(pin_dir)
-            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

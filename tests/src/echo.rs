@@ -103,7 +103,12 @@ impl Drop for Backend {
 
 /// One TCP request: connect, send a line, read the answer, close.
 pub fn tcp_request(target: SocketAddr) -> std::io::Result<Reply> {
-    let stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
+    tcp_request_within(target, IO_TIMEOUT)
+}
+
+/// `tcp_request` with a connect timeout of its own.
+pub fn tcp_request_within(target: SocketAddr, connect_timeout: Duration) -> std::io::Result<Reply> {
+    let stream = TcpStream::connect_timeout(&target, connect_timeout)?;
     let mut conn = Conn::from_stream(stream)?;
     conn.request()
 }

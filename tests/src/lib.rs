@@ -7,6 +7,7 @@
 //! removed by a guard's `Drop`, also when a test fails.
 pub mod agent;
 pub mod echo;
+pub mod fakeapi;
 pub mod manifests;
 pub mod netns;
 pub mod topo;
@@ -100,6 +101,12 @@ impl Cluster {
 
     pub fn start_agent(&mut self) {
         self.start_agent_with(&[]);
+    }
+
+    /// Start the agent on the Kubernetes API described by `kubeconfig`.
+    pub fn start_kube_agent(&mut self, kubeconfig: &Path, node_name: &str) {
+        assert!(self.agent.is_none(), "agent already running");
+        self.agent = Some(Agent::start_kube(&self.bin, &self.topo.node, kubeconfig, node_name, &self.bpf.pin_dir()));
     }
 
     pub fn start_agent_with(&mut self, extra: &[&str]) {

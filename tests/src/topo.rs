@@ -49,6 +49,16 @@ fn router(ns: &NetNs) {
     // reverse-path filtering would drop them.
     ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
     ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
+    // Answer every packet to an unroutable address with an ICMP error at
+    // once: tests time how fast a removed VIP stops working, and the
+    // default one-per-second limit would hide that.
+    ns.sysctl("net.ipv4.icmp_ratelimit", "0");
+    ns.sysctl("net.ipv6.icmp.ratelimit", "0");
+    // The service ranges lead nowhere, as in a cluster. `prohibit` answers
+    // with ICMP administratively prohibited, a hard error for the client:
+    // a VIP without a frontend fails fast instead of timing out.
+    ns.ip(&["route", "add", "prohibit", "198.19.0.0/16"]);
+    ns.ip(&["-6", "route", "add", "prohibit", "fd00:ffff::/64"]);
 }
 
 impl Topology {
