@@ -17,8 +17,8 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("map {map}: {op} failed for {object}: {source}")]
-    Write { map: &'static str, op: &'static str, object: String, source: MapError },
+    #[error("map {map}: {op} failed for {object}: {detail}")]
+    Write { map: &'static str, op: &'static str, object: String, detail: String },
     #[error("map {map}: reading failed: {source}")]
     Read { map: &'static str, source: MapError },
     #[error("map {map} is missing from the loaded object")]
@@ -154,7 +154,25 @@ fn svc6_key(f: &Frontend, slot: u16) -> Svc6Key {
 }
 
 fn write(map: &'static str, op: &'static str, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
-    r.map_err(|source| Error::Write { map, op, object: object.to_string(), source })
+    r.map_err(|e| Error::Write { map, op, object: object.to_string(), detail: describe(map, &e) })
+}
+
+/// A map error in words, with the errno and what to do about a full map.
+fn describe(map: &str, e: &MapError) -> String {
+    let flag = if map.starts_with("SVC") {
+        "--svc-capacity"
+    } else if map.starts_with("BACKEND") {
+        "--backend-capacity"
+    } else {
+        "--revnat-capacity"
+    };
+    match e {
+        MapError::SyscallError(s) => match s.io_error.raw_os_error() {
+            Some(libc::E2BIG | libc::ENOMEM) => format!("the map is full ({}); raise {flag}", s.io_error),
+            _ => format!("{} failed: {}", s.call, s.io_error),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// Deleting what is already gone is success: the goal state holds.

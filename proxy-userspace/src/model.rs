@@ -662,6 +662,30 @@ mod tests {
     }
 
     #[test]
+    fn selectorless_services_use_hand_made_slices() {
+        // No selector: the endpoints controller leaves it alone, and a
+        // user-managed slice carrying the service-name label feeds it.
+        let s = svc("external-db", &["198.19.0.20"], &["IPv4"], json!([{"name": "pg", "port": 5432}]));
+        assert!(s.spec.as_ref().expect("spec").selector.is_none());
+        let mut hand_made = slice(
+            "external-db-1",
+            "external-db",
+            "IPv4",
+            json!([{"name": "pg", "port": 5432}]),
+            &[ep("198.18.7.7", R)],
+        );
+        hand_made
+            .metadata
+            .labels
+            .as_mut()
+            .expect("labels")
+            .insert("endpointslice.kubernetes.io/managed-by".into(), "staff".into());
+        let (rows, rejected) = table(&[s], &[hand_made]);
+        assert!(rejected.is_empty());
+        assert_eq!(rows, vec!["198.19.0.20:5432/TCP -> [198.18.7.7:5432/TCP]"]);
+    }
+
+    #[test]
     fn two_services_on_one_vip_port_keep_the_first() {
         let a = svc("a", &["198.19.0.10"], &["IPv4"], web_ports());
         let b = svc("b", &["198.19.0.10"], &["IPv4"], web_ports());

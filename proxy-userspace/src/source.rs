@@ -145,3 +145,50 @@ fn add_object(json: serde_json::Value, snap: &mut Snapshot) -> Result<(), String
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> (Snapshot, Vec<Error>) {
+        let mut snap = Snapshot::default();
+        let mut errors = Vec::new();
+        parse_documents(Path::new("x.yaml"), text, &mut snap, &mut errors);
+        (snap, errors)
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [198.18.2.2]}]\nports: [{port: 8080}]\n";
+
+    #[test]
+    fn reads_multi_document_files_and_lists() {
+        let text = format!(
+            "{SVC}---\n{SLICE}---\n# empty\n---\napiVersion: v1\nkind: List\nitems:\n- {{apiVersion: v1, kind: Service, metadata: {{name: other}}, spec: {{clusterIP: 198.19.0.11}}}}\n"
+        );
+        let (snap, errors) = parse(&text);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snap.services.len(), 2);
+        assert_eq!(snap.slices.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_document_is_reported_with_file_and_index_and_the_rest_is_kept() {
+        let text = format!(
+            "{SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\nspec: {{ports: 7}}\n---\n{SLICE}---\nkind: Deployment\napiVersion: apps/v1\n---\nfoo: bar\n"
+        );
+        let (snap, errors) = parse(&text);
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.slices.len(), 1, "documents after the bad one still count");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        let first = errors[0].to_string();
+        assert!(first.contains("x.yaml document 1") && first.contains("Service bad"), "{first}");
+        assert!(errors[1].to_string().contains("not a Kubernetes object"), "{}", errors[1]);
+    }
+
+    #[test]
+    fn invalid_yaml_is_an_error_not_an_empty_file() {
+        let (_, errors) = parse("apiVersion: v1\nkind: [unclosed\n");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("not valid YAML"));
+    }
+}

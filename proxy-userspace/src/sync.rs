@@ -140,7 +140,7 @@ mod tests {
     }
 
     fn full_err(what: String) -> maps::Error {
-        maps::Error::Write { map: "SVC", op: "insert", object: what, source: aya::maps::MapError::KeyNotFound }
+        maps::Error::Write { map: "SVC", op: "insert", object: what, detail: "the map is full".into() }
     }
 
     impl Kernel for Fake {

@@ -312,3 +312,31 @@ fn should_follow_the_kubernetes_api_within_a_second() {
     api.set(&w.objects(true, &[(1, READY)]));
     w.within_a_second("changes after the relist still arrive", &[false, true], only(&["be1"]));
 }
+
+#[test]
+fn should_report_services_that_do_not_fit_and_keep_the_rest() {
+    let mut w = World::new();
+    // `web` takes 2 ports x (frontend + 2 slots) = 6 service-map entries per
+    // family; `big` would need 2 x 4 more, and the map holds 8.
+    let mut objs = w.objects(true, &[(0, READY), (1, READY)]);
+    let big_ips: Vec<IpAddr> = vec![vip4(30).into(), vip6(30).into()];
+    objs.push(service("big", &big_ips, "PreferDualStack", &ports()));
+    for v6 in [false, true] {
+        let eps: Vec<_> = (0..3).map(|b| (w.c.addr(w.be[b], v6), READY)).collect();
+        let (name, fam) = if v6 { ("big-v6", "IPv6") } else { ("big-v4", "IPv4") };
+        objs.push(slice(name, "big", fam, &[("tcp", TARGET, "TCP"), ("udp", TARGET, "UDP")], &eps));
+    }
+    w.c.write("objects.yaml", &documents(&objs));
+    w.c.start_agent_with(&["--svc-capacity", "8"]);
+    let log = w.c.agent().log().join("\n");
+    for family_vip in ["198.19.0.30:80/TCP", "[fd00:ffff::1e]:80/TCP"] {
+        assert!(
+            log.lines().any(|l| l.contains("not programmed: default/big:tcp")
+                && l.contains(family_vip)
+                && l.contains("SVC")
+                && l.contains("map is full")),
+            "the Service that does not fit must be named, with its map ({family_vip}):\n{log}"
+        );
+    }
+    w.within_a_second("what fits is served", &[false, true], only(&["be0", "be1"]));
+}
