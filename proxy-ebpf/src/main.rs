@@ -73,6 +73,30 @@ fn handle<F: Family>(ctx: &TcContext, pkt: &Pkt<F::Addr>) -> Result<i32, i32> {
     }
 }
 
+/// Benchmark floor: parse the headers as `dsproxy_tc` does and make one
+/// hash lookup (the service map), nothing else. Never attached; `cargo
+/// xtask bench` reports the datapath's cost as a ratio to this.
+#[classifier]
+pub fn dsproxy_floor(ctx: TcContext) -> i32 {
+    match parse::ethertype(&ctx) {
+        Ok(ETH_P_IP) => floor::<V4>(&ctx, parse::parse_v4(&ctx)),
+        Ok(ETH_P_IPV6) => floor::<V6>(&ctx, parse::parse_v6(&ctx)),
+        Ok(_) | Err(_) => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn floor<F: Family>(_ctx: &TcContext, pkt: Result<Pkt<F::Addr>, i32>) -> i32 {
+    match pkt {
+        Ok(pkt) => match service::lookup::<F>(&pkt) {
+            // Use the result so the lookup is not optimised away.
+            Some(svc) if svc.count == u16::MAX => aya_ebpf::bindings::TC_ACT_SHOT,
+            _ => TC_ACT_OK,
+        },
+        Err(v) => v,
+    }
+}
+
 /// Count `stat` and let the packet through untouched.
 #[inline(always)]
 pub(crate) fn pass(stat: Stat) -> Verdict {

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod attach;
 pub mod cli;
 pub mod diff;
+pub mod frames;
 pub mod kube_source;
 pub mod maps;
 pub mod model;

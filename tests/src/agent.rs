@@ -91,6 +91,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Number of syncs so far.
     pub fn generation(&self) -> u64 {
         let lines = self.log.lines.lock().expect("log lock");

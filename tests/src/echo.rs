@@ -75,6 +75,28 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// A TCP server for load tests: `workers` threads accept on one
+    /// listener and serve each connection inline (no thread per
+    /// connection), answering like `start`.
+    pub fn start_pool(ns: &NetNs, name: &str, addr: SocketAddr, workers: usize) -> Self {
+        let tcp = ns.run(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}")));
+        let fds = vec![tcp.as_raw_fd()];
+        let tcp = std::sync::Arc::new(tcp);
+        let threads = (0..workers)
+            .map(|_| {
+                let (tcp, name) = (std::sync::Arc::clone(&tcp), name.to_owned());
+                thread::spawn(move || {
+                    while let Ok((stream, peer)) = tcp.accept() {
+                        serve_tcp(&name, stream, peer);
+                    }
+                })
+            })
+            .collect();
+        Self { name: name.to_owned(), addr, fds, threads }
+    }
+}
+
 fn serve_tcp(name: &str, stream: TcpStream, peer: SocketAddr) {
     let local = stream.local_addr().expect("local addr");
     let mut writer = stream.try_clone().expect("clone stream");

@@ -79,16 +79,23 @@ impl NetNs {
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = PathBuf::from("/run/netns").join(&self.name);
         thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-            // SAFETY: setns on a valid namespace fd; it changes only this
-            // (fresh, short-lived) thread's network namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert!(rc == 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+            enter(&path);
             f()
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
+}
+
+/// Move the calling thread into the network namespace at `path`
+/// (`/run/netns/NAME`). Only for threads made for that purpose.
+pub fn enter(path: impl AsRef<Path>) {
+    let path = path.as_ref();
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: setns on a valid namespace fd; it changes only this thread's
+    // network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert!(rc == 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
 }
 
 impl Drop for NetNs {

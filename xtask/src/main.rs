@@ -41,6 +41,13 @@ enum Cmd {
     },
     /// A dual-stack Service end to end in throw-away namespaces, with a transcript.
     Demo,
+    /// Benchmarks against kube-proxy-style iptables and nftables rulesets;
+    /// results, report and plots under bench/results/.
+    Bench {
+        /// A shorter run (under 3 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -70,6 +77,26 @@ fn main() -> Result<()> {
                 cmd.arg("--").args(args);
             }
             run_tests(&mut cmd)
+        }
+        Cmd::Bench { quick } => {
+            setup()?;
+            let mut missing = Vec::new();
+            for (program, package) in [("iptables-restore", "iptables"), ("nft", "nftables")] {
+                if !have(program) {
+                    missing.push(package);
+                }
+            }
+            if !missing.is_empty() {
+                apt_install(&missing)?;
+            }
+            let agent = build_bin("proxy-userspace", "dsproxy", true)?;
+            let bench = build_bin("dsproxy-tests", "dsproxy-bench", true)?;
+            let mut cmd = Command::new(bench);
+            cmd.arg("--agent").arg(agent).arg("--out").arg(root.join("bench/results"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
         Cmd::Demo => {
             setup()?;

@@ -1,0 +1,205 @@
+//! Control plane: programming N Services x E endpoints per family from
+//! cold, one endpoint change at that scale, the agent's peak memory, and
+//! the same ruleset loaded by `iptables-restore` and `nft -f`.
+use std::{
+    net::IpAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use dsproxy::{
+    attach::{self, Capacities},
+    diff::Programmed,
+    model::{self, Config},
+    sync,
+};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    e2e::{self, fake_endpoint},
+    vip,
+};
+use crate::{
+    TempDir,
+    agent::Agent,
+    manifests::{Port, READY, documents, service, slice},
+    netns::{BpfFs, NetNs},
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Result {
+    pub services: usize,
+    pub endpoints_per_family: usize,
+    /// In-process, from empty maps: model, then map writes.
+    pub cold_model_ms: f64,
+    pub cold_sync_ms: f64,
+    pub cold_total_ms: f64,
+    /// One endpoint changed: model + diff + map writes.
+    pub change_p50_ms: f64,
+    pub change_p99_ms: f64,
+    /// The `dsproxy` binary from start to its first complete sync, reading
+    /// the same objects as manifests (YAML parsing included).
+    pub agent_start_to_synced_ms: f64,
+    pub agent_peak_rss_mib: f64,
+    /// Kernel memory of the BPF maps (memlock), all maps.
+    pub bpf_maps_mib: f64,
+    /// The equivalent rulesets, IPv4 plus IPv6.
+    pub iptables_restore_ms: f64,
+    pub nft_ms: f64,
+    /// Services in the nft comparison (fewer than `services` in quick runs).
+    pub nft_services: usize,
+}
+
+const PORT_TARGET: u16 = 8080;
+
+fn objects(n: usize, per: usize) -> Vec<Value> {
+    let mut objs = Vec::with_capacity(n * 3);
+    for i in 0..n {
+        let (a4, port) = vip(i, false);
+        let (a6, _) = vip(i, true);
+        let name = format!("svc-{i}");
+        objs.push(service(
+            &name,
+            &[a4, a6],
+            "RequireDualStack",
+            &[Port { name: "tcp", port, proto: "TCP", target: PORT_TARGET }],
+        ));
+        for v6 in [false, true] {
+            let eps: Vec<_> = (0..per).map(|k| (fake_endpoint(i, k, per, v6), READY)).collect();
+            let fam = if v6 { "IPv6" } else { "IPv4" };
+            objs.push(slice(&format!("{name}-{fam}"), &name, fam, &[("tcp", PORT_TARGET, "TCP")], &eps));
+        }
+    }
+    objs
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Sum of `memlock` over this process's BPF map fds.
+fn bpf_map_memory() -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc/self/fdinfo").into_iter().flatten().flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
+        if !text.contains("map_type:") {
+            continue;
+        }
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+fn percentile(v: &mut [f64], p: usize) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+pub fn measure(agent: &std::path::Path, n: usize, per: usize, changes: usize, nft_services: usize) -> Result {
+    let objs = objects(n, per);
+    let mut services: Vec<Service> = Vec::new();
+    let mut slices: Vec<EndpointSlice> = Vec::new();
+    for o in &objs {
+        if o["kind"] == "Service" {
+            services.push(serde_json::from_value(o.clone()).expect("Service"));
+        } else {
+            slices.push(serde_json::from_value(o.clone()).expect("EndpointSlice"));
+        }
+    }
+    let total = u32::try_from(n * per).expect("fits");
+    let slots = u32::try_from(n * (per + 1) * 2 + 1024).expect("fits");
+    let caps =
+        Capacities { svc: slots, backend: total + 1024, revnat: u32::try_from(n).expect("fits") + 16, ct: 65_536 };
+
+    // In-process: cold programming, then single endpoint changes.
+    let bpf = BpfFs::new();
+    let (_ebpf, mut maps) = attach::load(&bpf.pin_dir(), &caps).expect("load datapath");
+    let cfg = Config::default();
+    let t = Instant::now();
+    let (desired, rejected) = model::desired(&services, &slices, &cfg);
+    let cold_model = t.elapsed();
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let mut prog = Programmed::default();
+    let t = Instant::now();
+    let report = sync::sync(&mut maps, &mut prog, &desired);
+    let cold_sync = t.elapsed();
+    assert!(report.errors.is_empty(), "{:?}", &report.errors[..report.errors.len().min(3)]);
+    let bpf_bytes = bpf_map_memory();
+
+    let mut lat = Vec::with_capacity(changes);
+    for c in 0..changes {
+        let j = (c * 7919) % slices.len();
+        let v6 = slices[j].address_type == "IPv6";
+        // Move one endpoint to a fresh address, as a pod replaced elsewhere.
+        slices[j].endpoints[0].addresses = vec![fake_endpoint(n + c, 0, per, v6).to_string()];
+        let t = Instant::now();
+        let (desired, _) = model::desired(&services, &slices, &cfg);
+        let r = sync::sync(&mut maps, &mut prog, &desired);
+        lat.push(ms(t.elapsed()));
+        assert!(r.errors.is_empty() && r.upserted <= 1, "at most one frontend changes: {r:?}");
+    }
+    drop(maps);
+    drop(bpf);
+
+    // The real agent on the same objects as manifests.
+    let node = NetNs::new("ctl");
+    node.ip(&["link", "add", "dsp0", "type", "veth", "peer", "name", "dsp1"]);
+    let dir = TempDir::new("dsproxy-bench-manifests-");
+    std::fs::write(dir.0.join("services.yaml"), documents(&objs)).expect("write manifests");
+    let bpf = BpfFs::new();
+    let caps_args = [
+        "--svc-capacity".to_owned(),
+        caps.svc.to_string(),
+        "--backend-capacity".to_owned(),
+        caps.backend.to_string(),
+        "--revnat-capacity".to_owned(),
+        caps.revnat.to_string(),
+    ];
+    let extra: Vec<&str> = caps_args.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    let a = Agent::start_with(agent, &node, &dir.0, &bpf.pin_dir(), &extra);
+    a.wait_for_line(|l| l.contains("synced generation=1 "), Duration::from_mins(2));
+    let start_to_synced = t.elapsed();
+    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", a.pid()))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().to_owned()))
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    drop(a);
+
+    // iptables-restore and nft -f of the same Services, both families.
+    let eps = |v6: bool| move |i: usize| -> Vec<IpAddr> { (0..per).map(|k| fake_endpoint(i, k, per, v6)).collect() };
+    let ipt = e2e::load_rules(&node, "iptables-restore", &[], &e2e::iptables_rules_with(n, false, eps(false)))
+        + e2e::load_rules(&node, "ip6tables-restore", &[], &e2e::iptables_rules_with(n, true, eps(true)));
+    let nft = if nft_services == 0 {
+        Duration::ZERO
+    } else {
+        e2e::load_rules(&node, "nft", &["-f"], &e2e::nft_rules_with(nft_services, false, eps(false)))
+            + e2e::load_rules(&node, "nft", &["-f"], &e2e::nft_rules_with(nft_services, true, eps(true)))
+    };
+    let _ = Command::new("ip").args(["netns", "exec", &node.name, "nft", "flush", "ruleset"]).status();
+
+    Result {
+        services: n,
+        endpoints_per_family: per,
+        cold_model_ms: ms(cold_model),
+        cold_sync_ms: ms(cold_sync),
+        cold_total_ms: ms(cold_model + cold_sync),
+        change_p50_ms: percentile(&mut lat, 50),
+        change_p99_ms: percentile(&mut lat, 99),
+        agent_start_to_synced_ms: ms(start_to_synced),
+        agent_peak_rss_mib: rss_kib / 1024.0,
+        bpf_maps_mib: bpf_bytes as f64 / (1024.0 * 1024.0),
+        iptables_restore_ms: ms(ipt),
+        nft_ms: ms(nft),
+        nft_services,
+    }
+}

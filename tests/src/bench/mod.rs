@@ -1,0 +1,354 @@
+//! `cargo xtask bench`: datapath cost per packet, end-to-end connection
+//! rate and latency against kube-proxy-style rulesets, and control-plane
+//! programming time, in one run. Writes `results.json`, `report.md` and
+//! SVG plots.
+#![expect(
+    clippy::cast_precision_loss,
+    clippy::many_single_char_names,
+    clippy::too_many_lines,
+    clippy::similar_names,
+    clippy::manual_midpoint,
+    reason = "measurement and report code: counts become f64 figures, formulas read best with short names"
+)]
+pub mod control;
+pub mod datapath;
+pub mod e2e;
+pub mod svg;
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use serde::Serialize;
+
+/// ClusterIP `i` of a family and its port: distinct (address, port) pairs
+/// for up to several hundred thousand Services, inside 198.19.0.0/16 and
+/// fd00:ffff::/64.
+pub fn vip(i: usize, v6: bool) -> (IpAddr, u16) {
+    let port = 80 + u16::try_from(i / 65_536).expect("few ports");
+    let n = u16::try_from(i % 65_536).expect("16 bits");
+    if v6 {
+        (IpAddr::V6(Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 1, n)), port)
+    } else {
+        let [a, b] = n.to_be_bytes();
+        (IpAddr::V4(Ipv4Addr::new(198, 19, a, b)), port)
+    }
+}
+
+/// What a run measures.
+pub struct Plan {
+    pub quick: bool,
+    pub datapath_sizes: Vec<usize>,
+    pub datapath_samples: usize,
+    pub e2e_sizes: Vec<usize>,
+    pub e2e_secs: f64,
+    pub e2e_requests: usize,
+    pub control_services: usize,
+    pub control_endpoints: usize,
+    pub control_changes: usize,
+    /// Services in the `nft -f` comparison: nft needs minutes for 10,000
+    /// Services x 10 endpoints, too long for a quick run.
+    pub nft_services: usize,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        Self {
+            quick,
+            datapath_sizes: vec![10, 1_000, 10_000, 100_000],
+            datapath_samples: if quick { 3_000 } else { 20_000 },
+            e2e_sizes: vec![10, 1_000, 10_000],
+            e2e_secs: if quick { 1.5 } else { 5.0 },
+            e2e_requests: if quick { 2_000 } else { 20_000 },
+            control_services: 10_000,
+            control_endpoints: 10,
+            control_changes: if quick { 50 } else { 200 },
+            nft_services: if quick { 1_000 } else { 10_000 },
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub date: String,
+}
+
+#[derive(Serialize)]
+pub struct Results {
+    pub quick: bool,
+    pub machine: Machine,
+    pub datapath: Vec<datapath::Row>,
+    pub e2e: Vec<e2e::Row>,
+    pub control: control::Result,
+}
+
+fn first_line(path: &str, key: &str) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with(key)).and_then(|l| l.split(':').nth(1)).map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+pub fn machine() -> Machine {
+    let out = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    Machine {
+        cpu: first_line("/proc/cpuinfo", "model name"),
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+        kernel: out("uname", &["-r"]),
+        date: out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+    }
+}
+
+/// Run one part of `plan` and print its results.
+pub fn run_part(plan: &Plan, agent: &Path, part: &str) -> anyhow::Result<()> {
+    match part {
+        "datapath" => {
+            for &n in &plan.datapath_sizes {
+                for row in datapath::measure(n, plan.datapath_samples) {
+                    println!("{row:?}");
+                }
+            }
+        }
+        "e2e" => {
+            for row in e2e::measure(agent, &plan.e2e_sizes, plan.e2e_secs, plan.e2e_requests) {
+                println!("{row:?}");
+            }
+        }
+        "control" => {
+            let c = control::measure(agent, plan.control_services, plan.control_endpoints, plan.control_changes, 0);
+            println!("{c:?}");
+        }
+        other => anyhow::bail!("unknown part {other}: datapath, e2e or control"),
+    }
+    Ok(())
+}
+
+/// Run everything in `plan`; `agent` is the dsproxy binary.
+pub fn run(plan: &Plan, agent: &Path) -> Results {
+    let machine = machine();
+    let mut dp = Vec::new();
+    for &n in &plan.datapath_sizes {
+        eprintln!("datapath: {n} Services per family");
+        for row in datapath::measure(n, plan.datapath_samples) {
+            eprintln!(
+                "  {} {:>6}: new {:.0} ns, established {:.0} ns, reply {:.0} ns, other {:.0} ns, floor {:.0} ns",
+                row.family, row.services, row.new_flow, row.established, row.reply, row.non_service, row.floor
+            );
+            dp.push(row);
+        }
+    }
+    eprintln!("end to end");
+    let e2e = e2e::measure(agent, &plan.e2e_sizes, plan.e2e_secs, plan.e2e_requests);
+    eprintln!("control plane: {} Services x {} endpoints per family", plan.control_services, plan.control_endpoints);
+    let control =
+        control::measure(agent, plan.control_services, plan.control_endpoints, plan.control_changes, plan.nft_services);
+    eprintln!("  {control:?}");
+    Results { quick: plan.quick, machine, datapath: dp, e2e, control }
+}
+
+fn pct(a: f64, b: f64) -> f64 {
+    100.0 * a / b
+}
+
+/// A verdict line: met, or missed and by how much.
+fn target(ok: bool, what: &str, detail: &str) -> String {
+    format!("| {} | {what} | {detail} |\n", if ok { "met" } else { "**missed**" })
+}
+
+/// The markdown report; also returns the SVG files to write beside it.
+pub fn report(r: &Results) -> (String, Vec<(String, String)>) {
+    let mut md = String::new();
+    let m = &r.machine;
+    let _ = writeln!(md, "# dsproxy benchmark report\n");
+    let _ = writeln!(
+        md,
+        "{} run on {} ({} cores), Linux {}, {}.\n",
+        if r.quick { "Quick" } else { "Full" },
+        m.cpu,
+        m.cores,
+        m.kernel,
+        m.date
+    );
+
+    // Targets.
+    let mut t = String::from("| verdict | target | measured |\n|---|---|---|\n");
+    for fam in ["IPv4", "IPv6"] {
+        let rows: Vec<_> = r.datapath.iter().filter(|x| x.family == fam).collect();
+        if let (Some(small), Some(big)) =
+            (rows.iter().find(|x| x.services == 10), rows.iter().max_by_key(|x| x.services))
+        {
+            for (case, a, b) in [
+                ("new flow", small.new_flow, big.new_flow),
+                ("established", small.established, big.established),
+                ("reply", small.reply, big.reply),
+            ] {
+                let ratio = b / a;
+                t += &target(
+                    ratio <= 1.10,
+                    &format!("{fam} {case}: ns/packet at {} Services within 10% of 10", big.services),
+                    &format!("{b:.0} vs {a:.0} ns ({:+.1}%)", (ratio - 1.0) * 100.0),
+                );
+            }
+        }
+        let direct =
+            r.e2e.iter().find(|x| x.family == fam && x.system == "direct").map_or(f64::NAN, |x| x.conn_per_sec);
+        for e in r.e2e.iter().filter(|x| x.family == fam && x.system == "dsproxy") {
+            t += &target(
+                e.conn_per_sec >= 0.9 * direct,
+                &format!("{fam} conn/s through a ClusterIP >= 90% of direct ({} Services)", e.services),
+                &format!("{:.0} vs {direct:.0} ({:.0}%)", e.conn_per_sec, pct(e.conn_per_sec, direct)),
+            );
+        }
+        let at = |sys: &str| {
+            r.e2e
+                .iter()
+                .filter(|x| x.family == fam && x.system == sys)
+                .max_by_key(|x| x.services)
+                .map(|x| (x.services, x.conn_per_sec))
+        };
+        if let (Some((n, ds)), Some((_, ipt))) = (at("dsproxy"), at("iptables")) {
+            t += &target(
+                ds >= 2.0 * ipt,
+                &format!("{fam} conn/s >= 2x the iptables ruleset at {n} Services"),
+                &format!("{ds:.0} vs {ipt:.0} ({:.2}x)", ds / ipt),
+            );
+        }
+    }
+    let c = &r.control;
+    t += &target(
+        c.cold_total_ms < 1000.0,
+        &format!("cold programming of {} x {} per family under 1 s", c.services, c.endpoints_per_family),
+        &format!(
+            "{:.0} ms (model {:.0} + maps {:.0}); agent binary from start {:.0} ms",
+            c.cold_total_ms, c.cold_model_ms, c.cold_sync_ms, c.agent_start_to_synced_ms
+        ),
+    );
+    t += &target(
+        c.cold_total_ms * 10.0 <= c.iptables_restore_ms,
+        "cold programming >= 10x faster than iptables-restore",
+        &format!(
+            "{:.0} ms vs {:.0} ms ({:.1}x)",
+            c.cold_total_ms,
+            c.iptables_restore_ms,
+            c.iptables_restore_ms / c.cold_total_ms
+        ),
+    );
+    t += &target(
+        c.change_p99_ms < 10.0,
+        "single endpoint change programmed in under 10 ms p99",
+        &format!("p50 {:.2} ms, p99 {:.2} ms", c.change_p50_ms, c.change_p99_ms),
+    );
+    let _ = writeln!(md, "## Targets\n\n{t}");
+
+    // Datapath table and plot.
+    let _ = writeln!(md, "## Datapath, ns per packet (BPF_PROG_TEST_RUN, median)\n");
+    let _ = writeln!(
+        md,
+        "| family | Services | new flow | established | reply | non-service | floor | new/floor | est./floor |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for x in &r.datapath {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            x.family,
+            x.services,
+            x.new_flow,
+            x.established,
+            x.reply,
+            x.non_service,
+            x.floor,
+            x.new_flow / x.floor,
+            x.established / x.floor
+        );
+    }
+    let mut svgs = Vec::new();
+    for fam in ["IPv4", "IPv6"] {
+        let rows: Vec<_> = r.datapath.iter().filter(|x| x.family == fam).collect();
+        let line = |name: &str, f: fn(&datapath::Row) -> f64| -> (String, Vec<(f64, f64)>) {
+            (name.to_owned(), rows.iter().map(|x| (x.services as f64, f(x))).collect())
+        };
+        let series = vec![
+            line("new flow", |x| x.new_flow),
+            line("established", |x| x.established),
+            line("reply", |x| x.reply),
+            line("non-service", |x| x.non_service),
+            line("floor", |x| x.floor),
+        ];
+        let name = format!("datapath-{}.svg", fam.to_lowercase());
+        svgs.push((name.clone(), svg::chart(&format!("dsproxy ns/packet, {fam}"), "Services", "ns/packet", &series)));
+        let _ = writeln!(md, "\n![{fam} ns/packet]({name})");
+    }
+
+    // End to end.
+    let _ = writeln!(md, "\n## End to end: TCP connect-request-close rate and request latency\n");
+    let _ = writeln!(md, "| family | system | Services | conn/s | p50 µs | p99 µs | errors |");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    for x in &r.e2e {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+            x.family, x.system, x.services, x.conn_per_sec, x.p50_us, x.p99_us, x.errors
+        );
+    }
+    for fam in ["IPv4", "IPv6"] {
+        let sizes: Vec<usize> = {
+            let mut v: Vec<usize> = r.e2e.iter().filter(|x| x.services > 0).map(|x| x.services).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let mut series = Vec::new();
+        for sys in ["direct", "dsproxy", "iptables", "nftables"] {
+            let pts: Vec<(f64, f64)> = if sys == "direct" {
+                let d = r.e2e.iter().find(|x| x.family == fam && x.system == "direct").map_or(0.0, |x| x.conn_per_sec);
+                sizes.iter().map(|n| (*n as f64, d)).collect()
+            } else {
+                r.e2e
+                    .iter()
+                    .filter(|x| x.family == fam && x.system == sys)
+                    .map(|x| (x.services as f64, x.conn_per_sec))
+                    .collect()
+            };
+            series.push((sys.to_owned(), pts));
+        }
+        let name = format!("conn-rate-{}.svg", fam.to_lowercase());
+        svgs.push((
+            name.clone(),
+            svg::chart(&format!("TCP connections/s through a ClusterIP, {fam}"), "Services", "conn/s", &series),
+        ));
+        let _ = writeln!(md, "\n![{fam} connection rate]({name})");
+    }
+
+    let _ = writeln!(md, "\n## Control plane\n");
+    let _ = writeln!(md, "| measure | value |\n|---|---:|");
+    for (k, v) in [
+        ("Services x endpoints per family", format!("{} x {}", c.services, c.endpoints_per_family)),
+        ("cold: model (ms)", format!("{:.1}", c.cold_model_ms)),
+        ("cold: map writes (ms)", format!("{:.1}", c.cold_sync_ms)),
+        ("cold: total (ms)", format!("{:.1}", c.cold_total_ms)),
+        ("agent binary: start to first sync, manifests parsed (ms)", format!("{:.0}", c.agent_start_to_synced_ms)),
+        ("one endpoint change, p50 (ms)", format!("{:.2}", c.change_p50_ms)),
+        ("one endpoint change, p99 (ms)", format!("{:.2}", c.change_p99_ms)),
+        ("iptables-restore + ip6tables-restore (ms)", format!("{:.0}", c.iptables_restore_ms)),
+        (format!("nft -f, both families, {} Services (ms)", c.nft_services).as_str(), format!("{:.0}", c.nft_ms)),
+        ("agent peak RSS (MiB)", format!("{:.1}", c.agent_peak_rss_mib)),
+        ("BPF maps, kernel memory (MiB)", format!("{:.1}", c.bpf_maps_mib)),
+    ] {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    (md, svgs)
+}
