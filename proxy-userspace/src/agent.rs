@@ -47,6 +47,10 @@ pub struct RunConfig {
 struct Agent {
     maps: Maps,
     programmed: Programmed,
+    model: model::Cache,
+    /// Look at every frontend and map entry next time (at start, and after
+    /// a pass with errors); otherwise only at what changed.
+    full: bool,
     generation: u64,
 }
 
@@ -54,11 +58,18 @@ impl Agent {
     /// Model, diff and apply one snapshot; log what happened.
     fn sync(&mut self, snap: &source::Snapshot, config: &model::Config) -> Report {
         let started = Instant::now();
-        let (desired, rejected) = model::desired(&snap.services, &snap.slices, config);
+        let update = self.model.update(&snap.services, &snap.slices, config);
+        let rejected = update.rejected;
         for r in &rejected {
             log::error!("rejected {r}");
         }
-        let report = sync::sync(&mut self.maps, &mut self.programmed, &desired);
+        let desired = &self.model.desired;
+        let report = if self.full {
+            sync::sync(&mut self.maps, &mut self.programmed, desired)
+        } else {
+            sync::sync_dirty(&mut self.maps, &mut self.programmed, desired, &update.dirty)
+        };
+        self.full = !report.errors.is_empty();
         for e in &report.errors {
             log::error!("not programmed: {e}");
         }
@@ -156,7 +167,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cfg.pin_dir.display(),
         programmed.frontends.len()
     );
-    let mut agent = Agent { maps, programmed, generation: 0 };
+    let mut agent = Agent { maps, programmed, model: model::Cache::default(), full: true, generation: 0 };
 
     // The first sync runs on the complete source, before anything is
     // attached or pruned, so a restart never shrinks a backend set.

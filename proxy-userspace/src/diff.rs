@@ -97,6 +97,9 @@ pub struct FamilyState {
     pub backends: BTreeMap<u32, Backend>,
     /// Backend id -> number of slots (of any generation) that reference it.
     pub refs: HashMap<u32, u32>,
+    /// Backends whose last reference went since the last gc: candidates
+    /// for `plan_gc_freed`.
+    pub freed: Vec<u32>,
 }
 
 /// The maps' content, as the agent knows it.
@@ -189,6 +192,9 @@ impl Programmed {
 fn unref(fam: &mut FamilyState, id: u32) {
     if let Some(n) = fam.refs.get_mut(&id) {
         *n = n.saturating_sub(1);
+        if *n == 0 {
+            fam.freed.push(id);
+        }
     }
 }
 
@@ -213,6 +219,21 @@ pub fn changes<'a>(prog: &Programmed, desired: &'a Desired) -> Vec<Change<'a>> {
         }
     }
     out
+}
+
+/// Like `changes`, for the frontends in `dirty` only: the incremental path,
+/// whose cost follows what changed.
+pub fn changes_in<'a>(prog: &Programmed, desired: &'a Desired, dirty: &BTreeSet<Frontend>) -> Vec<Change<'a>> {
+    dirty
+        .iter()
+        .filter_map(|f| match desired.frontends.get(f) {
+            Some(spec) if prog.active_backends(f).as_deref() != Some(spec.backends.as_slice()) => {
+                Some(Change::Upsert(*f, spec))
+            }
+            Some(_) => None,
+            None => prog.frontends.contains_key(f).then_some(Change::Remove(*f)),
+        })
+        .collect()
 }
 
 /// Plan writing `spec` to `frontend`, make-before-break.
@@ -281,6 +302,24 @@ pub fn plan_remove(prog: &Programmed, frontend: Frontend) -> Step {
         ops.push(Op::ClearRevNat { id: v.rev_nat_id, family: frontend.family() });
     }
     Step { owner: format!("removed frontend {frontend}"), ops, commit: 0, rollback: vec![] }
+}
+
+/// Plan deleting the backends that lost their last slot since the last gc
+/// (the incremental counterpart of `plan_gc`).
+pub fn plan_gc_freed(prog: &Programmed) -> Step {
+    let mut ops = Vec::new();
+    for fam in [&prog.v4, &prog.v6] {
+        let mut ids: Vec<u32> = fam.freed.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            if fam.refs.get(&id) == Some(&0)
+                && let Some(backend) = fam.backends.get(&id) {
+                    ops.push(Op::DeleteBackend { id, backend: *backend });
+                }
+        }
+    }
+    Step { owner: "garbage collection".into(), commit: 0, ops, rollback: vec![] }
 }
 
 /// Plan deleting what nothing uses: slots outside their frontend's active

@@ -12,7 +12,7 @@
 //! - The agent acts only once every store has seen its initial list.
 use std::{path::PathBuf, sync::Arc};
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -70,9 +70,9 @@ pub fn label_selector(service_proxy_name: Option<&str>) -> String {
 /// Watchers running in the background, their stores, and a signal raised on
 /// every change.
 pub struct KubeSource {
-    services: Store<DeserializeGuard<Service>>,
-    slices: Store<DeserializeGuard<EndpointSlice>>,
-    node: Store<DeserializeGuard<Node>>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    node: Store<Node>,
     pub changed: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -85,24 +85,53 @@ impl Drop for KubeSource {
     }
 }
 
+/// An object that could not be read does not reach the store (which keeps
+/// the last good version, if any): it is reported by name and skipped.
+fn readable<K: Resource<DynamicType = ()>>(guard: DeserializeGuard<K>) -> Option<K> {
+    match guard.0 {
+        Ok(obj) => Some(obj),
+        Err(invalid) => {
+            log::error!(
+                "unreadable {} {}/{}: {}",
+                K::kind(&()),
+                invalid.metadata.namespace.as_deref().unwrap_or(""),
+                invalid.metadata.name.as_deref().unwrap_or(""),
+                invalid.error
+            );
+            None
+        }
+    }
+}
+
+/// The same event, for the readable object inside the guard.
+fn unguard<K: Resource<DynamicType = ()>>(event: watcher::Event<DeserializeGuard<K>>) -> Option<watcher::Event<K>> {
+    use watcher::Event;
+    Some(match event {
+        Event::Apply(g) => Event::Apply(readable(g)?),
+        Event::Delete(g) => Event::Delete(readable(g)?),
+        Event::InitApply(g) => Event::InitApply(readable(g)?),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    })
+}
+
 /// Start a reflected watcher for `K`; returns its store and task.
 fn spawn_watch<K>(
     api: Api<DeserializeGuard<K>>,
     config: watcher::Config,
     changed: Arc<Notify>,
     what: &'static str,
-) -> (Store<DeserializeGuard<K>>, JoinHandle<()>)
+) -> (Store<K>, JoinHandle<()>)
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config)
         .default_backoff()
-        .modify(|guard: &mut DeserializeGuard<K>| {
+        .try_filter_map(|event| std::future::ready(Ok(unguard(event))))
+        .modify(|obj: &mut K| {
             // managedFields are large and never read: keep them out of memory.
-            if let Ok(obj) = &mut guard.0 {
-                obj.meta_mut().managed_fields = None;
-            }
+            obj.meta_mut().managed_fields = None;
         })
         .reflect(writer);
     let task = tokio::spawn(async move {
@@ -154,43 +183,13 @@ impl KubeSource {
         Ok(())
     }
 
-    /// The stores' current content, and one message per object that could
-    /// not be read.
+    /// The stores' current content: shared pointers, no copies.
     pub fn snapshot(&self) -> (Snapshot, Vec<String>) {
-        let mut errors = Vec::new();
-        let mut snap = Snapshot::default();
-        for s in self.services.state() {
-            if let Some(svc) = valid(&s, &mut errors) {
-                snap.services.push(svc.clone());
-            }
-        }
-        for s in self.slices.state() {
-            if let Some(slice) = valid(&s, &mut errors) {
-                snap.slices.push(slice.clone());
-            }
-        }
-        for n in self.node.state() {
-            if let Some(node) = valid(&n, &mut errors) {
-                snap.node = Some(node.clone());
-            }
-        }
-        (snap, errors)
-    }
-}
-
-/// The object, or `None` with a message naming what could not be read.
-fn valid<'a, K: Resource<DynamicType = ()>>(guard: &'a DeserializeGuard<K>, errors: &mut Vec<String>) -> Option<&'a K> {
-    match &guard.0 {
-        Ok(obj) => Some(obj),
-        Err(invalid) => {
-            errors.push(format!(
-                "{} {}/{}: {}",
-                K::kind(&()),
-                invalid.metadata.namespace.as_deref().unwrap_or(""),
-                invalid.metadata.name.as_deref().unwrap_or(""),
-                invalid.error
-            ));
-            None
-        }
+        let snap = Snapshot {
+            services: self.services.state(),
+            slices: self.slices.state(),
+            node: self.node.state().into_iter().next(),
+        };
+        (snap, Vec::new())
     }
 }

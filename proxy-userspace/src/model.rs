@@ -16,7 +16,8 @@
 //! - headless, ExternalName and other proxies' Services are not proxied;
 //! - a malformed object is rejected alone, with an error naming it.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
 };
@@ -314,22 +315,33 @@ fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints) -> 
 
 /// Compute the desired frontends. Rejected objects are returned beside the
 /// result; everything else is in it.
-pub fn desired(services: &[Service], slices: &[EndpointSlice], config: &Config) -> (Desired, Vec<Rejected>) {
+pub fn desired<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
+    config: &Config,
+) -> (Desired, Vec<Rejected>) {
+    let mut cache = Cache::default();
+    let update = cache.update(services, slices, config);
+    (cache.desired, update.rejected)
+}
+
+/// One Service's frontends and rejections, computed from it and its slices.
+struct Computed {
+    frontends: Vec<(Frontend, FrontendSpec)>,
+    rejected: Vec<Rejected>,
+}
+
+fn compute_service(svc: &Service, slices: &[&EndpointSlice], config: &Config) -> Computed {
     let mut rejected = Vec::new();
-    // (namespace/service, family) -> endpoints by port.
-    let mut by_service: HashMap<(String, Family), PortEndpoints> = HashMap::new();
+    let mut by_family: HashMap<Family, PortEndpoints> = HashMap::new();
     for slice in slices {
-        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            continue;
-        };
         let Some(family) = Family::from_k8s(&slice.address_type) else {
             continue; // FQDN slices are not proxied.
         };
-        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
         let mut scratch = PortEndpoints::new();
         match add_slice(slice, family, &mut scratch) {
             Ok(()) => {
-                let acc = by_service.entry((format!("{ns}/{svc_name}"), family)).or_default();
+                let acc = by_family.entry(family).or_default();
                 for (port, eps) in scratch {
                     let set = acc.entry(port).or_default();
                     for (ep, usable) in eps {
@@ -341,50 +353,154 @@ pub fn desired(services: &[Service], slices: &[EndpointSlice], config: &Config) 
             Err(reason) => rejected.push(Rejected { kind: "EndpointSlice", name: ns_name(&slice.metadata), reason }),
         }
     }
-
-    let mut out = Desired::default();
-    let mut seen = BTreeSet::new();
-    for svc in services {
-        let valid = match validate_service(svc, config) {
-            Ok(Some(v)) => v,
-            Ok(None) => continue,
-            Err(reason) => {
-                rejected.push(Rejected { kind: "Service", name: ns_name(&svc.metadata), reason });
-                continue;
-            }
-        };
-        if !seen.insert(valid.name.clone()) {
-            rejected.push(Rejected { kind: "Service", name: valid.name, reason: "defined more than once".into() });
-            continue;
+    let valid = match validate_service(svc, config) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Computed { frontends: Vec::new(), rejected },
+        Err(reason) => {
+            rejected.push(Rejected { kind: "Service", name: ns_name(&svc.metadata), reason });
+            return Computed { frontends: Vec::new(), rejected };
         }
-        for vip in &valid.cluster_ips {
-            let family = Family::of(*vip);
-            let eps = by_service.get(&(valid.name.clone(), family));
-            for port in &valid.ports {
-                let set = eps.and_then(|e| e.get(&(port.name.clone(), port.proto)));
-                let best = set.and_then(|s| s.values().max().copied());
-                let backends = set
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, u)| Some(**u) == best)
-                    .map(|((addr, p), _)| Backend { addr: *addr, port: *p, proto: port.proto })
-                    .collect();
-                let owner = if port.name.is_empty() {
-                    format!("{}:{}", valid.name, port.port)
-                } else {
-                    format!("{}:{}", valid.name, port.name)
-                };
-                let frontend = Frontend { addr: *vip, port: port.port, proto: port.proto };
-                if let Some(other) = out.frontends.get(&frontend) {
-                    let reason = format!("{frontend} is already served by {}", other.owner);
-                    rejected.push(Rejected { kind: "Service", name: valid.name.clone(), reason });
-                    continue;
-                }
-                out.frontends.insert(frontend, FrontendSpec { owner, backends });
-            }
+    };
+    let mut frontends = Vec::new();
+    for vip in &valid.cluster_ips {
+        let eps = by_family.get(&Family::of(*vip));
+        for port in &valid.ports {
+            let set = eps.and_then(|e| e.get(&(port.name.clone(), port.proto)));
+            let best = set.and_then(|s| s.values().max().copied());
+            let backends = set
+                .into_iter()
+                .flatten()
+                .filter(|(_, u)| Some(**u) == best)
+                .map(|((addr, p), _)| Backend { addr: *addr, port: *p, proto: port.proto })
+                .collect();
+            let owner = if port.name.is_empty() {
+                format!("{}:{}", valid.name, port.port)
+            } else {
+                format!("{}:{}", valid.name, port.name)
+            };
+            frontends
+                .push((Frontend { addr: *vip, port: port.port, proto: port.proto }, FrontendSpec { owner, backends }));
         }
     }
-    (out, rejected)
+    Computed { frontends, rejected }
+}
+
+/// What a Service contributed last time, and the fingerprint of its inputs.
+struct Entry {
+    /// Hash of the resourceVersions of the Service and its slices; `None`
+    /// when an object has none (manifests), which forces a recomputation.
+    key: Option<u64>,
+    computed: Computed,
+}
+
+/// The model, kept between syncs: only Services whose object or slices
+/// changed (by resourceVersion) are recomputed, and the frontends that may
+/// have changed are reported, so a sync costs what changed, not what exists
+/// (kube-proxy's partial sync). `desired` always holds the full state.
+#[derive(Default)]
+pub struct Cache {
+    entries: HashMap<String, Entry>,
+    /// Service (`ns/name`) -> the frontends it holds in `desired`.
+    owned: HashMap<String, Vec<Frontend>>,
+    /// Services that lost a frontend to another: re-evaluated every time,
+    /// so they take it over when the holder goes.
+    contenders: BTreeSet<String>,
+    pub desired: Desired,
+}
+
+/// The result of `Cache::update`.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// Frontends that were added, removed or may have new backends.
+    pub dirty: BTreeSet<Frontend>,
+    /// Every object currently rejected.
+    pub rejected: Vec<Rejected>,
+}
+
+fn rv_hash(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let rv = meta.resource_version.as_deref()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.namespace.hash(&mut h);
+    meta.name.hash(&mut h);
+    rv.hash(&mut h);
+    Some(h.finish())
+}
+
+impl Cache {
+    /// Bring `desired` up to date with the objects.
+    pub fn update<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+        &mut self,
+        services: &[S],
+        slices: &[E],
+        config: &Config,
+    ) -> Update {
+        let mut by_service: HashMap<String, Vec<&EndpointSlice>> = HashMap::new();
+        for slice in slices {
+            let slice = slice.borrow();
+            let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else { continue };
+            let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+            by_service.entry(format!("{ns}/{svc}")).or_default().push(slice);
+        }
+        let mut update = Update::default();
+        let mut seen: HashSet<String> = HashSet::with_capacity(services.len());
+        let mut changed: Vec<(String, Option<Computed>)> = Vec::new();
+        for svc in services {
+            let svc = svc.borrow();
+            let name = ns_name(&svc.metadata);
+            if !seen.insert(name.clone()) {
+                update.rejected.push(Rejected { kind: "Service", name, reason: "defined more than once".into() });
+                continue;
+            }
+            let mine = by_service.get(&name).map_or(&[][..], Vec::as_slice);
+            // Order-independent: slices come in any order.
+            let key = rv_hash(&svc.metadata)
+                .and_then(|k| mine.iter().try_fold(k, |acc, s| Some(acc.wrapping_add(rv_hash(&s.metadata)?))));
+            let key = key.filter(|_| !self.contenders.contains(&name));
+            if key.is_some() && self.entries.get(&name).is_some_and(|e| e.key == key) {
+                continue;
+            }
+            let computed = compute_service(svc, mine, config);
+            self.entries.insert(
+                name.clone(),
+                Entry { key, computed: Computed { frontends: Vec::new(), rejected: Vec::new() } },
+            );
+            changed.push((name, Some(computed)));
+        }
+        let gone: Vec<String> = self.entries.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+        for name in gone {
+            self.entries.remove(&name);
+            changed.push((name, None));
+        }
+        // Withdraw every changed Service's frontends first, then place the
+        // new ones, so a frontend moving between Services is not refused.
+        for (name, _) in &changed {
+            for f in self.owned.remove(name).unwrap_or_default() {
+                self.desired.frontends.remove(&f);
+                update.dirty.insert(f);
+            }
+            self.contenders.remove(name);
+        }
+        for (name, computed) in changed {
+            let Some(mut computed) = computed else { continue };
+            for (f, spec) in &computed.frontends {
+                if let Some(other) = self.desired.frontends.get(f) {
+                    let reason = format!("{f} is already served by {}", other.owner);
+                    computed.rejected.push(Rejected { kind: "Service", name: name.clone(), reason });
+                    self.contenders.insert(name.clone());
+                    continue;
+                }
+                self.desired.frontends.insert(*f, spec.clone());
+                self.owned.entry(name.clone()).or_default().push(*f);
+                update.dirty.insert(*f);
+            }
+            if let Some(e) = self.entries.get_mut(&name) {
+                e.computed = computed;
+            }
+        }
+        update.rejected.extend(self.entries.values().flat_map(|e| e.computed.rejected.iter().cloned()));
+        update
+    }
 }
 
 #[cfg(test)]
@@ -689,9 +805,109 @@ mod tests {
     fn two_services_on_one_vip_port_keep_the_first() {
         let a = svc("a", &["198.19.0.10"], &["IPv4"], web_ports());
         let b = svc("b", &["198.19.0.10"], &["IPv4"], web_ports());
-        let (d, rejected) = desired(&[a, b], &[], &Config::default());
+        let (d, rejected) = desired(&[a, b], &[] as &[EndpointSlice], &Config::default());
         assert_eq!(d.frontends.values().next().map(|s| s.owner.as_str()), Some("default/a:http"));
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].reason.contains("already served by default/a:http"));
+    }
+
+    fn with_rv<T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+        mut o: T,
+        rv: u32,
+    ) -> T {
+        o.metadata_mut().resource_version = Some(rv.to_string());
+        o
+    }
+
+    #[test]
+    fn the_cache_recomputes_only_what_changed_and_matches_a_full_computation() {
+        let cfg = Config::default();
+        let web = with_rv(svc("web", &["198.19.0.10", "fd00:ffff::a"], &["IPv4", "IPv6"], web_ports()), 1);
+        let db = with_rv(svc("db", &["198.19.0.11"], &["IPv4"], web_ports()), 1);
+        let mut slices = vec![
+            with_rv(v4_slice(), 1),
+            with_rv(v6_slice(), 1),
+            with_rv(slice("db-1", "db", "IPv4", http(8080), &[ep("198.18.5.5", R)]), 1),
+        ];
+        let services = vec![web, db];
+        let mut cache = Cache::default();
+        let first = cache.update(&services, &slices, &cfg);
+        assert_eq!(first.dirty.len(), 3, "everything is new");
+        assert!(cache.update(&services, &slices, &cfg).dirty.is_empty(), "nothing changed, nothing dirty");
+
+        // One endpoint of db changes (new resourceVersion).
+        slices[2] = with_rv(slice("db-1", "db", "IPv4", http(8080), &[ep("198.18.6.6", R)]), 2);
+        let u = cache.update(&services, &slices, &cfg);
+        assert_eq!(u.dirty.iter().map(ToString::to_string).collect::<Vec<_>>(), vec!["198.19.0.11:80/TCP"]);
+        assert_eq!(cache.desired, desired(&services, &slices, &cfg).0, "incremental equals full");
+
+        // db goes away.
+        let u = cache.update(&services[..1], &slices, &cfg);
+        assert_eq!(u.dirty.len(), 1);
+        assert_eq!(cache.desired, desired(&services[..1], &slices, &cfg).0);
+    }
+
+    #[test]
+    fn a_refused_contender_takes_over_when_the_holder_goes() {
+        let cfg = Config::default();
+        let a = with_rv(svc("a", &["198.19.0.10"], &["IPv4"], web_ports()), 1);
+        let b = with_rv(svc("b", &["198.19.0.10"], &["IPv4"], web_ports()), 1);
+        let none: &[EndpointSlice] = &[];
+        let mut cache = Cache::default();
+        let u = cache.update(&[a.clone(), b.clone()], none, &cfg);
+        assert_eq!(u.rejected.len(), 1);
+        let u = cache.update(&[b], none, &cfg);
+        assert!(u.rejected.is_empty(), "{:?}", u.rejected);
+        assert_eq!(cache.desired.frontends.values().next().map(|s| s.owner.as_str()), Some("default/b:http"));
+    }
+
+    #[test]
+    fn random_changes_keep_the_cache_equal_to_a_full_computation() {
+        let cfg = Config::default();
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut rv = 1;
+        let mut cache = Cache::default();
+        let mut services: Vec<Service> = Vec::new();
+        let mut slices: Vec<EndpointSlice> = Vec::new();
+        for _ in 0..300 {
+            rv += 1;
+            let i = rnd(6);
+            let name = format!("s{i}");
+            match rnd(5) {
+                0 => services.retain(|s| s.metadata.name.as_deref() != Some(name.as_str())),
+                1 => slices.retain(|s| s.metadata.name.as_deref() != Some(name.as_str())),
+                2 | 3 => {
+                    // Services may share a VIP: exercises contention too.
+                    let vip = format!("198.19.0.{}", 10 + rnd(4));
+                    let s = with_rv(svc(&name, &[&vip], &["IPv4"], web_ports()), rv);
+                    services.retain(|o| o.metadata.name != s.metadata.name);
+                    services.push(s);
+                }
+                _ => {
+                    let eps: Vec<String> = (0..rnd(4)).map(|k| format!("198.18.{}.{}", i, k + 2)).collect();
+                    let refs: Vec<_> = eps.iter().map(|a| ep(a, if rnd(3) == 0 { T } else { R })).collect();
+                    let s = with_rv(slice(&name, &name, "IPv4", http(8080), &refs), rv);
+                    slices.retain(|o| o.metadata.name != s.metadata.name);
+                    slices.push(s);
+                }
+            }
+            let u = cache.update(&services, &slices, &cfg);
+            let (full, rejected) = desired(&services, &slices, &cfg);
+            // Which contender holds a shared VIP may differ; the set of
+            // frontends and their backends, when owned alike, may not.
+            assert_eq!(cache.desired.frontends.keys().collect::<Vec<_>>(), full.frontends.keys().collect::<Vec<_>>());
+            for (f, spec) in &full.frontends {
+                if cache.desired.frontends[f].owner == spec.owner {
+                    assert_eq!(cache.desired.frontends[f], *spec, "{f}");
+                }
+            }
+            assert_eq!(u.rejected.len(), rejected.len(), "{:?} vs {rejected:?}", u.rejected);
+        }
     }
 }

@@ -8,6 +8,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -19,11 +20,13 @@ use serde::Deserialize;
 
 /// The objects a source currently holds.
 #[derive(Clone, Debug, Default)]
+/// Objects are shared, not copied: a snapshot of a large cluster costs a
+/// pointer per object.
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     /// This node, when the source knows it (reserved for topology rules).
-    pub node: Option<Node>,
+    pub node: Option<Arc<Node>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,11 +124,11 @@ fn add_object(json: serde_json::Value, snap: &mut Snapshot) -> Result<(), String
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => {
             let svc = serde_json::from_value(json).map_err(|e| format!("Service {name}: {e}"))?;
-            snap.services.push(svc);
+            snap.services.push(Arc::new(svc));
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let slice = serde_json::from_value(json).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
-            snap.slices.push(slice);
+            snap.slices.push(Arc::new(slice));
         }
         (_, kind) if kind == "List" || kind.ends_with("List") => {
             let items = json.get("items").and_then(|v| v.as_array()).cloned().unwrap_or_default();

@@ -2,10 +2,12 @@
 //! A step that fails is rolled back (when it had not yet committed) and
 //! reported by the name of the object it was for; every other step still
 //! lands, and nothing already programmed is lost.
+use std::collections::BTreeSet;
+
 use crate::{
     diff::{self, Change, Programmed, Step},
     maps::Kernel,
-    model::Desired,
+    model::{Desired, Frontend},
 };
 
 /// What a pass did.
@@ -44,27 +46,11 @@ fn run_step(kernel: &mut impl Kernel, prog: &mut Programmed, step: &Step, report
     true
 }
 
-/// Bring the maps (and `prog`, their mirror) to `desired`.
+/// Bring the maps (and `prog`, their mirror) to `desired`, looking at every
+/// frontend and every map entry: at start, and after a pass with errors.
 pub fn sync(kernel: &mut impl Kernel, prog: &mut Programmed, desired: &Desired) -> Report {
     let mut report = Report::default();
-    for change in diff::changes(prog, desired) {
-        match change {
-            Change::Upsert(frontend, spec) => match diff::plan_upsert(prog, frontend, spec) {
-                Ok(step) => {
-                    if run_step(kernel, prog, &step, &mut report) {
-                        report.upserted += 1;
-                    }
-                }
-                Err(e) => report.errors.push(e),
-            },
-            Change::Remove(frontend) => {
-                let step = diff::plan_remove(prog, frontend);
-                if run_step(kernel, prog, &step, &mut report) {
-                    report.removed += 1;
-                }
-            }
-        }
-    }
+    apply(kernel, prog, diff::changes(prog, desired), &mut report);
     // Orphan slots first, then the backends they freed.
     for _ in 0..2 {
         let step = diff::plan_gc(prog);
@@ -72,7 +58,49 @@ pub fn sync(kernel: &mut impl Kernel, prog: &mut Programmed, desired: &Desired) 
             run_step(kernel, prog, &step, &mut report);
         }
     }
+    prog.v4.freed.clear();
+    prog.v6.freed.clear();
     report
+}
+
+/// Bring the frontends in `dirty` to `desired`: the steady-state path,
+/// whose cost follows the size of the change, not of the cluster.
+pub fn sync_dirty(
+    kernel: &mut impl Kernel,
+    prog: &mut Programmed,
+    desired: &Desired,
+    dirty: &BTreeSet<Frontend>,
+) -> Report {
+    let mut report = Report::default();
+    apply(kernel, prog, diff::changes_in(prog, desired, dirty), &mut report);
+    let step = diff::plan_gc_freed(prog);
+    if !step.ops.is_empty() {
+        run_step(kernel, prog, &step, &mut report);
+    }
+    prog.v4.freed.clear();
+    prog.v6.freed.clear();
+    report
+}
+
+fn apply(kernel: &mut impl Kernel, prog: &mut Programmed, changes: Vec<Change<'_>>, report: &mut Report) {
+    for change in changes {
+        match change {
+            Change::Upsert(frontend, spec) => match diff::plan_upsert(prog, frontend, spec) {
+                Ok(step) => {
+                    if run_step(kernel, prog, &step, report) {
+                        report.upserted += 1;
+                    }
+                }
+                Err(e) => report.errors.push(e),
+            },
+            Change::Remove(frontend) => {
+                let step = diff::plan_remove(prog, frontend);
+                if run_step(kernel, prog, &step, report) {
+                    report.removed += 1;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -315,6 +343,46 @@ mod tests {
                 assert_eq!(k.reachable(f), spec.backends);
             }
             assert_eq!(k.frontends.len(), d.frontends.len());
+        }
+    }
+
+    #[test]
+    fn the_incremental_path_converges_like_the_full_one_and_collects_backends() {
+        let frontends = [fe("198.19.0.10", 80), fe("198.19.0.11", 80), fe("fd00:ffff::a", 80)];
+        let pool4: Vec<String> = (2..8).map(|i| format!("198.18.{i}.2")).collect();
+        let pool6: Vec<String> = (2..8).map(|i| format!("fd00::{i}")).collect();
+        let mut x: u64 = 0x0bad_cafe_f00d_d00d;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let (mut k, mut prog) = (Fake::new(10_000), Programmed::default());
+        let mut before = Desired::default();
+        for _ in 0..300 {
+            let mut d = Desired::default();
+            for f in &frontends {
+                if rnd(4) == 0 {
+                    continue;
+                }
+                let pool = if f.family() == Family::V4 { &pool4 } else { &pool6 };
+                let mut backends: Vec<Backend> = pool.iter().filter(|_| rnd(2) == 0).map(|a| be(a)).collect();
+                backends.sort();
+                d.frontends.insert(*f, FrontendSpec { owner: f.to_string(), backends });
+            }
+            let dirty: BTreeSet<Frontend> =
+                frontends.iter().filter(|f| before.frontends.get(f) != d.frontends.get(f)).copied().collect();
+            let r = sync_dirty(&mut k, &mut prog, &d, &dirty);
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            for (f, spec) in &d.frontends {
+                assert_eq!(k.reachable(f), spec.backends);
+            }
+            assert_eq!(k.frontends.len(), d.frontends.len());
+            let used: std::collections::BTreeSet<(Family, u32)> =
+                k.slots.iter().map(|((f, _), id)| (f.family(), *id)).collect();
+            assert_eq!(k.backends.len(), used.len(), "backends without slots are collected incrementally");
+            before = d;
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct Result {
     /// One endpoint changed: model + diff + map writes.
     pub change_p50_ms: f64,
     pub change_p99_ms: f64,
+    /// A sync with nothing changed: the scan of every object's
+    /// resourceVersion, the floor under `change_*`.
+    pub unchanged_sync_ms: f64,
     /// The `dsproxy` binary from start to its first complete sync, reading
     /// the same objects as manifests (YAML parsing included).
     pub agent_start_to_synced_ms: f64,
@@ -106,10 +109,14 @@ pub fn measure(agent: &std::path::Path, n: usize, per: usize, changes: usize, nf
     let mut services: Vec<Service> = Vec::new();
     let mut slices: Vec<EndpointSlice> = Vec::new();
     for o in &objs {
+        // As the API server sends them: every object has a resourceVersion,
+        // which the model's cache keys on.
+        let mut o = o.clone();
+        o["metadata"]["resourceVersion"] = serde_json::json!("1");
         if o["kind"] == "Service" {
-            services.push(serde_json::from_value(o.clone()).expect("Service"));
+            services.push(serde_json::from_value(o).expect("Service"));
         } else {
-            slices.push(serde_json::from_value(o.clone()).expect("EndpointSlice"));
+            slices.push(serde_json::from_value(o).expect("EndpointSlice"));
         }
     }
     let total = u32::try_from(n * per).expect("fits");
@@ -121,26 +128,34 @@ pub fn measure(agent: &std::path::Path, n: usize, per: usize, changes: usize, nf
     let bpf = BpfFs::new();
     let (_ebpf, mut maps) = attach::load(&bpf.pin_dir(), &caps).expect("load datapath");
     let cfg = Config::default();
+    let mut cache = model::Cache::default();
     let t = Instant::now();
-    let (desired, rejected) = model::desired(&services, &slices, &cfg);
+    let update = cache.update(&services, &slices, &cfg);
     let cold_model = t.elapsed();
-    assert!(rejected.is_empty(), "{rejected:?}");
+    assert!(update.rejected.is_empty(), "{:?}", update.rejected);
     let mut prog = Programmed::default();
     let t = Instant::now();
-    let report = sync::sync(&mut maps, &mut prog, &desired);
+    let report = sync::sync(&mut maps, &mut prog, &cache.desired);
     let cold_sync = t.elapsed();
     assert!(report.errors.is_empty(), "{:?}", &report.errors[..report.errors.len().min(3)]);
     let bpf_bytes = bpf_map_memory();
 
+    // The part of a change that does not depend on the change: the model
+    // scans every object for changed resourceVersions.
+    let t = Instant::now();
+    let idle = cache.update(&services, &slices, &cfg);
+    let scan = t.elapsed();
+    assert!(idle.dirty.is_empty(), "nothing changed");
     let mut lat = Vec::with_capacity(changes);
     for c in 0..changes {
         let j = (c * 7919) % slices.len();
         let v6 = slices[j].address_type == "IPv6";
         // Move one endpoint to a fresh address, as a pod replaced elsewhere.
         slices[j].endpoints[0].addresses = vec![fake_endpoint(n + c, 0, per, v6).to_string()];
+        slices[j].metadata.resource_version = Some((2 + c).to_string());
         let t = Instant::now();
-        let (desired, _) = model::desired(&services, &slices, &cfg);
-        let r = sync::sync(&mut maps, &mut prog, &desired);
+        let update = cache.update(&services, &slices, &cfg);
+        let r = sync::sync_dirty(&mut maps, &mut prog, &cache.desired, &update.dirty);
         lat.push(ms(t.elapsed()));
         assert!(r.errors.is_empty() && r.upserted <= 1, "at most one frontend changes: {r:?}");
     }
@@ -195,6 +210,7 @@ pub fn measure(agent: &std::path::Path, n: usize, per: usize, changes: usize, nf
         cold_total_ms: ms(cold_model + cold_sync),
         change_p50_ms: percentile(&mut lat, 50),
         change_p99_ms: percentile(&mut lat, 99),
+        unchanged_sync_ms: ms(scan),
         agent_start_to_synced_ms: ms(start_to_synced),
         agent_peak_rss_mib: rss_kib / 1024.0,
         bpf_maps_mib: bpf_bytes as f64 / (1024.0 * 1024.0),

@@ -343,6 +343,7 @@ pub fn report(r: &Results) -> (String, Vec<(String, String)>) {
         ("agent binary: start to first sync, manifests parsed (ms)", format!("{:.0}", c.agent_start_to_synced_ms)),
         ("one endpoint change, p50 (ms)", format!("{:.2}", c.change_p50_ms)),
         ("one endpoint change, p99 (ms)", format!("{:.2}", c.change_p99_ms)),
+        ("a sync with nothing changed: resourceVersion scan (ms)", format!("{:.2}", c.unchanged_sync_ms)),
         ("iptables-restore + ip6tables-restore (ms)", format!("{:.0}", c.iptables_restore_ms)),
         (format!("nft -f, both families, {} Services (ms)", c.nft_services).as_str(), format!("{:.0}", c.nft_ms)),
         ("agent peak RSS (MiB)", format!("{:.1}", c.agent_peak_rss_mib)),
