@@ -314,9 +314,10 @@ pub fn plan_gc_freed(prog: &Programmed) -> Step {
         ids.dedup();
         for id in ids {
             if fam.refs.get(&id) == Some(&0)
-                && let Some(backend) = fam.backends.get(&id) {
-                    ops.push(Op::DeleteBackend { id, backend: *backend });
-                }
+                && let Some(backend) = fam.backends.get(&id)
+            {
+                ops.push(Op::DeleteBackend { id, backend: *backend });
+            }
         }
     }
     Step { owner: "garbage collection".into(), commit: 0, ops, rollback: vec![] }

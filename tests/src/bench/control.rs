@@ -53,6 +53,8 @@ pub struct Result {
     pub nft_ms: f64,
     /// Services in the nft comparison (fewer than `services` in quick runs).
     pub nft_services: usize,
+    /// false: the rulesets were loaded for IPv4 only and the time doubled.
+    pub rules_both_families: bool,
 }
 
 const PORT_TARGET: u16 = 8080;
@@ -104,7 +106,8 @@ fn percentile(v: &mut [f64], p: usize) -> f64 {
     v[(v.len() * p / 100).min(v.len() - 1)]
 }
 
-pub fn measure(agent: &std::path::Path, n: usize, per: usize, changes: usize, nft_services: usize) -> Result {
+pub fn measure(agent: &std::path::Path, plan: &super::Plan, nft_services: usize) -> Result {
+    let (n, per, changes) = (plan.control_services, plan.control_endpoints, plan.control_changes);
     let objs = objects(n, per);
     let mut services: Vec<Service> = Vec::new();
     let mut slices: Vec<EndpointSlice> = Vec::new();
@@ -192,13 +195,24 @@ pub fn measure(agent: &std::path::Path, n: usize, per: usize, changes: usize, nf
 
     // iptables-restore and nft -f of the same Services, both families.
     let eps = |v6: bool| move |i: usize| -> Vec<IpAddr> { (0..per).map(|k| fake_endpoint(i, k, per, v6)).collect() };
-    let ipt = e2e::load_rules(&node, "iptables-restore", &[], &e2e::iptables_rules_with(n, false, eps(false)))
-        + e2e::load_rules(&node, "ip6tables-restore", &[], &e2e::iptables_rules_with(n, true, eps(true)));
+    // Quick runs load IPv4 only and count it twice: the IPv6 ruleset has
+    // the same shape and size.
+    let both = plan.rules_both_families;
+    let ipt4 = e2e::load_rules(&node, "iptables-restore", &[], &e2e::iptables_rules_with(n, false, eps(false)));
+    let ipt = if both {
+        ipt4 + e2e::load_rules(&node, "ip6tables-restore", &[], &e2e::iptables_rules_with(n, true, eps(true)))
+    } else {
+        ipt4 * 2
+    };
     let nft = if nft_services == 0 {
         Duration::ZERO
     } else {
-        e2e::load_rules(&node, "nft", &["-f"], &e2e::nft_rules_with(nft_services, false, eps(false)))
-            + e2e::load_rules(&node, "nft", &["-f"], &e2e::nft_rules_with(nft_services, true, eps(true)))
+        let nft4 = e2e::load_rules(&node, "nft", &["-f"], &e2e::nft_rules_with(nft_services, false, eps(false)));
+        if both {
+            nft4 + e2e::load_rules(&node, "nft", &["-f"], &e2e::nft_rules_with(nft_services, true, eps(true)))
+        } else {
+            nft4 * 2
+        }
     };
     let _ = Command::new("ip").args(["netns", "exec", &node.name, "nft", "flush", "ruleset"]).status();
 
@@ -217,5 +231,6 @@ pub fn measure(agent: &std::path::Path, n: usize, per: usize, changes: usize, nf
         iptables_restore_ms: ms(ipt),
         nft_ms: ms(nft),
         nft_services,
+        rules_both_families: both,
     }
 }

@@ -91,6 +91,16 @@ fn load(services: usize, samples: usize) -> Loaded {
     let floor: &mut SchedClassifier =
         ebpf.program_mut("dsproxy_floor").expect("floor program").try_into().expect("classifier");
     floor.load().expect("load floor program");
+    for name in [proxy_common::PROGRAM_NAME, "dsproxy_floor"] {
+        let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("classifier");
+        if let Ok(info) = p.info() {
+            eprintln!(
+                "  program {name}: {} instructions verified, {} after translation",
+                info.verified_instruction_count().unwrap_or(0),
+                info.size_translated().unwrap_or(0) / 8
+            );
+        }
+    }
     Loaded { ebpf, maps, _mount: mount }
 }
 
