@@ -93,6 +93,20 @@ fn assert_same_family(s: &Setup, replies: &[Reply], v6: bool) {
     }
 }
 
+/// One established connection per target, with the backend that answers it.
+fn open_connections(s: &Setup, targets: [SocketAddr; 2]) -> Vec<(Conn, String)> {
+    s.c.in_pod(s.client, move || {
+        targets
+            .iter()
+            .map(|t| {
+                let mut c = Conn::connect(*t).expect("connect");
+                let b = c.request().expect("request").backend;
+                (c, b)
+            })
+            .collect()
+    })
+}
+
 fn spread(replies: &[Reply]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for r in replies {
@@ -209,16 +223,7 @@ fn should_keep_a_long_lived_connection_on_its_backend() {
 fn should_survive_an_agent_restart_without_dropping_connections() {
     let mut s = setup(3, 0, &[false, true]);
     let targets = [vip(&s, false), vip(&s, true)];
-    let mut conns: Vec<(Conn, String)> = s.c.in_pod(s.client, move || {
-        targets
-            .iter()
-            .map(|t| {
-                let mut c = Conn::connect(*t).expect("connect");
-                let b = c.request().expect("request").backend;
-                (c, b)
-            })
-            .collect()
-    });
+    let mut conns = open_connections(&s, targets);
     s.c.stop_agent();
     // The datapath stays attached with the agent gone.
     for (conn, backend) in &mut conns {
@@ -267,16 +272,7 @@ fn should_follow_a_scale_up_and_keep_established_flows() {
     let mut s = setup(2, 0, &[false, true]);
     let be2 = s.c.backend("be2", TARGET_PORT, false);
     let targets = [vip(&s, false), vip(&s, true)];
-    let mut conns: Vec<(Conn, String)> = s.c.in_pod(s.client, move || {
-        targets
-            .iter()
-            .map(|t| {
-                let mut c = Conn::connect(*t).expect("connect");
-                let b = c.request().expect("request").backend;
-                (c, b)
-            })
-            .collect()
-    });
+    let mut conns = open_connections(&s, targets);
     s.backends.push(be2);
     let text = web_manifests(&s, &s.backends.clone(), &[false, true]);
     s.c.change_and_sync(|| s.c.write("web.yaml", &text));

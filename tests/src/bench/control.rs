@@ -17,14 +17,11 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{
-    e2e::{self, fake_endpoint},
-    vip,
-};
+use super::e2e::{self, fake_endpoint};
 use crate::{
     TempDir,
     agent::Agent,
-    manifests::{Port, READY, documents, service, slice},
+    manifests::documents,
     netns::{BpfFs, NetNs},
 };
 
@@ -57,27 +54,8 @@ pub struct Result {
     pub rules_both_families: bool,
 }
 
-const PORT_TARGET: u16 = 8080;
-
 fn objects(n: usize, per: usize) -> Vec<Value> {
-    let mut objs = Vec::with_capacity(n * 3);
-    for i in 0..n {
-        let (a4, port) = vip(i, false);
-        let (a6, _) = vip(i, true);
-        let name = format!("svc-{i}");
-        objs.push(service(
-            &name,
-            &[a4, a6],
-            "RequireDualStack",
-            &[Port { name: "tcp", port, proto: "TCP", target: PORT_TARGET }],
-        ));
-        for v6 in [false, true] {
-            let eps: Vec<_> = (0..per).map(|k| (fake_endpoint(i, k, per, v6), READY)).collect();
-            let fam = if v6 { "IPv6" } else { "IPv4" };
-            objs.push(slice(&format!("{name}-{fam}"), &name, fam, &[("tcp", PORT_TARGET, "TCP")], &eps));
-        }
-    }
-    objs
+    super::services(n, |i, v6| (0..per).map(|k| fake_endpoint(i, k, per, v6)).collect())
 }
 
 fn ms(d: Duration) -> f64 {

@@ -21,6 +21,7 @@ use dsproxy::{
 };
 use serde::Serialize;
 
+use super::vip;
 use crate::netns::BpfFs;
 
 #[derive(Clone, Debug, Serialize)]
@@ -33,18 +34,6 @@ pub struct Row {
     pub reply: f64,
     pub non_service: f64,
     pub floor: f64,
-}
-
-/// VIP `i` of a family: enough distinct (address, port) pairs for 100k.
-fn vip(i: usize, v6: bool) -> (IpAddr, u16) {
-    let port = 80 + u16::try_from(i / 65_536).expect("few ports");
-    let n = u16::try_from(i % 65_536).expect("16 bits");
-    if v6 {
-        (IpAddr::V6(Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 1, n)), port)
-    } else {
-        let [a, b] = n.to_be_bytes();
-        (IpAddr::V4(Ipv4Addr::new(198, 19, a, b)), port)
-    }
 }
 
 fn backend(i: usize, v6: bool) -> IpAddr {

@@ -25,7 +25,7 @@ use super::vip;
 use crate::{
     Cluster,
     echo::{Conn, tcp_request_within},
-    manifests::{Port, READY, documents, service, slice},
+    manifests::documents,
     netns::{NetNs, sh},
 };
 
@@ -148,24 +148,7 @@ pub fn nft_rules_with(n: usize, v6: bool, endpoints: impl Fn(usize) -> Vec<IpAdd
 
 /// Manifests for `n` dual-stack Services for dsproxy.
 pub fn manifests(n: usize, measured: usize, real4: &[IpAddr], real6: &[IpAddr]) -> String {
-    let mut objs = Vec::with_capacity(n * 3);
-    for i in 0..n {
-        let (a4, port) = vip(i, false);
-        let (a6, _) = vip(i, true);
-        let name = format!("svc-{i}");
-        objs.push(service(
-            &name,
-            &[a4, a6],
-            "RequireDualStack",
-            &[Port { name: "tcp", port, proto: "TCP", target: TARGET_PORT }],
-        ));
-        for (v6, real) in [(false, real4), (true, real6)] {
-            let eps: Vec<_> = endpoints(i, measured, real, v6).into_iter().map(|e| (e, READY)).collect();
-            let fam = if v6 { "IPv6" } else { "IPv4" };
-            objs.push(slice(&format!("{name}-{fam}"), &name, fam, &[("tcp", TARGET_PORT, "TCP")], &eps));
-        }
-    }
-    documents(&objs)
+    documents(&super::services(n, |i, v6| endpoints(i, measured, if v6 { real6 } else { real4 }, v6)))
 }
 
 /// Load a ruleset into the node's namespace with `tool` reading stdin.

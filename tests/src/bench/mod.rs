@@ -37,6 +37,30 @@ pub fn vip(i: usize, v6: bool) -> (IpAddr, u16) {
     }
 }
 
+/// `n` dual-stack ClusterIP Services (`svc-I` on `vip(I)`, one TCP port to
+/// 8080) with one slice per family, whose endpoints `endpoints(i, v6)` gives.
+pub fn services(n: usize, endpoints: impl Fn(usize, bool) -> Vec<IpAddr>) -> Vec<serde_json::Value> {
+    use crate::manifests::{Port, READY, service, slice};
+    let mut objs = Vec::with_capacity(n * 3);
+    for i in 0..n {
+        let (a4, port) = vip(i, false);
+        let (a6, _) = vip(i, true);
+        let name = format!("svc-{i}");
+        objs.push(service(
+            &name,
+            &[a4, a6],
+            "RequireDualStack",
+            &[Port { name: "tcp", port, proto: "TCP", target: 8080 }],
+        ));
+        for v6 in [false, true] {
+            let eps: Vec<_> = endpoints(i, v6).into_iter().map(|e| (e, READY)).collect();
+            let fam = if v6 { "IPv6" } else { "IPv4" };
+            objs.push(slice(&format!("{name}-{fam}"), &name, fam, &[("tcp", 8080, "TCP")], &eps));
+        }
+    }
+    objs
+}
+
 /// What a run measures.
 pub struct Plan {
     pub quick: bool,
