@@ -85,13 +85,13 @@ impl Plan {
         Self {
             quick,
             datapath_sizes: vec![10, 1_000, 10_000, 100_000],
-            datapath_samples: if quick { 2_000 } else { 20_000 },
+            datapath_samples: if quick { 1_500 } else { 20_000 },
             e2e_sizes: vec![10, 1_000, 10_000],
-            e2e_secs: if quick { 1.0 } else { 5.0 },
+            e2e_secs: if quick { 0.75 } else { 5.0 },
             e2e_requests: if quick { 1_000 } else { 20_000 },
             control_services: 10_000,
             control_endpoints: 10,
-            control_changes: if quick { 50 } else { 200 },
+            control_changes: if quick { 30 } else { 200 },
             nft_services: if quick { 1_000 } else { 10_000 },
             rules_both_families: !quick,
         }
