@@ -17,6 +17,7 @@ pub mod frames;
 pub mod kube_source;
 pub mod maps;
 pub mod model;
+pub mod rand;
 pub mod source;
 pub mod sync;
 pub mod testrun;

@@ -864,13 +864,8 @@ mod tests {
     #[test]
     fn random_changes_keep_the_cache_equal_to_a_full_computation() {
         let cfg = Config::default();
-        let mut x: u64 = 0x1234_5678_9abc_def1;
-        let mut rnd = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = crate::rand::XorShift::new(0x1234_5678_9abc_def1);
+        let mut rnd = move |n: u64| rng.below(n);
         let mut rv = 1;
         let mut cache = Cache::default();
         let mut services: Vec<Service> = Vec::new();

@@ -112,6 +112,7 @@ mod tests {
         diff::{FrontendValue, Op},
         maps,
         model::{Backend, Family, Frontend, FrontendSpec, Proto},
+        rand::XorShift,
     };
 
     /// The maps, in memory, with capacities and failure injection. After
@@ -313,30 +314,31 @@ mod tests {
         assert_eq!(prog.active_backends(&a), Some(k.reachable(&a)), "the mirror agrees with the maps");
     }
 
+    /// Each frontend present with probability 3/4, each backend of its
+    /// family's pool with 1/2.
+    fn random_desired(rng: &mut XorShift, frontends: &[Frontend], pool4: &[String], pool6: &[String]) -> Desired {
+        let mut d = Desired::default();
+        for f in frontends {
+            if rng.below(4) == 0 {
+                continue;
+            }
+            let pool = if f.family() == Family::V4 { pool4 } else { pool6 };
+            let mut backends: Vec<Backend> = pool.iter().filter(|_| rng.below(2) == 0).map(|a| be(a)).collect();
+            backends.sort();
+            d.frontends.insert(*f, FrontendSpec { owner: f.to_string(), backends });
+        }
+        d
+    }
+
     #[test]
     fn random_sequences_keep_the_invariant_and_converge() {
         let frontends = [fe("198.19.0.10", 80), fe("198.19.0.10", 443), fe("fd00:ffff::a", 80)];
         let pool4: Vec<String> = (2..10).map(|i| format!("198.18.{i}.2")).collect();
         let pool6: Vec<String> = (2..10).map(|i| format!("fd00::{i}")).collect();
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut rnd = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = XorShift::new(0x2545_f491_4f6c_dd1d);
         let (mut k, mut prog) = (Fake::new(10_000), Programmed::default());
         for _ in 0..300 {
-            let mut d = Desired::default();
-            for f in &frontends {
-                if rnd(4) == 0 {
-                    continue;
-                }
-                let pool = if f.family() == Family::V4 { &pool4 } else { &pool6 };
-                let mut backends: Vec<Backend> = pool.iter().filter(|_| rnd(2) == 0).map(|a| be(a)).collect();
-                backends.sort();
-                d.frontends.insert(*f, FrontendSpec { owner: f.to_string(), backends });
-            }
+            let d = random_desired(&mut rng, &frontends, &pool4, &pool6);
             let r = sync(&mut k, &mut prog, &d);
             assert!(r.errors.is_empty(), "{:?}", r.errors);
             for (f, spec) in &d.frontends {
@@ -351,26 +353,11 @@ mod tests {
         let frontends = [fe("198.19.0.10", 80), fe("198.19.0.11", 80), fe("fd00:ffff::a", 80)];
         let pool4: Vec<String> = (2..8).map(|i| format!("198.18.{i}.2")).collect();
         let pool6: Vec<String> = (2..8).map(|i| format!("fd00::{i}")).collect();
-        let mut x: u64 = 0x0bad_cafe_f00d_d00d;
-        let mut rnd = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = XorShift::new(0x0bad_cafe_f00d_d00d);
         let (mut k, mut prog) = (Fake::new(10_000), Programmed::default());
         let mut before = Desired::default();
         for _ in 0..300 {
-            let mut d = Desired::default();
-            for f in &frontends {
-                if rnd(4) == 0 {
-                    continue;
-                }
-                let pool = if f.family() == Family::V4 { &pool4 } else { &pool6 };
-                let mut backends: Vec<Backend> = pool.iter().filter(|_| rnd(2) == 0).map(|a| be(a)).collect();
-                backends.sort();
-                d.frontends.insert(*f, FrontendSpec { owner: f.to_string(), backends });
-            }
+            let d = random_desired(&mut rng, &frontends, &pool4, &pool6);
             let dirty: BTreeSet<Frontend> =
                 frontends.iter().filter(|f| before.frontends.get(f) != d.frontends.get(f)).copied().collect();
             let r = sync_dirty(&mut k, &mut prog, &d, &dirty);

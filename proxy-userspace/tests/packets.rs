@@ -273,14 +273,8 @@ fn should_pass_everything_else_untouched() {
 fn should_pass_random_garbage_untouched() {
     let mut env = env();
     web(&mut env);
-    // xorshift: deterministic, no extra crate.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = dsproxy::rand::XorShift::new(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next_u64();
     for i in 0..2000 {
         let len = 14 + usize::try_from(next() % 120).expect("len");
         let mut f: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
