@@ -52,14 +52,8 @@ pub fn sync(kernel: &mut impl Kernel, prog: &mut Programmed, desired: &Desired) 
     let mut report = Report::default();
     apply(kernel, prog, diff::changes(prog, desired), &mut report);
     // Orphan slots first, then the backends they freed.
-    for _ in 0..2 {
-        let step = diff::plan_gc(prog);
-        if !step.ops.is_empty() {
-            run_step(kernel, prog, &step, &mut report);
-        }
-    }
-    prog.v4.freed.clear();
-    prog.v6.freed.clear();
+    collect(kernel, prog, diff::plan_gc, &mut report);
+    collect(kernel, prog, diff::plan_gc, &mut report);
     report
 }
 
@@ -73,13 +67,19 @@ pub fn sync_dirty(
 ) -> Report {
     let mut report = Report::default();
     apply(kernel, prog, diff::changes_in(prog, desired, dirty), &mut report);
-    let step = diff::plan_gc_freed(prog);
+    collect(kernel, prog, diff::plan_gc_freed, &mut report);
+    report
+}
+
+/// Run a garbage-collection plan, then forget the freed-backend candidates
+/// (every pass ends with them collected).
+fn collect(kernel: &mut impl Kernel, prog: &mut Programmed, plan: fn(&Programmed) -> Step, report: &mut Report) {
+    let step = plan(prog);
     if !step.ops.is_empty() {
-        run_step(kernel, prog, &step, &mut report);
+        run_step(kernel, prog, &step, report);
     }
     prog.v4.freed.clear();
     prog.v6.freed.clear();
-    report
 }
 
 fn apply(kernel: &mut impl Kernel, prog: &mut Programmed, changes: Vec<Change<'_>>, report: &mut Report) {
