@@ -29,8 +29,6 @@ pub mod names {
     pub const CT4: &str = "CT4_V1";
     pub const CT6: &str = "CT6_V1";
     pub const STATS: &str = "STATS_V1";
-    /// Every map the datapath pins, in the order the agent reports them.
-    pub const ALL: [&str; 9] = [SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS];
 }
 
 /// Name of the TC program in the object file.
@@ -46,6 +44,106 @@ pub mod capacity {
     pub const REVNAT: u32 = 65_536;
     /// Conntrack entries per family (two per flow).
     pub const CT: u32 = 262_144;
+}
+
+/// What sets a map's capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Sizing {
+    /// Service map entries per family (frontends plus backend slots).
+    Svc,
+    /// Backends per family.
+    Backend,
+    /// Frontends (reverse-NAT ids) per family.
+    RevNat,
+    /// Conntrack entries per family (two per flow).
+    Ct,
+    /// Fixed by the datapath: not configurable.
+    Fixed,
+}
+
+impl Sizing {
+    /// Every configurable sizing, in the order the agent reports them.
+    pub const CONFIGURABLE: [Sizing; 4] = [Sizing::Svc, Sizing::Backend, Sizing::RevNat, Sizing::Ct];
+
+    /// The `dsproxy run` flag that sets it.
+    pub const fn flag(self) -> Option<&'static str> {
+        match self {
+            Sizing::Svc => Some("--svc-capacity"),
+            Sizing::Backend => Some("--backend-capacity"),
+            Sizing::RevNat => Some("--revnat-capacity"),
+            Sizing::Ct => Some("--ct-capacity"),
+            Sizing::Fixed => None,
+        }
+    }
+
+    /// The default capacity.
+    pub const fn default_capacity(self) -> u32 {
+        match self {
+            Sizing::Svc => capacity::SVC,
+            Sizing::Backend => capacity::BACKEND,
+            Sizing::RevNat => capacity::REVNAT,
+            Sizing::Ct => capacity::CT,
+            Sizing::Fixed => 0,
+        }
+    }
+}
+
+/// One pinned map of the datapath: the single table that loading, pinning,
+/// reading back, `status` and capacity errors all work from (as Katran's
+/// `balancer_maps.h` keeps its maps in one place).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// Name in the object file and under `<pin-dir>/maps`.
+    pub name: &'static str,
+    /// Key and value types (for messages and docs) and their sizes.
+    pub key: &'static str,
+    pub key_size: usize,
+    pub value: &'static str,
+    pub value_size: usize,
+    /// Entries by default.
+    pub capacity: u32,
+    /// What sets the capacity at load time.
+    pub sizing: Sizing,
+}
+
+macro_rules! spec {
+    ($name:expr, $key:ty, $value:ty, $sizing:expr, $capacity:expr) => {
+        MapSpec {
+            name: $name,
+            key: stringify!($key),
+            key_size: size_of::<$key>(),
+            value: stringify!($value),
+            value_size: size_of::<$value>(),
+            capacity: $capacity,
+            sizing: $sizing,
+        }
+    };
+}
+
+/// The datapath's pinned maps.
+pub mod maps {
+    use super::{
+        Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, MapSpec, RevNat4, RevNat6, Sizing, Stat, Svc4Key,
+        Svc6Key, SvcValue, capacity, names, size_of,
+    };
+
+    pub const SVC4: MapSpec = spec!(names::SVC4, Svc4Key, SvcValue, Sizing::Svc, capacity::SVC);
+    pub const SVC6: MapSpec = spec!(names::SVC6, Svc6Key, SvcValue, Sizing::Svc, capacity::SVC);
+    pub const BACKEND4: MapSpec = spec!(names::BACKEND4, u32, Backend4, Sizing::Backend, capacity::BACKEND);
+    pub const BACKEND6: MapSpec = spec!(names::BACKEND6, u32, Backend6, Sizing::Backend, capacity::BACKEND);
+    pub const REVNAT4: MapSpec = spec!(names::REVNAT4, u32, RevNat4, Sizing::RevNat, capacity::REVNAT);
+    pub const REVNAT6: MapSpec = spec!(names::REVNAT6, u32, RevNat6, Sizing::RevNat, capacity::REVNAT);
+    pub const CT4: MapSpec = spec!(names::CT4, Ct4Key, Ct4Value, Sizing::Ct, capacity::CT);
+    pub const CT6: MapSpec = spec!(names::CT6, Ct6Key, Ct6Value, Sizing::Ct, capacity::CT);
+    pub const STATS: MapSpec = spec!(names::STATS, u32, u64, Sizing::Fixed, Stat::COUNT);
+
+    /// Every pinned map, in the order the agent reports them.
+    pub const ALL: [MapSpec; 9] = [SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS];
+
+    /// The spec of the map called `name`.
+    pub fn by_name(name: &str) -> Option<&'static MapSpec> {
+        ALL.iter().find(|m| m.name == name)
+    }
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -65,8 +163,22 @@ pub const SLOT_GEN_B: u16 = 1 + MAX_BACKENDS_PER_SVC;
 
 /// Frontend flags (`SvcValue::flags`, slot 0).
 pub mod svc_flags {
-    /// ClientIP session affinity (reserved).
-    pub const AFFINITY: u32 = 1 << 0;
+    /// The frontend's kind, two bits.
+    pub const KIND_MASK: u32 = 0b11;
+    pub const KIND_CLUSTER_IP: u32 = 0;
+    pub const KIND_NODE_PORT: u32 = 1;
+    pub const KIND_EXTERNAL_IP: u32 = 2;
+    pub const KIND_LOAD_BALANCER: u32 = 3;
+    /// ClientIP session affinity; the timeout is `SvcValue::affinity_timeout`.
+    pub const AFFINITY: u32 = 1 << 2;
+    /// No backends: drop new connections instead of refusing them.
+    pub const DROP_WHEN_EMPTY: u32 = 1 << 3;
+    /// Only sources in the frontend's source ranges are admitted.
+    pub const SOURCE_RANGES: u32 = 1 << 4;
+    /// An internal-scope entry exists: clients on this node use it.
+    pub const TWO_SCOPES: u32 = 1 << 5;
+    /// externalTrafficPolicy Local: external clients keep their address.
+    pub const EXTERNAL_LOCAL: u32 = 1 << 6;
 }
 
 /// Service map key, IPv4.
@@ -106,8 +218,9 @@ pub struct Svc6Key {
 const _: () = assert!(size_of::<Svc6Key>() == 24);
 
 impl Svc4Key {
-    pub const fn new(addr: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
-        Self { addr: addr.octets(), port: port.to_be(), proto, scope: SCOPE_EXTERNAL, slot, _pad: [0; 2] }
+    /// Key from host-order fields.
+    pub const fn new(addr: Ipv4Addr, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+        Self { addr: addr.octets(), port: port.to_be(), proto, scope, slot, _pad: [0; 2] }
     }
 }
 
@@ -126,8 +239,9 @@ impl Svc6Key {
         Self { addr, port, proto, scope: SCOPE_EXTERNAL, slot, _pad: [0; 2] }
     }
 
-    pub const fn new(addr: Ipv6Addr, port: u16, proto: u8, slot: u16) -> Self {
-        Self { addr: addr.octets(), port: port.to_be(), proto, scope: SCOPE_EXTERNAL, slot, _pad: [0; 2] }
+    /// Key from host-order fields.
+    pub const fn new(addr: Ipv6Addr, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+        Self { addr: addr.octets(), port: port.to_be(), proto, scope, slot, _pad: [0; 2] }
     }
 }
 

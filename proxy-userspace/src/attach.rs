@@ -21,7 +21,7 @@ use aya::{
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use proxy_common::{PROGRAM_NAME, capacity, names};
+use proxy_common::{PROGRAM_NAME, Sizing, maps as spec};
 
 use crate::maps::{self, Maps};
 
@@ -58,8 +58,8 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Map capacities per family.
-#[derive(Clone, Copy, Debug)]
+/// Map capacities per family, by what sizes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
     pub svc: u32,
     pub backend: u32,
@@ -69,7 +69,21 @@ pub struct Capacities {
 
 impl Default for Capacities {
     fn default() -> Self {
-        Self { svc: capacity::SVC, backend: capacity::BACKEND, revnat: capacity::REVNAT, ct: capacity::CT }
+        let d = Sizing::default_capacity;
+        Self { svc: d(Sizing::Svc), backend: d(Sizing::Backend), revnat: d(Sizing::RevNat), ct: d(Sizing::Ct) }
+    }
+}
+
+impl Capacities {
+    /// The capacity `sizing` asks for; `None` for maps of fixed size.
+    pub const fn get(&self, sizing: Sizing) -> Option<u32> {
+        match sizing {
+            Sizing::Svc => Some(self.svc),
+            Sizing::Backend => Some(self.backend),
+            Sizing::RevNat => Some(self.revnat),
+            Sizing::Ct => Some(self.ct),
+            Sizing::Fixed => None,
+        }
     }
 }
 
@@ -114,17 +128,10 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<(Ebpf, Maps)> {
     fs::create_dir_all(&maps).map_err(io_err("create", &maps))?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&maps);
-    for (name, n) in [
-        (names::SVC4, caps.svc),
-        (names::SVC6, caps.svc),
-        (names::BACKEND4, caps.backend),
-        (names::BACKEND6, caps.backend),
-        (names::REVNAT4, caps.revnat),
-        (names::REVNAT6, caps.revnat),
-        (names::CT4, caps.ct),
-        (names::CT6, caps.ct),
-    ] {
-        loader.map_max_entries(name, n);
+    for m in &spec::ALL {
+        if let Some(n) = caps.get(m.sizing) {
+            loader.map_max_entries(m.name, n);
+        }
     }
     let mut ebpf = loader.load(DATAPATH)?;
     program(&mut ebpf)?.load().map_err(|source| Error::Program { op: "load", source })?;

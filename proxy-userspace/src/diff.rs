@@ -16,14 +16,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proxy_common::{MAX_BACKENDS_PER_SVC, SLOT_GEN_A, SLOT_GEN_B};
 
-use crate::model::{Backend, Desired, Family, Frontend, FrontendSpec};
+use crate::types::{Backend, Desired, Family, Frontend, FrontendSpec, Settings};
 
-/// Slot 0 of a frontend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Slot 0 of a frontend: its active generation and its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendValue {
     pub count: u16,
     pub slot_base: u16,
     pub rev_nat_id: u32,
+    pub settings: Settings,
 }
 
 /// One map write or delete. Ids are per family.
@@ -180,7 +181,7 @@ impl Programmed {
                 }
             }
             Op::PutFrontend { frontend, value } => {
-                self.frontends.insert(*frontend, *value);
+                self.frontends.insert(*frontend, value.clone());
             }
             Op::DeleteFrontend { frontend } => {
                 self.frontends.remove(frontend);
@@ -205,11 +206,18 @@ pub enum Change<'a> {
     Remove(Frontend),
 }
 
-/// Frontends to write (new or with another backend list) and to remove.
+/// Is `frontend` programmed exactly as `spec` says: same settings, same
+/// backends in the active generation?
+fn up_to_date(prog: &Programmed, frontend: &Frontend, spec: &FrontendSpec) -> bool {
+    prog.frontends.get(frontend).is_some_and(|v| v.settings == spec.settings)
+        && prog.active_backends(frontend).as_deref() == Some(spec.backends.as_slice())
+}
+
+/// Frontends to write (new, or with other settings or backends) and to remove.
 pub fn changes<'a>(prog: &Programmed, desired: &'a Desired) -> Vec<Change<'a>> {
     let mut out = Vec::new();
     for (f, spec) in &desired.frontends {
-        if prog.active_backends(f).as_deref() != Some(spec.backends.as_slice()) {
+        if !up_to_date(prog, f, spec) {
             out.push(Change::Upsert(*f, spec));
         }
     }
@@ -227,21 +235,27 @@ pub fn changes_in<'a>(prog: &Programmed, desired: &'a Desired, dirty: &BTreeSet<
     dirty
         .iter()
         .filter_map(|f| match desired.frontends.get(f) {
-            Some(spec) if prog.active_backends(f).as_deref() != Some(spec.backends.as_slice()) => {
-                Some(Change::Upsert(*f, spec))
-            }
+            Some(spec) if !up_to_date(prog, f, spec) => Some(Change::Upsert(*f, spec)),
             Some(_) => None,
             None => prog.frontends.contains_key(f).then_some(Change::Remove(*f)),
         })
         .collect()
 }
 
-/// Plan writing `spec` to `frontend`, make-before-break.
+/// Plan writing `spec` to `frontend`, make-before-break. When only the
+/// settings differ, slot 0 is rewritten in place (one atomic write).
 pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -> Result<Step, String> {
     let owner = format!("{} ({frontend})", spec.owner);
     let count = u16::try_from(spec.backends.len()).ok().filter(|n| *n <= MAX_BACKENDS_PER_SVC).ok_or_else(|| {
         format!("{owner}: {} backends, more than the {MAX_BACKENDS_PER_SVC} one frontend can hold", spec.backends.len())
     })?;
+    let existing = prog.frontends.get(&frontend);
+    if let Some(v) = existing
+        && prog.active_backends(&frontend).as_deref() == Some(spec.backends.as_slice())
+    {
+        let value = FrontendValue { settings: spec.settings.clone(), ..v.clone() };
+        return Ok(Step { owner, ops: vec![Op::PutFrontend { frontend, value }], commit: 0, rollback: vec![] });
+    }
     let family = frontend.family();
     let fam = prog.family(family);
     let mut ops = Vec::new();
@@ -260,7 +274,6 @@ pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -
         ids.push(id);
     }
 
-    let existing = prog.frontends.get(&frontend);
     let rev_nat_id = if let Some(v) = existing {
         v.rev_nat_id
     } else {
@@ -281,7 +294,8 @@ pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -
         rollback.push(Op::ClearRevNat { id: rev_nat_id, family });
     }
     let commit = ops.len();
-    ops.push(Op::PutFrontend { frontend, value: FrontendValue { count, slot_base, rev_nat_id } });
+    let value = FrontendValue { count, slot_base, rev_nat_id, settings: spec.settings.clone() };
+    ops.push(Op::PutFrontend { frontend, value });
     let new_range = slot_base..slot_base + count;
     for slot in prog.slots.get(&frontend).into_iter().flat_map(BTreeMap::keys) {
         if !new_range.contains(slot) {

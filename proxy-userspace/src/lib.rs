@@ -21,3 +21,4 @@ pub mod rand;
 pub mod source;
 pub mod sync;
 pub mod testrun;
+pub mod types;

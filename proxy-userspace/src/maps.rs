@@ -7,12 +7,13 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key, SvcValue, names,
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, MapSpec, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key,
+    SvcValue, maps as spec,
 };
 
 use crate::{
     diff::{FrontendValue, Op, Programmed},
-    model::{Backend, Family, Frontend, Proto},
+    types::{Backend, Family, Frontend, Proto, Scope, Settings},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,45 +48,40 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
 }
 
-fn typed<T: TryFrom<Map, Error = MapError>>(map: &'static str, m: Option<Map>) -> Result<T> {
-    let m = m.ok_or(Error::Missing { map })?;
-    T::try_from(m).map_err(|source| Error::Read { map, source })
-}
-
 impl Maps {
+    /// Build the typed maps from `get`, which hands over each map of the
+    /// table (`proxy_common::maps::ALL`) by its spec.
+    fn from_table(mut get: impl FnMut(&'static MapSpec) -> Result<Map>) -> Result<Self> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            spec: &'static MapSpec,
+            get: &mut impl FnMut(&'static MapSpec) -> Result<Map>,
+        ) -> Result<T> {
+            T::try_from(get(spec)?).map_err(|source| Error::Read { map: spec.name, source })
+        }
+        Ok(Self {
+            svc4: typed(&spec::SVC4, &mut get)?,
+            svc6: typed(&spec::SVC6, &mut get)?,
+            backend4: typed(&spec::BACKEND4, &mut get)?,
+            backend6: typed(&spec::BACKEND6, &mut get)?,
+            revnat4: typed(&spec::REVNAT4, &mut get)?,
+            revnat6: typed(&spec::REVNAT6, &mut get)?,
+            ct4: typed(&spec::CT4, &mut get)?,
+            ct6: typed(&spec::CT6, &mut get)?,
+            stats: typed(&spec::STATS, &mut get)?,
+        })
+    }
+
     /// Take the maps out of a loaded object (the programs stay in it).
     pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self> {
-        let mut get = |name: &'static str| ebpf.take_map(name);
-        Ok(Self {
-            svc4: typed(names::SVC4, get(names::SVC4))?,
-            svc6: typed(names::SVC6, get(names::SVC6))?,
-            backend4: typed(names::BACKEND4, get(names::BACKEND4))?,
-            backend6: typed(names::BACKEND6, get(names::BACKEND6))?,
-            revnat4: typed(names::REVNAT4, get(names::REVNAT4))?,
-            revnat6: typed(names::REVNAT6, get(names::REVNAT6))?,
-            ct4: typed(names::CT4, get(names::CT4))?,
-            ct6: typed(names::CT6, get(names::CT6))?,
-            stats: typed(names::STATS, get(names::STATS))?,
-        })
+        Self::from_table(|m| ebpf.take_map(m.name).ok_or(Error::Missing { map: m.name }))
     }
 
     /// Open the maps pinned under `dir` without loading a program.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
-        let get = |name: &'static str| -> Result<Option<Map>> {
-            let path = dir.join(name);
+        Self::from_table(|m| {
+            let path = dir.join(m.name);
             let data = MapData::from_pin(&path).map_err(|source| Error::OpenPinned { path: path.clone(), source })?;
-            Map::from_map_data(data).map(Some).map_err(|source| Error::OpenPinned { path, source })
-        };
-        Ok(Self {
-            svc4: typed(names::SVC4, get(names::SVC4)?)?,
-            svc6: typed(names::SVC6, get(names::SVC6)?)?,
-            backend4: typed(names::BACKEND4, get(names::BACKEND4)?)?,
-            backend6: typed(names::BACKEND6, get(names::BACKEND6)?)?,
-            revnat4: typed(names::REVNAT4, get(names::REVNAT4)?)?,
-            revnat6: typed(names::REVNAT6, get(names::REVNAT6)?)?,
-            ct4: typed(names::CT4, get(names::CT4)?)?,
-            ct6: typed(names::CT6, get(names::CT6)?)?,
-            stats: typed(names::STATS, get(names::STATS)?)?,
+            Map::from_map_data(data).map_err(|source| Error::OpenPinned { path, source })
         })
     }
 
@@ -94,7 +90,8 @@ impl Maps {
         Stat::ALL
             .iter()
             .map(|s| {
-                let v = self.stats.get(&(*s as u32), 0).map_err(|source| Error::Read { map: names::STATS, source })?;
+                let v =
+                    self.stats.get(&(*s as u32), 0).map_err(|source| Error::Read { map: spec::STATS.name, source })?;
                 Ok((*s, v.iter().sum()))
             })
             .collect()
@@ -102,40 +99,47 @@ impl Maps {
 
     /// Read the maps back into a mirror: what a restarted agent starts from.
     pub fn read_back(&self) -> Result<Programmed> {
+        let read = |m: &'static MapSpec| move |source| Error::Read { map: m.name, source };
         let mut prog = Programmed::default();
         let mut ops = Vec::new();
         for item in &self.backend4 {
-            let (id, b) = item.map_err(|source| Error::Read { map: names::BACKEND4, source })?;
+            let (id, b) = item.map_err(read(&spec::BACKEND4))?;
             if let Some(backend) = backend_from(IpAddr::V4(Ipv4Addr::from(b.addr)), b.port, b.proto) {
                 ops.push(Op::PutBackend { id, backend });
             }
         }
         for item in &self.backend6 {
-            let (id, b) = item.map_err(|source| Error::Read { map: names::BACKEND6, source })?;
+            let (id, b) = item.map_err(read(&spec::BACKEND6))?;
             if let Some(backend) = backend_from(IpAddr::V6(Ipv6Addr::from(b.addr)), b.port, b.proto) {
                 ops.push(Op::PutBackend { id, backend });
             }
         }
-        let svc4 =
-            self.svc4.iter().map(|r| r.map(|(k, v)| (IpAddr::V4(Ipv4Addr::from(k.addr)), k.port, k.proto, k.slot, v)));
-        let svc6 =
-            self.svc6.iter().map(|r| r.map(|(k, v)| (IpAddr::V6(Ipv6Addr::from(k.addr)), k.port, k.proto, k.slot, v)));
-        for item in svc4.chain(svc6) {
-            let (addr, port, proto, slot, v) = item.map_err(|source| Error::Read { map: names::SVC4, source })?;
-            let Some(proto) = Proto::from_number(proto) else { continue };
-            let frontend = Frontend { addr, port: u16::from_be(port), proto };
-            if slot == 0 {
-                let value = FrontendValue { count: v.count, slot_base: v.slot_base, rev_nat_id: v.rev_nat_id };
-                ops.push(Op::PutRevNat { id: v.rev_nat_id, frontend });
-                ops.push(Op::PutFrontend { frontend, value });
-            } else {
-                ops.push(Op::PutSlot { frontend, slot, backend_id: v.backend_id });
-            }
+        for item in &self.svc4 {
+            let (k, v) = item.map_err(read(&spec::SVC4))?;
+            svc_entry(IpAddr::V4(Ipv4Addr::from(k.addr)), k.port, k.proto, k.scope, k.slot, &v, &mut ops);
+        }
+        for item in &self.svc6 {
+            let (k, v) = item.map_err(read(&spec::SVC6))?;
+            svc_entry(IpAddr::V6(Ipv6Addr::from(k.addr)), k.port, k.proto, k.scope, k.slot, &v, &mut ops);
         }
         for op in &ops {
             prog.apply(op);
         }
         Ok(prog)
+    }
+}
+
+/// The ops that rebuild one service-map entry in the mirror.
+fn svc_entry(addr: IpAddr, port: u16, proto: u8, scope: u8, slot: u16, v: &SvcValue, ops: &mut Vec<Op>) {
+    let (Some(proto), Some(scope)) = (Proto::from_number(proto), Scope::from_number(scope)) else { return };
+    let frontend = Frontend { addr, port: u16::from_be(port), proto, scope };
+    if slot == 0 {
+        let settings = Settings::from_flags(v.flags, v.affinity_timeout);
+        let value = FrontendValue { count: v.count, slot_base: v.slot_base, rev_nat_id: v.rev_nat_id, settings };
+        ops.push(Op::PutRevNat { id: v.rev_nat_id, frontend });
+        ops.push(Op::PutFrontend { frontend, value });
+    } else {
+        ops.push(Op::PutSlot { frontend, slot, backend_id: v.backend_id });
     }
 }
 
@@ -145,30 +149,27 @@ fn backend_from(addr: IpAddr, port: u16, proto: u8) -> Option<Backend> {
 
 fn svc4_key(f: &Frontend, slot: u16) -> Svc4Key {
     let IpAddr::V4(a) = f.addr else { unreachable!("IPv4 frontend") };
-    Svc4Key::new(a, f.port, f.proto.number(), slot)
+    Svc4Key::new(a, f.port, f.proto.number(), f.scope.number(), slot)
 }
 
 fn svc6_key(f: &Frontend, slot: u16) -> Svc6Key {
     let IpAddr::V6(a) = f.addr else { unreachable!("IPv6 frontend") };
-    Svc6Key::new(a, f.port, f.proto.number(), slot)
+    Svc6Key::new(a, f.port, f.proto.number(), f.scope.number(), slot)
 }
 
-fn write(map: &'static str, op: &'static str, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
-    r.map_err(|e| Error::Write { map, op, object: object.to_string(), detail: describe(map, &e) })
+fn write(map: &'static MapSpec, op: &'static str, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
+    r.map_err(|e| Error::Write { map: map.name, op, object: object.to_string(), detail: describe(map, &e) })
 }
 
-/// A map error in words, with the errno and what to do about a full map.
-fn describe(map: &str, e: &MapError) -> String {
-    let flag = if map.starts_with("SVC") {
-        "--svc-capacity"
-    } else if map.starts_with("BACKEND") {
-        "--backend-capacity"
-    } else {
-        "--revnat-capacity"
-    };
+/// A map error in words, with the errno and, for a full map, the flag
+/// that raises its capacity (from the map table, never guessed by name).
+pub fn describe(map: &MapSpec, e: &MapError) -> String {
     match e {
         MapError::SyscallError(s) => match s.io_error.raw_os_error() {
-            Some(libc::E2BIG | libc::ENOMEM) => format!("the map is full ({}); raise {flag}", s.io_error),
+            Some(libc::E2BIG | libc::ENOMEM) => match map.sizing.flag() {
+                Some(flag) => format!("the map is full ({}); raise {flag}", s.io_error),
+                None => format!("the map is full ({})", s.io_error),
+            },
             _ => format!("{} failed: {}", s.call, s.io_error),
         },
         other => other.to_string(),
@@ -176,7 +177,7 @@ fn describe(map: &str, e: &MapError) -> String {
 }
 
 /// Deleting what is already gone is success: the goal state holds.
-fn delete(map: &'static str, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
+fn delete(map: &'static MapSpec, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -195,7 +196,7 @@ impl Kernel for Maps {
                         proto: backend.proto.number(),
                         flags: 0,
                     };
-                    write(names::BACKEND4, "insert", &backend, self.backend4.insert(id, v, 0))
+                    write(&spec::BACKEND4, "insert", &backend, self.backend4.insert(id, v, 0))
                 }
                 IpAddr::V6(a) => {
                     let v = Backend6 {
@@ -204,65 +205,68 @@ impl Kernel for Maps {
                         proto: backend.proto.number(),
                         flags: 0,
                     };
-                    write(names::BACKEND6, "insert", &backend, self.backend6.insert(id, v, 0))
+                    write(&spec::BACKEND6, "insert", &backend, self.backend6.insert(id, v, 0))
                 }
             },
             Op::DeleteBackend { id, backend } => match backend.family() {
-                Family::V4 => delete(names::BACKEND4, &backend, self.backend4.remove(id)),
-                Family::V6 => delete(names::BACKEND6, &backend, self.backend6.remove(id)),
+                Family::V4 => delete(&spec::BACKEND4, &backend, self.backend4.remove(id)),
+                Family::V6 => delete(&spec::BACKEND6, &backend, self.backend6.remove(id)),
             },
             Op::PutRevNat { id, frontend } => match frontend.addr {
                 IpAddr::V4(a) => {
                     let v = RevNat4 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
-                    write(names::REVNAT4, "set", &frontend, self.revnat4.set(*id, v, 0))
+                    write(&spec::REVNAT4, "set", &frontend, self.revnat4.set(*id, v, 0))
                 }
                 IpAddr::V6(a) => {
                     let v = RevNat6 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
-                    write(names::REVNAT6, "set", &frontend, self.revnat6.set(*id, v, 0))
+                    write(&spec::REVNAT6, "set", &frontend, self.revnat6.set(*id, v, 0))
                 }
             },
             Op::ClearRevNat { id, family } => match family {
-                Family::V4 => write(names::REVNAT4, "clear", &id, self.revnat4.set(*id, RevNat4::default(), 0)),
-                Family::V6 => write(names::REVNAT6, "clear", &id, self.revnat6.set(*id, RevNat6::default(), 0)),
+                Family::V4 => write(&spec::REVNAT4, "clear", &id, self.revnat4.set(*id, RevNat4::default(), 0)),
+                Family::V6 => write(&spec::REVNAT6, "clear", &id, self.revnat6.set(*id, RevNat6::default(), 0)),
             },
             Op::PutSlot { frontend, slot, backend_id } => {
                 let v = SvcValue { backend_id: *backend_id, ..SvcValue::default() };
                 let what = format_args!("{frontend} slot {slot}").to_string();
                 match frontend.family() {
                     Family::V4 => {
-                        write(names::SVC4, "insert", &what, self.svc4.insert(svc4_key(frontend, *slot), v, 0))
+                        write(&spec::SVC4, "insert", &what, self.svc4.insert(svc4_key(frontend, *slot), v, 0))
                     }
                     Family::V6 => {
-                        write(names::SVC6, "insert", &what, self.svc6.insert(svc6_key(frontend, *slot), v, 0))
+                        write(&spec::SVC6, "insert", &what, self.svc6.insert(svc6_key(frontend, *slot), v, 0))
                     }
                 }
             }
             Op::DeleteSlot { frontend, slot } => {
                 let what = format_args!("{frontend} slot {slot}").to_string();
                 match frontend.family() {
-                    Family::V4 => delete(names::SVC4, &what, self.svc4.remove(&svc4_key(frontend, *slot))),
-                    Family::V6 => delete(names::SVC6, &what, self.svc6.remove(&svc6_key(frontend, *slot))),
+                    Family::V4 => delete(&spec::SVC4, &what, self.svc4.remove(&svc4_key(frontend, *slot))),
+                    Family::V6 => delete(&spec::SVC6, &what, self.svc6.remove(&svc6_key(frontend, *slot))),
                 }
             }
             Op::PutFrontend { frontend, value } => {
+                let (flags, affinity_timeout) = value.settings.to_flags();
                 let v = SvcValue {
                     count: value.count,
                     slot_base: value.slot_base,
                     rev_nat_id: value.rev_nat_id,
+                    flags,
+                    affinity_timeout,
                     ..SvcValue::default()
                 };
                 match frontend.family() {
                     Family::V4 => {
-                        write(names::SVC4, "insert", &frontend, self.svc4.insert(svc4_key(frontend, 0), v, 0))
+                        write(&spec::SVC4, "insert", &frontend, self.svc4.insert(svc4_key(frontend, 0), v, 0))
                     }
                     Family::V6 => {
-                        write(names::SVC6, "insert", &frontend, self.svc6.insert(svc6_key(frontend, 0), v, 0))
+                        write(&spec::SVC6, "insert", &frontend, self.svc6.insert(svc6_key(frontend, 0), v, 0))
                     }
                 }
             }
             Op::DeleteFrontend { frontend } => match frontend.family() {
-                Family::V4 => delete(names::SVC4, &frontend, self.svc4.remove(&svc4_key(frontend, 0))),
-                Family::V6 => delete(names::SVC6, &frontend, self.svc6.remove(&svc6_key(frontend, 0))),
+                Family::V4 => delete(&spec::SVC4, &frontend, self.svc4.remove(&svc4_key(frontend, 0))),
+                Family::V6 => delete(&spec::SVC6, &frontend, self.svc6.remove(&svc6_key(frontend, 0))),
             },
         }
     }

@@ -18,144 +18,23 @@
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    fmt,
     net::IpAddr,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+pub use crate::types::{Backend, Desired, Family, Frontend, FrontendSpec, Proto};
+
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
-/// IP protocol of a frontend or backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub const fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => proxy_common::IPPROTO_TCP,
-            Proto::Udp => proxy_common::IPPROTO_UDP,
-        }
+/// A Kubernetes `protocol` field (TCP when absent).
+fn parse_proto(s: Option<&str>) -> Result<Proto, String> {
+    match s.unwrap_or("TCP") {
+        "TCP" => Ok(Proto::Tcp),
+        "UDP" => Ok(Proto::Udp),
+        other => Err(format!("protocol {other} is not supported (TCP and UDP are)")),
     }
-
-    pub const fn from_number(n: u8) -> Option<Self> {
-        match n {
-            proxy_common::IPPROTO_TCP => Some(Proto::Tcp),
-            proxy_common::IPPROTO_UDP => Some(Proto::Udp),
-            _ => None,
-        }
-    }
-
-    fn parse(s: Option<&str>) -> Result<Self, String> {
-        match s.unwrap_or("TCP") {
-            "TCP" => Ok(Proto::Tcp),
-            "UDP" => Ok(Proto::Udp),
-            other => Err(format!("protocol {other} is not supported (TCP and UDP are)")),
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "TCP",
-            Proto::Udp => "UDP",
-        })
-    }
-}
-
-/// Address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn of(addr: IpAddr) -> Self {
-        match addr {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-
-    /// The Kubernetes name (`ipFamilies`, `addressType`).
-    pub const fn k8s_name(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-
-    fn from_k8s(s: &str) -> Option<Self> {
-        match s {
-            "IPv4" => Some(Family::V4),
-            "IPv6" => Some(Family::V6),
-            _ => None,
-        }
-    }
-}
-
-/// A service address: what clients connect to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Frontend {
-    pub addr: IpAddr,
-    pub port: u16,
-    pub proto: Proto,
-}
-
-impl Frontend {
-    pub fn family(&self) -> Family {
-        Family::of(self.addr)
-    }
-}
-
-impl fmt::Display for Frontend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.addr {
-            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
-            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
-        }
-    }
-}
-
-/// An endpoint a frontend translates to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
-    pub addr: IpAddr,
-    pub port: u16,
-    pub proto: Proto,
-}
-
-impl Backend {
-    pub fn family(&self) -> Family {
-        Family::of(self.addr)
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        Frontend { addr: self.addr, port: self.port, proto: self.proto }.fmt(f)
-    }
-}
-
-/// What one frontend should be programmed with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendSpec {
-    /// `namespace/name:port` of the Service port, for messages.
-    pub owner: String,
-    /// Sorted, without duplicates; all of the frontend's family.
-    pub backends: Vec<Backend>,
-}
-
-/// The desired state of the datapath.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Desired {
-    pub frontends: BTreeMap<Frontend, FrontendSpec>,
 }
 
 /// Agent settings that affect the model.
@@ -241,7 +120,7 @@ fn validate_service(svc: &Service, config: &Config) -> Result<Option<ValidServic
             .ok()
             .filter(|n| *n != 0)
             .ok_or_else(|| format!("port {:?} number {} is out of range 1-65535", name, p.port))?;
-        let proto = Proto::parse(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"))?;
+        let proto = parse_proto(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"))?;
         if ports.iter().any(|q: &SvcPort| q.port == port && q.proto == proto) {
             return Err(format!("port {port}/{proto} appears more than once"));
         }
@@ -271,7 +150,7 @@ fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints) -> 
     for p in slice.ports.iter().flatten() {
         let Some(number) = p.port.filter(|n| *n != 0) else { continue };
         let number = u16::try_from(number).map_err(|_| format!("port {number} is out of range 1-65535"))?;
-        let proto = Proto::parse(p.protocol.as_deref()).map_err(|e| format!("port {number}: {e}"))?;
+        let proto = parse_proto(p.protocol.as_deref()).map_err(|e| format!("port {number}: {e}"))?;
         ports.push((p.name.clone().unwrap_or_default(), proto, number));
     }
     let mut endpoints = Vec::new();
@@ -378,8 +257,7 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], config: &Config) ->
             } else {
                 format!("{}:{}", valid.name, port.name)
             };
-            frontends
-                .push((Frontend { addr: *vip, port: port.port, proto: port.proto }, FrontendSpec { owner, backends }));
+            frontends.push((Frontend::new(*vip, port.port, port.proto), FrontendSpec::new(owner, backends)));
         }
     }
     Computed { frontends, rejected }

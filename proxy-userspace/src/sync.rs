@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use crate::{
     diff::{self, Change, Programmed, Step},
     maps::Kernel,
-    model::{Desired, Frontend},
+    types::{Desired, Frontend},
 };
 
 /// What a pass did.
@@ -111,8 +111,8 @@ mod tests {
     use crate::{
         diff::{FrontendValue, Op},
         maps,
-        model::{Backend, Family, Frontend, FrontendSpec, Proto},
         rand::XorShift,
+        types::{Backend, Family, Frontend, FrontendSpec, Proto, Settings},
     };
 
     /// The maps, in memory, with capacities and failure injection. After
@@ -146,7 +146,7 @@ mod tests {
 
         /// What a packet to `f` can reach right now.
         fn reachable(&self, f: &Frontend) -> Vec<Backend> {
-            let v = self.frontends[f];
+            let v = &self.frontends[f];
             (0..v.count)
                 .map(|i| {
                     let id = self
@@ -200,7 +200,7 @@ mod tests {
                     if self.full(frontend, 0) {
                         return Err(full_err(frontend.to_string()));
                     }
-                    self.frontends.insert(*frontend, *value);
+                    self.frontends.insert(*frontend, value.clone());
                 }
                 Op::DeleteFrontend { frontend } => {
                     self.frontends.remove(frontend);
@@ -213,7 +213,7 @@ mod tests {
     }
 
     fn fe(vip: &str, port: u16) -> Frontend {
-        Frontend { addr: vip.parse().expect("ip"), port, proto: Proto::Tcp }
+        Frontend::new(vip.parse().expect("ip"), port, Proto::Tcp)
     }
 
     fn be(addr: &str) -> Backend {
@@ -224,7 +224,7 @@ mod tests {
         let mut d = Desired::default();
         for (f, bs) in entries {
             let backends = bs.iter().map(|b| be(b)).collect();
-            d.frontends.insert(*f, FrontendSpec { owner: format!("default/svc-{}:http", f.port), backends });
+            d.frontends.insert(*f, FrontendSpec::new(format!("default/svc-{}:http", f.port), backends));
         }
         d
     }
@@ -264,6 +264,29 @@ mod tests {
         let before = k.ops;
         let r = sync(&mut k, &mut prog, &d);
         assert_eq!((r.ops, k.ops), (0, before));
+    }
+
+    #[test]
+    fn a_change_of_settings_only_is_one_write_of_slot_zero() {
+        use crate::types::{Kind, WhenEmpty};
+        let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
+        let a = fe("198.19.0.10", 80);
+        let mut d = want(&[(a, &["198.18.2.2", "198.18.3.2"])]);
+        sync(&mut k, &mut prog, &d);
+        for settings in [
+            Settings { affinity_timeout: Some(10_800), ..Settings::default() },
+            Settings { affinity_timeout: Some(30), ..Settings::default() },
+            Settings { kind: Kind::ExternalIp, when_empty: WhenEmpty::Drop, ..Settings::default() },
+        ] {
+            d.frontends.get_mut(&a).expect("a").settings = settings.clone();
+            let before = k.ops;
+            let r = sync(&mut k, &mut prog, &d);
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            assert_eq!((r.upserted, k.ops - before), (1, 1), "one write for {settings:?}");
+            assert_eq!(k.frontends[&a].settings, settings, "the kernel holds the new settings");
+            assert_eq!(k.reachable(&a), d.frontends[&a].backends, "the backends are untouched");
+            assert_eq!(sync(&mut k, &mut prog, &d).ops, 0, "and the mirror knows it: {settings:?}");
+        }
     }
 
     #[test]
@@ -325,7 +348,7 @@ mod tests {
             let pool = if f.family() == Family::V4 { pool4 } else { pool6 };
             let mut backends: Vec<Backend> = pool.iter().filter(|_| rng.below(2) == 0).map(|a| be(a)).collect();
             backends.sort();
-            d.frontends.insert(*f, FrontendSpec { owner: f.to_string(), backends });
+            d.frontends.insert(*f, FrontendSpec::new(f.to_string(), backends));
         }
         d
     }

@@ -15,8 +15,8 @@ use dsproxy::{
     attach::{self, Capacities},
     diff::Programmed,
     maps::Maps,
-    model::{Backend, Desired, Frontend, FrontendSpec, Proto},
     sync, testrun,
+    types::{Backend, Desired, Frontend, FrontendSpec, Proto},
 };
 use proxy_common::{CT_DIR_FORWARD, ct_state, ct_timeout};
 
@@ -74,7 +74,7 @@ impl Env {
     fn program(&mut self, frontends: &[(Frontend, Vec<Backend>)]) {
         let mut desired = Desired::default();
         for (f, b) in frontends {
-            desired.frontends.insert(*f, FrontendSpec { owner: "default/web:p".into(), backends: b.clone() });
+            desired.frontends.insert(*f, FrontendSpec::new("default/web:p", b.clone()));
         }
         let report = sync::sync(&mut self.maps, &mut self.prog, &desired);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -98,9 +98,8 @@ fn backends(addrs: &[&str], proto: Proto) -> Vec<Backend> {
 fn web(env: &mut Env) {
     let mut fronts = Vec::new();
     for proto in [Proto::Tcp, Proto::Udp] {
-        fronts.push((Frontend { addr: v4(VIP4), port: 80, proto }, backends(&["198.18.2.2", "198.18.3.2"], proto)));
-        fronts
-            .push((Frontend { addr: v4(VIP6), port: 80, proto }, backends(&["fd00:0:0:2::2", "fd00:0:0:3::2"], proto)));
+        fronts.push((Frontend::new(v4(VIP4), 80, proto), backends(&["198.18.2.2", "198.18.3.2"], proto)));
+        fronts.push((Frontend::new(v4(VIP6), 80, proto), backends(&["fd00:0:0:2::2", "fd00:0:0:3::2"], proto)));
     }
     env.program(&fronts);
 }
@@ -307,8 +306,8 @@ fn should_refuse_connections_to_a_vip_without_backends_of_its_family() {
     let mut fronts = Vec::new();
     for proto in [Proto::Tcp, Proto::Udp] {
         // Only IPv4 endpoints: the IPv6 frontends are empty.
-        fronts.push((Frontend { addr: v4(VIP4), port: 80, proto }, vec![]));
-        fronts.push((Frontend { addr: v4(VIP6), port: 80, proto }, vec![]));
+        fronts.push((Frontend::new(v4(VIP4), 80, proto), vec![]));
+        fronts.push((Frontend::new(v4(VIP6), 80, proto), vec![]));
     }
     env.program(&fronts);
     for (client, vip) in [(CLIENT4, VIP4), (CLIENT6, VIP6)] {
@@ -423,7 +422,7 @@ fn should_expire_conntrack_entries_by_tcp_state() {
 #[test]
 fn should_keep_established_flows_on_their_backend_when_backends_change() {
     let mut env = env();
-    let f = Frontend { addr: v4(VIP4), port: 80, proto: Proto::Tcp };
+    let f = Frontend::new(v4(VIP4), 80, Proto::Tcp);
     env.program(&[(f, backends(&["198.18.2.2"], Proto::Tcp))]);
     let c = (v4(CLIENT4), 43000);
     let vip = (v4(VIP4), 80);
@@ -445,7 +444,7 @@ fn should_keep_established_flows_on_their_backend_when_backends_change() {
 #[test]
 fn should_move_udp_flows_off_a_removed_backend_and_keep_them_otherwise() {
     let mut env = env();
-    let f = Frontend { addr: v4(VIP6), port: 80, proto: Proto::Udp };
+    let f = Frontend::new(v4(VIP6), 80, Proto::Udp);
     env.program(&[(f, backends(&["fd00:0:0:2::2"], Proto::Udp))]);
     let c = (v4(CLIENT6), 45000);
     let vip = (v4(VIP6), 80);
@@ -463,4 +462,37 @@ fn should_move_udp_flows_off_a_removed_backend_and_keep_them_otherwise() {
     // And the reply of the new backend is reverse-translated.
     let reply = inspect(&env.run(&frame(moved, c, UDP, 0)).frame);
     assert_eq!(reply.src, vip);
+}
+
+/// Every per-frontend setting written to the real maps comes back at
+/// read-back (what a restarted agent diffs against): a change of only the
+/// affinity timeout is one write, and an unchanged state none.
+#[test]
+fn should_read_back_frontend_settings_and_scopes_from_the_maps() {
+    use dsproxy::types::{Kind, Scope, Settings, WhenEmpty};
+    let mut env = env();
+    let ext = Frontend::new(v4(VIP6), 80, Proto::Tcp);
+    let int = ext.with_scope(Scope::Internal);
+    let mut desired = Desired::default();
+    let mut spec = FrontendSpec::new("default/web:http", backends(&["fd00:0:0:2::2"], Proto::Tcp));
+    spec.settings = Settings {
+        kind: Kind::LoadBalancer,
+        affinity_timeout: Some(10_800),
+        when_empty: WhenEmpty::Drop,
+        two_scopes: true,
+        external_local: true,
+        ..Settings::default()
+    };
+    desired.frontends.insert(ext, spec.clone());
+    desired.frontends.insert(int, FrontendSpec::new("default/web:http", backends(&["fd00:0:0:3::2"], Proto::Tcp)));
+    let report = sync::sync(&mut env.maps, &mut env.prog, &desired);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let back = env.maps.read_back().expect("read back");
+    assert_eq!(back.frontends[&ext].settings, spec.settings);
+    assert_eq!(back.active_backends(&int), Some(desired.frontends[&int].backends.clone()), "the internal scope");
+    let mut fresh = back;
+    assert_eq!(sync::sync(&mut env.maps, &mut fresh, &desired).ops, 0, "nothing to write after a read-back");
+    desired.frontends.get_mut(&ext).expect("ext").settings.affinity_timeout = Some(30);
+    assert_eq!(sync::sync(&mut env.maps, &mut fresh, &desired).ops, 1, "only slot 0 is rewritten");
+    assert_eq!(env.maps.read_back().expect("read back").frontends[&ext].settings.affinity_timeout, Some(30));
 }

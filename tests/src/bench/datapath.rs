@@ -16,8 +16,8 @@ use dsproxy::{
     attach::{self, Capacities},
     diff::Programmed,
     frames::{ACK, SYN, TCP, frame, inspect},
-    model::{Backend, Desired, Frontend, FrontendSpec, Proto},
     sync, testrun,
+    types::{Backend, Desired, Frontend, FrontendSpec, Proto},
 };
 use serde::Serialize;
 
@@ -111,10 +111,9 @@ pub fn measure(services: usize, samples: usize) -> Vec<Row> {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            desired.frontends.insert(
-                Frontend { addr, port, proto: Proto::Tcp },
-                FrontendSpec { owner: format!("bench/svc-{i}"), backends },
-            );
+            desired
+                .frontends
+                .insert(Frontend::new(addr, port, Proto::Tcp), FrontendSpec::new(format!("bench/svc-{i}"), backends));
         }
     }
     let report = sync::sync(&mut l.maps, &mut Programmed::default(), &desired);
