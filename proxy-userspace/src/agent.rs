@@ -1,32 +1,27 @@
-//! The run loop: read the source, compute the desired state, sync the maps,
-//! keep interfaces attached; exit on SIGINT/SIGTERM leaving the datapath
-//! attached and pinned.
+//! The run loop: take the source's changes into the store, recompute what
+//! they touched, sync the maps, keep interfaces attached; exit on
+//! SIGINT/SIGTERM leaving the datapath attached and pinned.
 use std::{
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
     attach::{self, Capacities},
     diff::Programmed,
-    kube_source::{self, KubeSource},
     maps::Maps,
-    model, source,
+    model,
+    source::{self, Event, SourceConfig},
+    store::Store,
     sync::{self, Report},
 };
-
-/// Where the agent reads Services and EndpointSlices from.
-#[derive(Clone, Debug)]
-pub enum SourceConfig {
-    /// A directory of manifests, watched for changes.
-    Manifests(PathBuf),
-    /// The Kubernetes API.
-    Kube(kube_source::Options),
-}
 
 /// Settings of `dsproxy run`.
 #[derive(Clone, Debug)]
@@ -38,7 +33,7 @@ pub struct RunConfig {
     /// Least time between two syncs (kube-proxy's `--min-sync-period`):
     /// changes arriving meanwhile are coalesced into the next one.
     pub min_sync_period: Duration,
-    /// How often the source and the interfaces are checked for changes.
+    /// How often interfaces are checked for changes.
     pub poll_interval: Duration,
     pub model: model::Config,
 }
@@ -47,22 +42,50 @@ pub struct RunConfig {
 struct Agent {
     maps: Maps,
     programmed: Programmed,
+    store: Store,
     model: model::Cache,
     /// Look at every frontend and map entry next time (at start, and after
     /// a pass with errors); otherwise only at what changed.
     full: bool,
     generation: u64,
+    /// Objects rejected by the model, as last logged.
+    rejected: BTreeSet<String>,
+    /// Problems the source reported, as last logged.
+    problems: BTreeMap<String, String>,
 }
 
 impl Agent {
-    /// Model, diff and apply one snapshot; log what happened.
-    fn sync(&mut self, snap: &source::Snapshot, config: &model::Config) -> Report {
-        let started = Instant::now();
-        let update = self.model.update(&snap.services, &snap.slices, config);
-        let rejected = update.rejected;
-        for r in &rejected {
-            log::error!("rejected {r}");
+    /// Take one event from the source; returns whether a sync is needed.
+    fn take(&mut self, event: Event) -> bool {
+        match event {
+            Event::Problem { what, reason: Some(reason) } => {
+                log::error!("{what}: {reason}");
+                self.problems.insert(what, reason);
+                false
+            }
+            Event::Problem { what, reason: None } => {
+                if self.problems.remove(&what).is_some() {
+                    log::info!("{what}: problem resolved");
+                }
+                false
+            }
+            Event::Relisting(kind) => {
+                log::info!("relisting {}s", kind.name());
+                false
+            }
+            other => self.store.apply(other),
         }
+    }
+
+    /// Model, diff and apply what changed; log what happened.
+    fn sync(&mut self, config: &model::Config) -> Report {
+        let started = Instant::now();
+        let dirty = if self.full { crate::store::Dirty::All } else { self.store.take_dirty() };
+        if self.full {
+            self.store.take_dirty();
+        }
+        let update = self.model.update(&self.store, &dirty, config);
+        self.log_rejected(&update.rejected);
         let desired = &self.model.desired;
         let report = if self.full {
             sync::sync(&mut self.maps, &mut self.programmed, desired)
@@ -75,89 +98,37 @@ impl Agent {
         }
         self.generation += 1;
         log::info!(
-            "synced generation={} frontends={} upserted={} removed={} ops={} rejected={} errors={} took={:?}",
+            "synced generation={} frontends={} recomputed={} upserted={} removed={} ops={} rejected={} errors={} took={:?}",
             self.generation,
             self.programmed.frontends.len(),
+            update.recomputed,
             report.upserted,
             report.removed,
             report.ops,
-            rejected.len(),
+            update.rejected.len(),
             report.errors.len(),
             started.elapsed()
         );
         report
     }
-}
 
-/// An open source.
-enum Source {
-    Dir { dir: source::ManifestDir, fingerprint: source::Fingerprint },
-    Kube(KubeSource),
-}
-
-impl Source {
-    /// Open the source and wait for its complete initial state.
-    async fn open(cfg: &SourceConfig) -> anyhow::Result<Self> {
-        match cfg {
-            SourceConfig::Manifests(path) => {
-                let dir = source::ManifestDir::new(path);
-                let fingerprint = dir.fingerprint()?;
-                Ok(Source::Dir { dir, fingerprint })
-            }
-            SourceConfig::Kube(opts) => {
-                let kube = KubeSource::start(opts).await?;
-                log::info!("waiting for the initial lists of Services, EndpointSlices and Node {}", opts.node_name);
-                kube.wait_ready().await?;
-                Ok(Source::Kube(kube))
-            }
+    /// Log a rejection when it appears and when it goes, not on every sync.
+    fn log_rejected(&mut self, rejected: &[model::Rejected]) {
+        let now: BTreeSet<String> = rejected.iter().map(ToString::to_string).collect();
+        for r in now.difference(&self.rejected) {
+            log::error!("rejected {r}");
         }
-    }
-
-    /// The current objects. Errors name the objects that could not be read;
-    /// `Err` means the source as a whole is unreadable right now.
-    fn snapshot(&self) -> anyhow::Result<source::Snapshot> {
-        let (snap, errors) = match self {
-            Source::Dir { dir, .. } => {
-                let (snap, errors) = dir.read()?;
-                (snap, errors.iter().map(ToString::to_string).collect())
-            }
-            Source::Kube(kube) => kube.snapshot(),
-        };
-        for e in &errors {
-            log::error!("source: {e}");
+        for r in self.rejected.difference(&now) {
+            log::info!("no longer rejected: {r}");
         }
-        Ok(snap)
-    }
-
-    /// Polled sources: has anything changed since last time?
-    fn poll(&mut self) -> bool {
-        match self {
-            Source::Dir { dir, fingerprint } => match dir.fingerprint() {
-                Ok(fp) if fp != *fingerprint => {
-                    *fingerprint = fp;
-                    true
-                }
-                Ok(_) => false,
-                Err(e) => {
-                    log::error!("manifest directory: {e}");
-                    false
-                }
-            },
-            Source::Kube(_) => false,
-        }
-    }
-
-    /// Event-driven sources: resolves on the next change.
-    fn changed(&self) -> Option<Arc<tokio::sync::Notify>> {
-        match self {
-            Source::Dir { .. } => None,
-            Source::Kube(kube) => Some(Arc::clone(&kube.changed)),
-        }
+        self.rejected = now;
     }
 }
 
 /// `dsproxy run`.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    // What can fail without touching the kernel fails first.
+    source::preflight(&cfg.source)?;
     let (mut ebpf, maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
     let programmed = maps.read_back().context("reading pinned state back")?;
     let (verified, xlated) = attach::program_size(&mut ebpf)?;
@@ -167,13 +138,31 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cfg.pin_dir.display(),
         programmed.frontends.len()
     );
-    let mut agent = Agent { maps, programmed, model: model::Cache::default(), full: true, generation: 0 };
+    let mut agent = Agent {
+        maps,
+        programmed,
+        store: Store::default(),
+        model: model::Cache::default(),
+        full: true,
+        generation: 0,
+        rejected: BTreeSet::new(),
+        problems: BTreeMap::new(),
+    };
 
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _source = source::start(&cfg.source, tx).await?;
     // The first sync runs on the complete source, before anything is
     // attached or pruned, so a restart never shrinks a backend set.
-    let mut src = Source::open(&cfg.source).await?;
-    let snap = src.snapshot()?;
-    agent.sync(&snap, &cfg.model);
+    log::info!("waiting for the complete initial state of the source");
+    loop {
+        match rx.recv().await.context("the source ended before its initial state was complete")? {
+            Event::Synced => break,
+            event => {
+                agent.take(event);
+            }
+        }
+    }
+    agent.sync(&cfg.model);
 
     let mut attached = Vec::new();
     attach_new(&mut ebpf, &cfg, &mut attached).context("attaching the datapath")?;
@@ -181,22 +170,23 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(cfg.poll_interval);
-    let notify = src.changed();
     let mut last_sync = Instant::now();
     let mut pending = false;
     loop {
-        let changed = async {
-            match &notify {
-                Some(n) => n.notified().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            () = changed => pending = true,
+            event = rx.recv() => match event {
+                Some(event) => {
+                    pending |= agent.take(event);
+                    // Take everything already queued before syncing.
+                    while let Ok(event) = rx.try_recv() {
+                        pending |= agent.take(event);
+                    }
+                }
+                None => anyhow::bail!("the source stopped"),
+            },
             _ = tick.tick() => {
-                pending |= src.poll();
                 if let Err(e) = attach_new(&mut ebpf, &cfg, &mut attached) {
                     log::error!("attaching: {e}");
                 }
@@ -208,16 +198,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         // Coalesce: at most one sync per min_sync_period.
         if let Some(wait) = cfg.min_sync_period.checked_sub(last_sync.elapsed()) {
             tokio::time::sleep(wait).await;
+            while let Ok(event) = rx.try_recv() {
+                agent.take(event);
+            }
         }
         pending = false;
         last_sync = Instant::now();
-        match src.snapshot() {
-            Ok(snap) => {
-                agent.sync(&snap, &cfg.model);
-            }
-            // Keep what is programmed: an unreadable source is not an empty one.
-            Err(e) => log::error!("source: {e:#}"),
-        }
+        agent.sync(&cfg.model);
     }
     log::info!("exiting; the datapath stays attached (pins under {})", cfg.pin_dir.display());
     Ok(())

@@ -2,11 +2,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
-    agent::{self, RunConfig, SourceConfig},
+    agent::{self, RunConfig},
     attach::{self, Capacities},
-    kube_source,
     maps::Maps,
-    model, source,
+    model,
+    source::{self, SourceConfig, kube, manifests},
 };
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -45,7 +45,8 @@ enum Command {
         /// Least time between two syncs, in milliseconds.
         #[arg(long, default_value_t = 100)]
         min_sync_period_ms: u64,
-        /// How often to look for source and interface changes, in milliseconds.
+        /// How often to look for interface changes (and to poll the manifest
+        /// directory where inotify is not available), in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_interval_ms: u64,
         /// Handle only Services labelled service.kubernetes.io/service-proxy-name=NAME.
@@ -107,11 +108,15 @@ pub fn main() -> anyhow::Result<()> {
             revnat_capacity,
             ct_capacity,
         } => {
+            let poll_interval = Duration::from_millis(poll_interval_ms.max(10));
+            let node_name = node_name.unwrap_or_else(hostname);
             let source = match manifests {
-                Some(dir) => SourceConfig::Manifests(dir),
-                None => SourceConfig::Kube(kube_source::Options {
+                Some(dir) => {
+                    SourceConfig::Manifests(manifests::Options { dir, node_name: Some(node_name), poll_interval })
+                }
+                None => SourceConfig::Kube(kube::Options {
                     kubeconfig,
-                    node_name: node_name.unwrap_or_else(hostname),
+                    node_name,
                     service_proxy_name: service_proxy_name.clone(),
                 }),
             };
@@ -126,7 +131,7 @@ pub fn main() -> anyhow::Result<()> {
                     ct: ct_capacity,
                 },
                 min_sync_period: Duration::from_millis(min_sync_period_ms),
-                poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+                poll_interval,
                 model: model::Config { service_proxy_name },
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(cfg))
@@ -175,21 +180,33 @@ fn status(pin_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn check(dir: &std::path::Path) -> anyhow::Result<()> {
-    let (snap, errors) = source::ManifestDir::new(dir).read()?;
-    let (desired, rejected) = model::desired(&snap.services, &snap.slices, &model::Config::default());
-    for (frontend, spec) in &desired.frontends {
+    let opts = manifests::Options { dir: dir.to_owned(), node_name: None, poll_interval: Duration::from_secs(1) };
+    manifests::preflight(&opts)?;
+    let mut store = crate::store::Store::default();
+    let mut errors = Vec::new();
+    for event in manifests::Dir::new(&opts).initial() {
+        match event {
+            source::Event::Problem { what, reason: Some(reason) } => errors.push(format!("{what}: {reason}")),
+            other => {
+                store.apply(other);
+            }
+        }
+    }
+    let mut cache = model::Cache::default();
+    let update = cache.update(&store, &crate::store::Dirty::All, &model::Config::default());
+    for (frontend, spec) in &cache.desired.frontends {
         let list: Vec<String> = spec.backends.iter().map(ToString::to_string).collect();
         println!("{frontend} ({}) -> [{}]", spec.owner, list.join(", "));
     }
     for e in &errors {
         println!("error: {e}");
     }
-    for r in &rejected {
+    for r in &update.rejected {
         println!("rejected: {r}");
     }
-    if errors.is_empty() && rejected.is_empty() {
+    if errors.is_empty() && update.rejected.is_empty() {
         Ok(())
     } else {
-        anyhow::bail!("{} errors", errors.len() + rejected.len())
+        anyhow::bail!("{} errors", errors.len() + update.rejected.len())
     }
 }

@@ -17,13 +17,18 @@
 //! - a malformed object is rejected alone, with an error naming it.
 use std::{
     borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 pub use crate::types::{Backend, Desired, Family, Frontend, FrontendSpec, Proto};
+use crate::{
+    source::{Event, Object, ObjectKind},
+    store::{Dirty, Store, ns_name},
+};
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -54,10 +59,6 @@ pub struct Rejected {
     /// `namespace/name`.
     pub name: String,
     pub reason: String,
-}
-
-fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
 }
 
 /// One Service port, validated.
@@ -192,15 +193,20 @@ fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints) -> 
     Ok(())
 }
 
-/// Compute the desired frontends. Rejected objects are returned beside the
-/// result; everything else is in it.
+/// Compute the desired frontends from scratch. Rejected objects are
+/// returned beside the result; everything else is in it.
 pub fn desired<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     services: &[S],
     slices: &[E],
     config: &Config,
 ) -> (Desired, Vec<Rejected>) {
+    let mut store = Store::default();
+    let svcs = services.iter().map(|s| Object::Service(Arc::new(s.borrow().clone()))).collect();
+    let sls = slices.iter().map(|s| Object::Slice(Arc::new(s.borrow().clone()))).collect();
+    store.apply(Event::Replace(ObjectKind::Service, svcs));
+    store.apply(Event::Replace(ObjectKind::EndpointSlice, sls));
     let mut cache = Cache::default();
-    let update = cache.update(services, slices, config);
+    let update = cache.update(&store, &Dirty::All, config);
     (cache.desired, update.rejected)
 }
 
@@ -263,21 +269,15 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], config: &Config) ->
     Computed { frontends, rejected }
 }
 
-/// What a Service contributed last time, and the fingerprint of its inputs.
-struct Entry {
-    /// Hash of the resourceVersions of the Service and its slices; `None`
-    /// when an object has none (manifests), which forces a recomputation.
-    key: Option<u64>,
-    computed: Computed,
-}
-
-/// The model, kept between syncs: only Services whose object or slices
-/// changed (by resourceVersion) are recomputed, and the frontends that may
-/// have changed are reported, so a sync costs what changed, not what exists
-/// (kube-proxy's partial sync). `desired` always holds the full state.
+/// The model, kept between syncs: only the Services the store reports
+/// dirty (their object or one of their slices changed) are recomputed, and
+/// the frontends that may have changed are reported, so a sync costs what
+/// changed, not what exists (kube-proxy's partial sync). `desired` always
+/// holds the full state.
 #[derive(Default)]
 pub struct Cache {
-    entries: HashMap<String, Entry>,
+    /// Service (`ns/name`) -> what it contributed last time.
+    entries: HashMap<String, Computed>,
     /// Service (`ns/name`) -> the frontends it holds in `desired`.
     owned: HashMap<String, Vec<Frontend>>,
     /// Services that lost a frontend to another: re-evaluated every time,
@@ -289,66 +289,34 @@ pub struct Cache {
 /// The result of `Cache::update`.
 #[derive(Debug, Default)]
 pub struct Update {
-    /// Frontends that were added, removed or may have new backends.
+    /// Frontends that were added, removed or may have changed.
     pub dirty: BTreeSet<Frontend>,
     /// Every object currently rejected.
     pub rejected: Vec<Rejected>,
-}
-
-fn rv_hash(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let rv = meta.resource_version.as_deref()?;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    meta.namespace.hash(&mut h);
-    meta.name.hash(&mut h);
-    rv.hash(&mut h);
-    Some(h.finish())
+    /// Services recomputed.
+    pub recomputed: usize,
 }
 
 impl Cache {
-    /// Bring `desired` up to date with the objects.
-    pub fn update<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
-        &mut self,
-        services: &[S],
-        slices: &[E],
-        config: &Config,
-    ) -> Update {
-        let mut by_service: HashMap<String, Vec<&EndpointSlice>> = HashMap::new();
-        for slice in slices {
-            let slice = slice.borrow();
-            let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else { continue };
-            let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
-            by_service.entry(format!("{ns}/{svc}")).or_default().push(slice);
-        }
-        let mut update = Update::default();
-        let mut seen: HashSet<String> = HashSet::with_capacity(services.len());
-        let mut changed: Vec<(String, Option<Computed>)> = Vec::new();
-        for svc in services {
-            let svc = svc.borrow();
-            let name = ns_name(&svc.metadata);
-            if !seen.insert(name.clone()) {
-                update.rejected.push(Rejected { kind: "Service", name, reason: "defined more than once".into() });
-                continue;
+    /// Bring `desired` up to date with the Services in `dirty`.
+    pub fn update(&mut self, store: &Store, dirty: &Dirty, config: &Config) -> Update {
+        let mut names: BTreeSet<String> = match dirty {
+            Dirty::None => BTreeSet::new(),
+            Dirty::Services(set) => set.clone(),
+            Dirty::All => store.services().map(|(n, _)| n.clone()).chain(self.entries.keys().cloned()).collect(),
+        };
+        names.extend(self.contenders.iter().cloned());
+        let mut update = Update { recomputed: names.len(), ..Update::default() };
+        let mut changed: Vec<(String, Option<Computed>)> = Vec::with_capacity(names.len());
+        for name in names {
+            match store.service(&name) {
+                Some(svc) => changed.push((name.clone(), Some(compute_service(svc, &store.slices_of(&name), config)))),
+                None => {
+                    if self.entries.remove(&name).is_some() || self.owned.contains_key(&name) {
+                        changed.push((name, None));
+                    }
+                }
             }
-            let mine = by_service.get(&name).map_or(&[][..], Vec::as_slice);
-            // Order-independent: slices come in any order.
-            let key = rv_hash(&svc.metadata)
-                .and_then(|k| mine.iter().try_fold(k, |acc, s| Some(acc.wrapping_add(rv_hash(&s.metadata)?))));
-            let key = key.filter(|_| !self.contenders.contains(&name));
-            if key.is_some() && self.entries.get(&name).is_some_and(|e| e.key == key) {
-                continue;
-            }
-            let computed = compute_service(svc, mine, config);
-            self.entries.insert(
-                name.clone(),
-                Entry { key, computed: Computed { frontends: Vec::new(), rejected: Vec::new() } },
-            );
-            changed.push((name, Some(computed)));
-        }
-        let gone: Vec<String> = self.entries.keys().filter(|n| !seen.contains(*n)).cloned().collect();
-        for name in gone {
-            self.entries.remove(&name);
-            changed.push((name, None));
         }
         // Withdraw every changed Service's frontends first, then place the
         // new ones, so a frontend moving between Services is not refused.
@@ -372,11 +340,12 @@ impl Cache {
                 self.owned.entry(name.clone()).or_default().push(*f);
                 update.dirty.insert(*f);
             }
-            if let Some(e) = self.entries.get_mut(&name) {
-                e.computed = computed;
-            }
+            // Frontends are in `desired` now; keep only the rejections.
+            computed.frontends = Vec::new();
+            self.entries.insert(name, computed);
         }
-        update.rejected.extend(self.entries.values().flat_map(|e| e.computed.rejected.iter().cloned()));
+        update.rejected.extend(self.entries.values().flat_map(|e| e.rejected.iter().cloned()));
+        update.rejected.sort_by(|a, b| (a.kind, &a.name, &a.reason).cmp(&(b.kind, &b.name, &b.reason)));
         update
     }
 }
@@ -697,6 +666,25 @@ mod tests {
         o
     }
 
+    /// The store and the cache between syncs, fed whole lists as a relist
+    /// would feed them.
+    #[derive(Default)]
+    struct Live {
+        store: Store,
+        cache: Cache,
+    }
+
+    impl Live {
+        fn update(&mut self, services: &[Service], slices: &[EndpointSlice], cfg: &Config) -> Update {
+            let svcs = services.iter().map(|s| Object::Service(Arc::new(s.clone()))).collect();
+            let sls = slices.iter().map(|s| Object::Slice(Arc::new(s.clone()))).collect();
+            self.store.apply(Event::Replace(ObjectKind::Service, svcs));
+            self.store.apply(Event::Replace(ObjectKind::EndpointSlice, sls));
+            let dirty = self.store.take_dirty();
+            self.cache.update(&self.store, &dirty, cfg)
+        }
+    }
+
     #[test]
     fn the_cache_recomputes_only_what_changed_and_matches_a_full_computation() {
         let cfg = Config::default();
@@ -708,21 +696,23 @@ mod tests {
             with_rv(slice("db-1", "db", "IPv4", http(8080), &[ep("198.18.5.5", R)]), 1),
         ];
         let services = vec![web, db];
-        let mut cache = Cache::default();
-        let first = cache.update(&services, &slices, &cfg);
+        let mut live = Live::default();
+        let first = live.update(&services, &slices, &cfg);
         assert_eq!(first.dirty.len(), 3, "everything is new");
-        assert!(cache.update(&services, &slices, &cfg).dirty.is_empty(), "nothing changed, nothing dirty");
+        let again = live.update(&services, &slices, &cfg);
+        assert!(again.dirty.is_empty() && again.recomputed == 0, "nothing changed, nothing recomputed");
 
         // One endpoint of db changes (new resourceVersion).
         slices[2] = with_rv(slice("db-1", "db", "IPv4", http(8080), &[ep("198.18.6.6", R)]), 2);
-        let u = cache.update(&services, &slices, &cfg);
+        let u = live.update(&services, &slices, &cfg);
         assert_eq!(u.dirty.iter().map(ToString::to_string).collect::<Vec<_>>(), vec!["198.19.0.11:80/TCP"]);
-        assert_eq!(cache.desired, desired(&services, &slices, &cfg).0, "incremental equals full");
+        assert_eq!(u.recomputed, 1, "only db is recomputed");
+        assert_eq!(live.cache.desired, desired(&services, &slices, &cfg).0, "incremental equals full");
 
         // db goes away.
-        let u = cache.update(&services[..1], &slices, &cfg);
+        let u = live.update(&services[..1], &slices, &cfg);
         assert_eq!(u.dirty.len(), 1);
-        assert_eq!(cache.desired, desired(&services[..1], &slices, &cfg).0);
+        assert_eq!(live.cache.desired, desired(&services[..1], &slices, &cfg).0);
     }
 
     #[test]
@@ -731,12 +721,12 @@ mod tests {
         let a = with_rv(svc("a", &["198.19.0.10"], &["IPv4"], web_ports()), 1);
         let b = with_rv(svc("b", &["198.19.0.10"], &["IPv4"], web_ports()), 1);
         let none: &[EndpointSlice] = &[];
-        let mut cache = Cache::default();
-        let u = cache.update(&[a.clone(), b.clone()], none, &cfg);
+        let mut live = Live::default();
+        let u = live.update(&[a.clone(), b.clone()], none, &cfg);
         assert_eq!(u.rejected.len(), 1);
-        let u = cache.update(&[b], none, &cfg);
+        let u = live.update(&[b], none, &cfg);
         assert!(u.rejected.is_empty(), "{:?}", u.rejected);
-        assert_eq!(cache.desired.frontends.values().next().map(|s| s.owner.as_str()), Some("default/b:http"));
+        assert_eq!(live.cache.desired.frontends.values().next().map(|s| s.owner.as_str()), Some("default/b:http"));
     }
 
     #[test]
@@ -745,7 +735,7 @@ mod tests {
         let mut rng = crate::rand::XorShift::new(0x1234_5678_9abc_def1);
         let mut rnd = move |n: u64| rng.below(n);
         let mut rv = 1;
-        let mut cache = Cache::default();
+        let mut live = Live::default();
         let mut services: Vec<Service> = Vec::new();
         let mut slices: Vec<EndpointSlice> = Vec::new();
         for _ in 0..300 {
@@ -770,14 +760,15 @@ mod tests {
                     slices.push(s);
                 }
             }
-            let u = cache.update(&services, &slices, &cfg);
+            let u = live.update(&services, &slices, &cfg);
             let (full, rejected) = desired(&services, &slices, &cfg);
+            let cached = &live.cache.desired.frontends;
             // Which contender holds a shared VIP may differ; the set of
             // frontends and their backends, when owned alike, may not.
-            assert_eq!(cache.desired.frontends.keys().collect::<Vec<_>>(), full.frontends.keys().collect::<Vec<_>>());
+            assert_eq!(cached.keys().collect::<Vec<_>>(), full.frontends.keys().collect::<Vec<_>>());
             for (f, spec) in &full.frontends {
-                if cache.desired.frontends[f].owner == spec.owner {
-                    assert_eq!(cache.desired.frontends[f], *spec, "{f}");
+                if cached[f].owner == spec.owner {
+                    assert_eq!(cached[f], *spec, "{f}");
                 }
             }
             assert_eq!(u.rejected.len(), rejected.len(), "{:?} vs {rejected:?}", u.rejected);

@@ -4,6 +4,7 @@
 use std::{
     net::IpAddr,
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -11,6 +12,8 @@ use dsproxy::{
     attach::{self, Capacities},
     diff::Programmed,
     model::{self, Config},
+    source::{Event, Object, ObjectKind},
+    store::Store,
     sync,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -110,8 +113,18 @@ pub fn measure(agent: &std::path::Path, plan: &super::Plan, nft_services: usize)
     let (_ebpf, mut maps) = attach::load(&bpf.pin_dir(), &caps).expect("load datapath");
     let cfg = Config::default();
     let mut cache = model::Cache::default();
+    let mut store = Store::default();
     let t = Instant::now();
-    let update = cache.update(&services, &slices, &cfg);
+    store.apply(Event::Replace(
+        ObjectKind::Service,
+        services.iter().map(|s| Object::Service(Arc::new(s.clone()))).collect(),
+    ));
+    store.apply(Event::Replace(
+        ObjectKind::EndpointSlice,
+        slices.iter().map(|s| Object::Slice(Arc::new(s.clone()))).collect(),
+    ));
+    let dirty = store.take_dirty();
+    let update = cache.update(&store, &dirty, &cfg);
     let cold_model = t.elapsed();
     assert!(update.rejected.is_empty(), "{:?}", update.rejected);
     let mut prog = Programmed::default();
@@ -121,11 +134,14 @@ pub fn measure(agent: &std::path::Path, plan: &super::Plan, nft_services: usize)
     assert!(report.errors.is_empty(), "{:?}", &report.errors[..report.errors.len().min(3)]);
     let bpf_bytes = bpf_map_memory();
 
-    // The part of a change that does not depend on the change: the model
-    // scans every object for changed resourceVersions.
+    // The part of a change that does not depend on the change: a sync
+    // with nothing changed.
     let t = Instant::now();
-    let idle = cache.update(&services, &slices, &cfg);
+    let dirty = store.take_dirty();
+    let idle = cache.update(&store, &dirty, &cfg);
+    let r = sync::sync_dirty(&mut maps, &mut prog, &cache.desired, &idle.dirty);
     let scan = t.elapsed();
+    assert_eq!(r.ops, 0);
     assert!(idle.dirty.is_empty(), "nothing changed");
     let mut lat = Vec::with_capacity(changes);
     for c in 0..changes {
@@ -135,7 +151,9 @@ pub fn measure(agent: &std::path::Path, plan: &super::Plan, nft_services: usize)
         slices[j].endpoints[0].addresses = vec![fake_endpoint(n + c, 0, per, v6).to_string()];
         slices[j].metadata.resource_version = Some((2 + c).to_string());
         let t = Instant::now();
-        let update = cache.update(&services, &slices, &cfg);
+        store.apply(Event::Apply(Object::Slice(Arc::new(slices[j].clone()))));
+        let dirty = store.take_dirty();
+        let update = cache.update(&store, &dirty, &cfg);
         let r = sync::sync_dirty(&mut maps, &mut prog, &cache.desired, &update.dirty);
         lat.push(ms(t.elapsed()));
         assert!(r.errors.is_empty() && r.upserted <= 1, "at most one frontend changes: {r:?}");

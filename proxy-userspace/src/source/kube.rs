@@ -1,0 +1,284 @@
+//! The Kubernetes API source: kube-rs watchers for Services, EndpointSlices
+//! and this node's Node object, their events handed over as changes.
+//!
+//! - The list/watch calls carry kube-proxy's label selector: Services and
+//!   slices labelled `service.kubernetes.io/service-proxy-name` (another
+//!   proxy's) or `service.kubernetes.io/headless` are not even fetched.
+//! - A (re)list arrives as `Relisting(kind)` then one `Replace(kind, ...)`;
+//!   watch events as `Apply`/`Delete`. Watchers relist after errors and
+//!   `410 Gone` on their own, with backoff; the agent keeps the last
+//!   complete state meanwhile, so a connection problem never touches the
+//!   datapath.
+//! - Objects that fail to deserialize are kept out by `DeserializeGuard` and
+//!   reported by name, without ending the stream; their last good version
+//!   stays.
+//! - Only what the model reads is kept of each object (`slim_*`): managed
+//!   fields, most annotations and the Node's status bulk are dropped as
+//!   they arrive.
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    core::{DeserializeGuard, Resource},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::task::JoinHandle;
+
+use super::{Event, Object, ObjectKey, ObjectKind, Sender};
+use crate::model::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
+
+/// kube-proxy's label for headless Services' slices (`v1.IsHeadlessService`).
+const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// Annotations the model reads; every other one is dropped on arrival.
+const KEPT_ANNOTATIONS: [&str; 2] =
+    ["service.kubernetes.io/topology-mode", "service.kubernetes.io/topology-aware-hints"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
+    #[error(
+        "in-cluster configuration: {0} (is {env} set? A DaemonSet gets it from the API server's address in \
+         the dsproxy ConfigMap, see deploy/)",
+        env = "KUBERNETES_SERVICE_HOST"
+    )]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to reach the API server and what to select.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A kubeconfig file; `None` means in-cluster configuration.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (the Node object to watch).
+    pub node_name: String,
+    /// `--service-proxy-name`.
+    pub service_proxy_name: Option<String>,
+}
+
+/// Fail early on a configuration that cannot work: a kubeconfig that does
+/// not read, or missing in-cluster variables.
+pub fn preflight(opts: &Options) -> Result<()> {
+    match &opts.kubeconfig {
+        Some(path) => {
+            Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig { path: path.clone(), source })?;
+        }
+        None => {
+            Config::incluster()?;
+        }
+    }
+    Ok(())
+}
+
+/// The label selector kube-proxy puts on its Service and EndpointSlice
+/// informers, with `--service-proxy-name` as Cilium does it.
+pub fn label_selector(service_proxy_name: Option<&str>) -> String {
+    match service_proxy_name {
+        None => format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"),
+        Some(name) => format!("{LABEL_SERVICE_PROXY_NAME}={name},!{LABEL_HEADLESS}"),
+    }
+}
+
+/// The watchers, running in the background until dropped.
+pub struct KubeSource {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Keep only what the model reads of a Service.
+fn slim_service(svc: &mut Service) {
+    slim_meta(&mut svc.metadata);
+    svc.status = svc.status.take().filter(|s| s.load_balancer.is_some());
+}
+
+/// Keep only what the model reads of an EndpointSlice.
+fn slim_slice(slice: &mut EndpointSlice) {
+    slim_meta(&mut slice.metadata);
+    for ep in &mut slice.endpoints {
+        ep.target_ref = None;
+        ep.hostname = None;
+        ep.deprecated_topology = None;
+    }
+}
+
+/// Keep only what the model reads of the Node: labels, addresses, deletion.
+fn slim_node(node: &mut Node) {
+    slim_meta(&mut node.metadata);
+    node.spec = None;
+    if let Some(status) = &mut node.status {
+        *status = k8s_openapi::api::core::v1::NodeStatus { addresses: status.addresses.take(), ..Default::default() };
+    }
+}
+
+fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.annotations = meta.annotations.take().and_then(|mut a| {
+        a.retain(|k, _| KEPT_ANNOTATIONS.contains(&k.as_str()));
+        (!a.is_empty()).then_some(a)
+    });
+}
+
+/// An object that could not be read, by name.
+fn problem<K: Resource<DynamicType = ()>>(invalid: &kube::core::error_boundary::InvalidObject) -> Event {
+    let ns = invalid.metadata.namespace.as_deref().unwrap_or("");
+    let name = invalid.metadata.name.as_deref().unwrap_or("");
+    let what = if ns.is_empty() { format!("{} {name}", K::kind(&())) } else { format!("{} {ns}/{name}", K::kind(&())) };
+    Event::Problem { what, reason: Some(format!("unreadable, its last good version stays: {}", invalid.error)) }
+}
+
+/// One kind's watcher: what it is, how to wrap and slim its objects.
+struct Watched<K> {
+    kind: ObjectKind,
+    wrap: fn(K) -> Object,
+    slim: fn(&mut K),
+}
+
+impl<K> Clone for Watched<K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K> Copy for Watched<K> {}
+
+/// Run a watcher for `K`, sending its events; `synced` counts the kinds
+/// that have had their first complete list, and the last of them sends
+/// `Synced`.
+fn spawn_watch<K>(
+    api: Api<DeserializeGuard<K>>,
+    config: watcher::Config,
+    tx: Sender,
+    k: Watched<K>,
+    synced: Arc<AtomicUsize>,
+) -> JoinHandle<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let stream = watcher(api, config).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut listing: Vec<Object> = Vec::new();
+        let mut first = true;
+        let send = |e: Event| tx.send(e).is_ok();
+        while let Some(event) = stream.next().await {
+            use watcher::Event as W;
+            let ok = match event {
+                Ok(W::Init) => {
+                    listing.clear();
+                    send(Event::Relisting(k.kind))
+                }
+                Ok(W::InitApply(DeserializeGuard(Ok(mut obj)))) => {
+                    (k.slim)(&mut obj);
+                    listing.push((k.wrap)(obj));
+                    true
+                }
+                Ok(W::InitDone) => {
+                    let ok = send(Event::Replace(k.kind, std::mem::take(&mut listing)));
+                    if first {
+                        first = false;
+                        if synced.fetch_add(1, Ordering::SeqCst) + 1 == ObjectKind::ALL.len() {
+                            send(Event::Synced);
+                        }
+                    }
+                    ok
+                }
+                Ok(W::Apply(DeserializeGuard(Ok(mut obj)))) => {
+                    (k.slim)(&mut obj);
+                    send(Event::Apply((k.wrap)(obj)))
+                }
+                Ok(W::Delete(guard)) => {
+                    let meta = match &guard.0 {
+                        Ok(obj) => obj.meta().clone(),
+                        Err(invalid) => invalid.metadata.clone(),
+                    };
+                    let namespace = match k.kind {
+                        ObjectKind::Node => String::new(),
+                        _ => meta.namespace.unwrap_or_else(|| "default".into()),
+                    };
+                    send(Event::Delete(ObjectKey { kind: k.kind, namespace, name: meta.name.unwrap_or_default() }))
+                }
+                Ok(W::InitApply(DeserializeGuard(Err(invalid))) | W::Apply(DeserializeGuard(Err(invalid)))) => {
+                    send(problem::<K>(&invalid))
+                }
+                // The watcher relists by itself (410 Gone included); the
+                // agent keeps the last complete state meanwhile.
+                Err(e) => {
+                    log::warn!("{} watch: {e}; retrying", k.kind.name());
+                    true
+                }
+            };
+            if !ok {
+                return; // the agent is gone
+            }
+        }
+    })
+}
+
+impl KubeSource {
+    /// Connect and start the watchers; events go to `tx`.
+    pub async fn start(opts: &Options, tx: Sender) -> Result<Self> {
+        let config = match &opts.kubeconfig {
+            Some(path) => {
+                let err = |source| Error::Kubeconfig { path: path.clone(), source };
+                let kc = Kubeconfig::read_from(path).map_err(err)?;
+                Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(err)?
+            }
+            None => Config::incluster()?,
+        };
+        let client = Client::try_from(config)?;
+        let labels = label_selector(opts.service_proxy_name.as_deref());
+        let cfg = watcher::Config::default().labels(&labels);
+        let slice_cfg = cfg.clone().labels(&format!("{labels},{LABEL_SERVICE_NAME}"));
+        let node_cfg = watcher::Config::default().fields(&format!("metadata.name={}", opts.node_name));
+        let synced = Arc::new(AtomicUsize::new(0));
+        let tasks = vec![
+            spawn_watch(
+                Api::<DeserializeGuard<Service>>::all(client.clone()),
+                cfg,
+                tx.clone(),
+                Watched { kind: ObjectKind::Service, wrap: |o| Object::Service(Arc::new(o)), slim: slim_service },
+                Arc::clone(&synced),
+            ),
+            spawn_watch(
+                Api::<DeserializeGuard<EndpointSlice>>::all(client.clone()),
+                slice_cfg,
+                tx.clone(),
+                Watched { kind: ObjectKind::EndpointSlice, wrap: |o| Object::Slice(Arc::new(o)), slim: slim_slice },
+                Arc::clone(&synced),
+            ),
+            spawn_watch(
+                Api::<DeserializeGuard<Node>>::all(client),
+                node_cfg,
+                tx,
+                Watched { kind: ObjectKind::Node, wrap: |o| Object::Node(Arc::new(o)), slim: slim_node },
+                synced,
+            ),
+        ];
+        Ok(Self { tasks })
+    }
+}

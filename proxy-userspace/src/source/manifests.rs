@@ -1,0 +1,630 @@
+//! The manifest-directory source: YAML or JSON files (`*.yaml`, `*.yml`,
+//! `*.json`), several documents per file, `List` objects included.
+//!
+//! Rules, each with a test below:
+//! - **A file is taken whole or not at all.** A file that cannot be read
+//!   (permission, symlink loop, a directory, too large) or parsed (bad YAML,
+//!   a document that is not a readable object) keeps the objects it
+//!   contributed last time, and the problem is reported once by file name.
+//!   Only a successfully parsed file changes what it contributed.
+//! - **Writers should rename into place** (write `x.yaml.tmp`, then rename
+//!   it to `x.yaml`). A file rewritten in place is read when the writer
+//!   closes it (inotify `IN_CLOSE_WRITE`), never in the middle.
+//! - **One definition per object.** When two files define the same object
+//!   (kind, namespace, name), the definition already held stays; the other
+//!   is reported naming both files and takes over only when the holder's
+//!   file stops defining it.
+//! - **Only changed files are read.** inotify names them; without inotify
+//!   (or after it overflowed) the directory is polled and a file is read
+//!   once its size and time stayed the same for two polls.
+//! - **Bounded parsing.** Files over `MAX_FILE_BYTES`, or nested deeper than
+//!   `MAX_DEPTH`, are refused before they can cost much.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use notify::Watcher as _;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::{Event, Object, ObjectKey, ObjectKind, Sender};
+
+/// Largest manifest file read.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+/// Deepest nesting of YAML collections accepted (Kubernetes objects need
+/// about a dozen levels).
+pub const MAX_DEPTH: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("manifest directory {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("manifest directory {path} is not a directory")]
+    NotADir { path: PathBuf },
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("{path} document {doc}: {reason}")]
+    Document { path: PathBuf, doc: usize, reason: String },
+}
+
+/// How to read the directory.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dir: PathBuf,
+    /// This node's name: the Node object of that name, if a file holds one,
+    /// is the node's context (topology, node addresses).
+    pub node_name: Option<String>,
+    /// How often to poll when inotify is not available (and to look at
+    /// symlinked files, whose targets inotify does not watch).
+    pub poll_interval: Duration,
+}
+
+/// Fail early when the directory cannot be used at all.
+pub fn preflight(opts: &Options) -> Result<(), Error> {
+    let meta = fs::metadata(&opts.dir).map_err(|source| Error::Dir { path: opts.dir.clone(), source })?;
+    if !meta.is_dir() {
+        return Err(Error::NotADir { path: opts.dir.clone() });
+    }
+    Ok(())
+}
+
+fn is_manifest(p: &Path) -> bool {
+    let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+    !hidden && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+/// What identifies one version of a file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    mtime_ns: i128,
+    ino: u64,
+    ctime_ns: i128,
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let m = fs::metadata(path).ok()?;
+    Some(Fingerprint {
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ino: m.ino(),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
+}
+
+/// Parse one file's text: every document must be a readable object (or
+/// empty, or a kind this agent does not read); otherwise the whole file
+/// fails with the first problem.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, Error> {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    budget.max_documents = 1 << 20;
+    budget.max_nodes = 1 << 26;
+    budget.max_events = 1 << 27;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, options)
+        .map_err(|e| Error::File { path: path.to_owned(), reason: format!("not valid YAML: {e}") })?;
+    let mut out = Vec::new();
+    for (doc, value) in docs.into_iter().enumerate() {
+        if value.is_null() {
+            continue;
+        }
+        add_object(value, &mut out).map_err(|reason| Error::Document { path: path.to_owned(), doc, reason })?;
+    }
+    Ok(out)
+}
+
+fn add_object(json: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String> {
+    let api_version = json.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let kind = json.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let name = json.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or("<unnamed>").to_owned();
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => {
+            let svc = serde_json::from_value(json).map_err(|e| format!("Service {name}: {e}"))?;
+            out.push(Object::Service(Arc::new(svc)));
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let slice = serde_json::from_value(json).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
+            out.push(Object::Slice(Arc::new(slice)));
+        }
+        ("v1", "Node") => {
+            let node = serde_json::from_value(json).map_err(|e| format!("Node {name}: {e}"))?;
+            out.push(Object::Node(Arc::new(node)));
+        }
+        (_, kind) if kind == "List" || kind.ends_with("List") => {
+            let items = json.get("items").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+            for (i, item) in items.into_iter().enumerate() {
+                add_object(item, out).map_err(|e| format!("items[{i}]: {e}"))?;
+            }
+        }
+        ("", _) | (_, "") => return Err("not a Kubernetes object (no apiVersion or kind)".into()),
+        // Other kinds (Deployments, ConfigMaps, ...) are not ours.
+        _ => log::debug!("ignoring {api_version} {kind} {name}"),
+    }
+    Ok(())
+}
+
+/// What one file contributes.
+#[derive(Default)]
+struct FileState {
+    /// The version last looked at (`None`: not read yet).
+    seen: Option<Fingerprint>,
+    /// A version seen by a poll but not read yet (debounce).
+    pending: Option<Fingerprint>,
+    /// The objects of the last successful parse, by key.
+    objects: BTreeMap<ObjectKey, Object>,
+}
+
+/// The directory's state: which file contributes what, and which file
+/// holds each object. Pure apart from reading files; `Watch` drives it.
+pub struct Dir {
+    path: PathBuf,
+    node_name: Option<String>,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Object -> the file whose definition is in effect.
+    holder: HashMap<ObjectKey, PathBuf>,
+    /// Problems reported so far, by what they are about.
+    problems: BTreeMap<String, String>,
+}
+
+/// How a scan decides which files to read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ScanMode {
+    /// Read every file whose fingerprint changed (start, inotify events).
+    Changed,
+    /// Read a changed file only once two polls saw the same fingerprint.
+    Debounced,
+}
+
+impl Dir {
+    pub fn new(opts: &Options) -> Self {
+        Self {
+            path: opts.dir.clone(),
+            node_name: opts.node_name.clone(),
+            files: BTreeMap::new(),
+            holder: HashMap::new(),
+            problems: BTreeMap::new(),
+        }
+    }
+
+    /// The first complete state: `Replace` per kind, problems, `Synced`.
+    pub fn initial(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        self.scan(None, ScanMode::Changed, &mut events);
+        // Everything so far is an Apply: fold them into one Replace per kind.
+        let mut by_kind: BTreeMap<ObjectKind, Vec<Object>> = ObjectKind::ALL.iter().map(|k| (*k, vec![])).collect();
+        let mut rest = Vec::new();
+        for e in events {
+            match e {
+                Event::Apply(o) => by_kind.entry(o.kind()).or_default().push(o),
+                other => rest.push(other),
+            }
+        }
+        let mut out: Vec<Event> = by_kind.into_iter().map(|(k, objs)| Event::Replace(k, objs)).collect();
+        out.extend(rest);
+        out.push(Event::Synced);
+        out
+    }
+
+    /// Look at `only` (or every manifest file) and append the changes.
+    pub fn scan(&mut self, only: Option<&BTreeSet<PathBuf>>, mode: ScanMode, events: &mut Vec<Event>) {
+        let mut problems = self.problems.clone();
+        let listed = match self.list() {
+            Ok(files) => {
+                problems.remove(&self.dir_label());
+                files
+            }
+            Err(e) => {
+                // An unreadable directory is not an empty one: keep everything.
+                problems.insert(self.dir_label(), e.to_string());
+                self.report(problems, events);
+                return;
+            }
+        };
+        let mut paths: BTreeSet<PathBuf> = match only {
+            Some(only) => only.iter().filter(|p| is_manifest(p)).cloned().collect(),
+            None => listed.iter().cloned().chain(self.files.keys().cloned()).collect(),
+        };
+        paths.retain(|p| p.parent() == Some(self.path.as_path()));
+        for path in paths {
+            if !listed.contains(&path) {
+                if self.files.contains_key(&path) {
+                    self.set_file(&path, BTreeMap::new(), events);
+                    self.files.remove(&path);
+                }
+                problems.retain(|what, _| !what.starts_with(&label(&path)));
+                continue;
+            }
+            let fp = fingerprint(&path);
+            let state = self.files.entry(path.clone()).or_default();
+            if fp.is_some() && fp == state.seen && !problems.contains_key(&label(&path)) {
+                continue;
+            }
+            if mode == ScanMode::Debounced && fp.is_some() && state.pending != fp {
+                state.pending = fp;
+                continue;
+            }
+            state.pending = None;
+            state.seen = fp;
+            match read(&path) {
+                Ok(objects) => {
+                    problems.remove(&label(&path));
+                    let objects = objects.into_iter().filter(|o| self.wanted(o)).map(|o| (o.key(), o)).collect();
+                    self.set_file(&path, objects, events);
+                }
+                Err(e) => {
+                    // Keep what the file contributed last time; say so once.
+                    let kept = self.files.get(&path).map_or(0, |s| s.objects.len());
+                    problems.insert(label(&path), format!("{e}; keeping its last good objects ({kept})"));
+                }
+            }
+        }
+        self.duplicates(&mut problems);
+        self.report(problems, events);
+    }
+
+    fn dir_label(&self) -> String {
+        format!("manifest directory {}", self.path.display())
+    }
+
+    fn list(&self) -> Result<BTreeSet<PathBuf>, Error> {
+        let err = |source| Error::Dir { path: self.path.clone(), source };
+        let mut out = BTreeSet::new();
+        for entry in fs::read_dir(&self.path).map_err(err)? {
+            let path = entry.map_err(err)?.path();
+            if is_manifest(&path) {
+                out.insert(path);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Only this node's Node object is read; every Service and slice is.
+    fn wanted(&self, o: &Object) -> bool {
+        match o {
+            Object::Node(n) => self.node_name.is_some() && n.metadata.name == self.node_name,
+            _ => true,
+        }
+    }
+
+    /// Make `objects` what `path` contributes, appending the changes in effect.
+    fn set_file(&mut self, path: &Path, objects: BTreeMap<ObjectKey, Object>, events: &mut Vec<Event>) {
+        let old = std::mem::take(&mut self.files.entry(path.to_owned()).or_default().objects);
+        for key in old.keys().filter(|k| !objects.contains_key(*k)) {
+            if self.holder.get(key).map(PathBuf::as_path) != Some(path) {
+                continue;
+            }
+            // The holder let go: the next file defining it takes over.
+            let next = self.files.iter().find(|(p, s)| p.as_path() != path && s.objects.contains_key(key));
+            if let Some((p, s)) = next {
+                events.push(Event::Apply(s.objects[key].clone()));
+                self.holder.insert(key.clone(), p.clone());
+            } else {
+                events.push(Event::Delete(key.clone()));
+                self.holder.remove(key);
+            }
+        }
+        for (key, obj) in &objects {
+            match self.holder.get(key) {
+                None => {
+                    self.holder.insert(key.clone(), path.to_owned());
+                    events.push(Event::Apply(obj.clone()));
+                }
+                Some(p) if p == path => {
+                    if old.get(key) != Some(obj) {
+                        events.push(Event::Apply(obj.clone()));
+                    }
+                }
+                Some(_) => {} // a duplicate: reported by `duplicates`
+            }
+        }
+        self.files.get_mut(path).expect("entry made above").objects = objects;
+    }
+
+    /// Report every object defined by a file other than its holder.
+    fn duplicates(&self, problems: &mut BTreeMap<String, String>) {
+        problems.retain(|what, _| !what.contains(": duplicate "));
+        for (path, state) in &self.files {
+            for key in state.objects.keys() {
+                if let Some(holder) = self.holder.get(key).filter(|h| *h != path) {
+                    problems.insert(
+                        format!("{}: duplicate {key}", label(path)),
+                        format!("{key} is defined more than once; the definition in {} stays", holder.display()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Emit the difference between the problems reported and `now`.
+    fn report(&mut self, now: BTreeMap<String, String>, events: &mut Vec<Event>) {
+        for (what, reason) in &now {
+            if self.problems.get(what) != Some(reason) {
+                events.push(Event::Problem { what: what.clone(), reason: Some(reason.clone()) });
+            }
+        }
+        for what in self.problems.keys().filter(|w| !now.contains_key(*w)) {
+            events.push(Event::Problem { what: what.clone(), reason: None });
+        }
+        self.problems = now;
+    }
+}
+
+fn label(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Read and parse one file, refusing what is too large before reading it.
+fn read(path: &Path) -> Result<Vec<Object>, Error> {
+    let err = |reason: String| Error::File { path: path.to_owned(), reason };
+    let meta = fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(err(format!("{} bytes, more than the {MAX_FILE_BYTES} a manifest may have", meta.len())));
+    }
+    let text = fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    parse_file(path, &text)
+}
+
+/// The running source: a task that turns file changes into events.
+pub struct Watch {
+    task: JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Watch {
+    /// Read the directory, send its complete state, then follow it.
+    pub fn start(opts: &Options, tx: Sender) -> Result<Self, Error> {
+        preflight(opts)?;
+        let mut dir = Dir::new(opts);
+        for e in dir.initial() {
+            let _ = tx.send(e);
+        }
+        let (ntx, mut nrx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+        let watcher = notify::recommended_watcher(move |ev| {
+            // The receiver is gone only when the source is dropped.
+            let _ = ntx.send(ev);
+        })
+        .and_then(|mut w| w.watch(&opts.dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+        let inotify = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("manifest directory {}: no inotify ({e}); polling instead", opts.dir.display());
+                None
+            }
+        };
+        let poll = opts.poll_interval;
+        let task = tokio::spawn(async move {
+            let polling = inotify.is_none();
+            // Keep the watcher alive as long as the task.
+            let _inotify = inotify;
+            let mut tick = tokio::time::interval(poll);
+            loop {
+                let mut events = Vec::new();
+                tokio::select! {
+                    Some(ev) = nrx.recv() => {
+                        let mut paths = BTreeSet::new();
+                        let mut rescan = false;
+                        for ev in std::iter::once(ev).chain(std::iter::from_fn(|| nrx.try_recv().ok())) {
+                            match ev {
+                                Ok(ev) if ev.need_rescan() => rescan = true,
+                                Ok(ev) => paths.extend(settled(ev)),
+                                Err(e) => {
+                                    log::warn!("manifest directory: inotify: {e}; rescanning");
+                                    rescan = true;
+                                }
+                            }
+                        }
+                        if rescan {
+                            dir.scan(None, ScanMode::Debounced, &mut events);
+                        } else if !paths.is_empty() {
+                            dir.scan(Some(&paths), ScanMode::Changed, &mut events);
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if polling {
+                            dir.scan(None, ScanMode::Debounced, &mut events);
+                        } else {
+                            // inotify does not see changes behind symlinks.
+                            let links = dir.symlinks();
+                            if !links.is_empty() {
+                                dir.scan(Some(&links), ScanMode::Debounced, &mut events);
+                            }
+                        }
+                    }
+                }
+                for e in events {
+                    if tx.send(e).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Self { task })
+    }
+}
+
+impl Dir {
+    /// Manifest files that are symlinks.
+    fn symlinks(&self) -> BTreeSet<PathBuf> {
+        self.files.keys().filter(|p| p.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink())).cloned().collect()
+    }
+}
+
+/// The paths of an inotify event whose content is complete or gone: a
+/// write that ended (close), a rename into place, a removal, a permission
+/// change, or a new symlink (which has no close). Plain modifications and
+/// new regular files are left alone: a file is read when its writer
+/// closes it, never in the middle.
+fn settled(ev: notify::Event) -> Vec<PathBuf> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Remove(_)
+        | EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Metadata(_)) => ev.paths,
+        EventKind::Create(_) => {
+            ev.paths.into_iter().filter(|p| p.symlink_metadata().is_ok_and(|m| !m.file_type().is_file())).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [198.18.2.2]}]\nports: [{port: 8080}]\n";
+
+    #[test]
+    fn reads_multi_document_files_and_lists() {
+        let text = format!(
+            "{SVC}---\n{SLICE}---\n# empty\n---\napiVersion: v1\nkind: List\nitems:\n- {{apiVersion: v1, kind: Service, metadata: {{name: other}}, spec: {{clusterIP: 198.19.0.11}}}}\n"
+        );
+        let objs = parse_file(Path::new("x.yaml"), &text).expect("parses");
+        assert_eq!(objs.iter().filter(|o| o.kind() == ObjectKind::Service).count(), 2);
+        assert_eq!(objs.iter().filter(|o| o.kind() == ObjectKind::EndpointSlice).count(), 1);
+    }
+
+    #[test]
+    fn a_bad_document_fails_the_file_naming_file_and_document() {
+        let text = format!(
+            "{SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\nspec: {{ports: 7}}\n---\n{SLICE}---\nkind: Deployment\napiVersion: apps/v1\n"
+        );
+        let e = parse_file(Path::new("x.yaml"), &text).expect_err("a bad document").to_string();
+        assert!(e.contains("x.yaml document 1") && e.contains("Service bad"), "{e}");
+        let e = parse_file(Path::new("y.yaml"), "foo: bar\n").expect_err("not an object").to_string();
+        assert!(e.contains("not a Kubernetes object"), "{e}");
+    }
+
+    #[test]
+    fn invalid_yaml_is_an_error_not_an_empty_file() {
+        let e = parse_file(Path::new("x.yaml"), "apiVersion: v1\nkind: [unclosed\n").expect_err("bad YAML");
+        assert!(e.to_string().contains("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let started = std::time::Instant::now();
+        let e = parse_file(Path::new("deep.yaml"), &deep).expect_err("too deep");
+        assert!(e.to_string().contains("not valid YAML"), "{e}");
+        // Not a timed test of speed: a guard against the quadratic blow-up
+        // (seconds) this replaced; the bound is two orders above the cost.
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    }
+
+    struct TmpDir(PathBuf);
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmp() -> (TmpDir, Dir) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("dsproxy-manifests-unit-{}-{n}", std::process::id()));
+        fs::create_dir_all(&p).expect("mkdir");
+        let opts = Options { dir: p.clone(), node_name: None, poll_interval: Duration::from_millis(10) };
+        (TmpDir(p), Dir::new(&opts))
+    }
+
+    fn svc(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: app}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    fn summary(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::Apply(o) => format!("apply {}", o.key()),
+                Event::Delete(k) => format!("delete {k}"),
+                Event::Replace(k, objs) => format!("replace {} {}", k.name(), objs.len()),
+                Event::Problem { what, reason: Some(r) } => format!("problem {what}: {r}"),
+                Event::Problem { what, reason: None } => format!("resolved {what}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn scan(d: &mut Dir) -> Vec<String> {
+        let mut ev = Vec::new();
+        d.scan(None, ScanMode::Changed, &mut ev);
+        summary(&ev)
+    }
+
+    #[test]
+    fn an_unreadable_or_broken_file_keeps_its_last_good_objects() {
+        let (t, mut d) = tmp();
+        let f = t.0.join("a.yaml");
+        fs::write(&f, svc("good", "198.19.0.10")).expect("write");
+        assert_eq!(summary(&d.initial())[0], "replace Service 1");
+        // Half written (in place): the YAML breaks off mid-document.
+        fs::write(&f, "apiVersion: v1\nkind: Service\nmetadata: {name: good, namesp").expect("write");
+        let s = scan(&mut d);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert!(s[0].starts_with(&format!("problem {}", f.display())) && s[0].contains("keeping"), "{s:?}");
+        assert!(scan(&mut d).is_empty(), "reported once, not on every scan");
+        // A directory and a symlink loop in its place: still kept.
+        fs::remove_file(&f).expect("rm");
+        std::os::unix::fs::symlink(&f, &f).expect("symlink loop");
+        let s = scan(&mut d);
+        assert!(s.iter().all(|l| l.starts_with("problem")), "the object is kept: {s:?}");
+        fs::remove_file(&f).expect("rm");
+        fs::create_dir(&f).expect("a directory named a.yaml");
+        let s = scan(&mut d);
+        assert!(s.iter().all(|l| l.starts_with("problem") && l.contains("not a regular file")), "{s:?}");
+        fs::remove_dir(&f).expect("rmdir");
+        // Fixed: the new content applies and the problem clears.
+        fs::write(&f, svc("good", "198.19.0.12")).expect("write");
+        let s = scan(&mut d);
+        assert!(s.contains(&"apply Service app/good".to_owned()), "{s:?}");
+        assert!(s.iter().any(|l| l.starts_with("resolved")), "{s:?}");
+        // Removed for real: its objects go.
+        fs::remove_file(&f).expect("rm");
+        assert_eq!(scan(&mut d), vec!["delete Service app/good"]);
+    }
+
+    #[test]
+    fn the_first_definition_stays_and_a_duplicate_names_both_files() {
+        let (t, mut d) = tmp();
+        fs::write(t.0.join("a.yaml"), svc("web", "198.19.0.10")).expect("write");
+        d.initial();
+        fs::write(t.0.join("b.yaml"), svc("web", "198.19.0.99")).expect("write");
+        let s = scan(&mut d);
+        assert_eq!(s.len(), 1, "no change in effect, one problem: {s:?}");
+        assert!(s[0].contains("b.yaml: duplicate Service app/web") && s[0].contains("a.yaml stays"), "{s:?}");
+        // The holder lets go: the duplicate takes over.
+        fs::write(t.0.join("a.yaml"), "").expect("write");
+        let s = scan(&mut d);
+        assert!(s.contains(&"apply Service app/web".to_owned()), "{s:?}");
+        assert!(s.iter().any(|l| l.starts_with("resolved") && l.contains("b.yaml")), "{s:?}");
+    }
+
+    #[test]
+    fn polling_reads_a_file_only_once_it_stopped_changing() {
+        let (t, mut d) = tmp();
+        d.initial();
+        fs::write(t.0.join("a.yaml"), svc("web", "198.19.0.10")).expect("write");
+        let mut ev = Vec::new();
+        d.scan(None, ScanMode::Debounced, &mut ev);
+        assert!(ev.is_empty(), "first sight: wait");
+        d.scan(None, ScanMode::Debounced, &mut ev);
+        assert_eq!(summary(&ev), vec!["apply Service app/web"]);
+    }
+}

@@ -1,0 +1,301 @@
+//! The objects the sources handed over, indexed for the model, and which
+//! Services they changed since the last sync (kube-proxy's change
+//! trackers). Applying an event costs what the event holds, not what the
+//! store holds: EndpointSlices are indexed by the Service they feed, so a
+//! sync recomputes only the Services whose object or slices changed.
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use crate::{
+    model::LABEL_SERVICE_NAME,
+    source::{Event, Object, ObjectKey, ObjectKind},
+};
+
+/// `namespace/name` of a Service.
+pub type ServiceName = String;
+
+/// What changed since the last `take_dirty`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Dirty {
+    #[default]
+    None,
+    /// These Services (by `namespace/name`), present or gone.
+    Services(BTreeSet<ServiceName>),
+    /// Everything: the node changed, or the first sync.
+    All,
+}
+
+impl Dirty {
+    fn add(&mut self, name: ServiceName) {
+        match self {
+            Dirty::None => *self = Dirty::Services(BTreeSet::from([name])),
+            Dirty::Services(set) => {
+                set.insert(name);
+            }
+            Dirty::All => {}
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Dirty::None
+    }
+}
+
+/// Every object the sources hold.
+#[derive(Default)]
+pub struct Store {
+    services: HashMap<ServiceName, Arc<Service>>,
+    slices: HashMap<String, Arc<EndpointSlice>>,
+    /// Service -> the slices labelled for it.
+    by_service: HashMap<ServiceName, BTreeSet<String>>,
+    node: Option<Arc<Node>>,
+    dirty: Dirty,
+}
+
+/// `namespace/name` of an object (the namespace defaults to `default`, as
+/// `kubectl apply` does for manifests without one).
+pub fn ns_name(meta: &ObjectMeta) -> String {
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+}
+
+/// The Service a slice feeds, from its `kubernetes.io/service-name` label.
+fn owner(slice: &EndpointSlice) -> Option<ServiceName> {
+    let svc = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(format!("{}/{svc}", slice.metadata.namespace.as_deref().unwrap_or("default")))
+}
+
+/// Is `new` a different version of `old`? The resourceVersion decides
+/// when both have one (the API); otherwise the content does (manifests).
+fn changed<T: k8s_openapi::Metadata<Ty = ObjectMeta> + PartialEq>(old: &T, new: &T) -> bool {
+    match (&old.metadata().resource_version, &new.metadata().resource_version) {
+        (Some(a), Some(b)) => a != b,
+        _ => old != new,
+    }
+}
+
+/// The parts of the Node the model reads: a change elsewhere (heartbeats,
+/// conditions) does not dirty every Service.
+fn node_view(node: Option<&Node>) -> Option<String> {
+    let node = node?;
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    let view = (&node.metadata.labels, addresses, node.metadata.deletion_timestamp.is_some());
+    Some(serde_json::to_string(&view).unwrap_or_default())
+}
+
+impl Store {
+    /// Take one event. Returns whether anything changed.
+    pub fn apply(&mut self, event: Event) -> bool {
+        let before = self.dirty.clone();
+        match event {
+            Event::Apply(obj) => self.upsert(obj),
+            Event::Delete(key) => self.remove(&key),
+            Event::Replace(kind, objs) => self.replace(kind, objs),
+            Event::Problem { .. } | Event::Relisting(_) | Event::Synced => {}
+        }
+        self.dirty != before
+    }
+
+    fn upsert(&mut self, obj: Object) {
+        match obj {
+            Object::Service(svc) => {
+                let name = ns_name(&svc.metadata);
+                if self.services.get(&name).is_some_and(|old| !changed(&**old, &*svc)) {
+                    return;
+                }
+                self.services.insert(name.clone(), svc);
+                self.dirty.add(name);
+            }
+            Object::Slice(slice) => {
+                let name = ns_name(&slice.metadata);
+                let new_owner = owner(&slice);
+                if let Some(old) = self.slices.get(&name) {
+                    if !changed(&**old, &*slice) {
+                        return;
+                    }
+                    if let Some(old_owner) = owner(old)
+                        && Some(&old_owner) != new_owner.as_ref()
+                    {
+                        self.unindex(&old_owner, &name);
+                    }
+                }
+                if let Some(o) = new_owner {
+                    self.by_service.entry(o.clone()).or_default().insert(name.clone());
+                    self.dirty.add(o);
+                }
+                self.slices.insert(name, slice);
+            }
+            Object::Node(node) => {
+                if node_view(self.node.as_deref()) != node_view(Some(&node)) {
+                    self.dirty = Dirty::All;
+                }
+                self.node = Some(node);
+            }
+        }
+    }
+
+    fn unindex(&mut self, service: &str, slice: &str) {
+        if let Some(set) = self.by_service.get_mut(service) {
+            set.remove(slice);
+            if set.is_empty() {
+                self.by_service.remove(service);
+            }
+        }
+        self.dirty.add(service.to_owned());
+    }
+
+    fn remove(&mut self, key: &ObjectKey) {
+        let name = key.ns_name();
+        match key.kind {
+            ObjectKind::Service => {
+                if self.services.remove(&name).is_some() {
+                    self.dirty.add(name);
+                }
+            }
+            ObjectKind::EndpointSlice => {
+                if let Some(old) = self.slices.remove(&name)
+                    && let Some(o) = owner(&old)
+                {
+                    self.unindex(&o, &name);
+                }
+            }
+            ObjectKind::Node => {
+                if self.node.take().is_some() {
+                    self.dirty = Dirty::All;
+                }
+            }
+        }
+    }
+
+    /// `objs` is every object of `kind` now: apply them, drop the rest.
+    fn replace(&mut self, kind: ObjectKind, objs: Vec<Object>) {
+        let keep: BTreeSet<String> = objs.iter().map(|o| o.key().ns_name()).collect();
+        let gone: Vec<ObjectKey> = match kind {
+            ObjectKind::Service => self.services.keys().filter(|k| !keep.contains(*k)).map(|k| key(kind, k)).collect(),
+            ObjectKind::EndpointSlice => {
+                self.slices.keys().filter(|k| !keep.contains(*k)).map(|k| key(kind, k)).collect()
+            }
+            ObjectKind::Node => self
+                .node
+                .as_ref()
+                .map(|n| ns_name(&n.metadata))
+                .filter(|k| !keep.contains(k))
+                .map(|k| key(kind, &k))
+                .into_iter()
+                .collect(),
+        };
+        for k in &gone {
+            self.remove(k);
+        }
+        for o in objs {
+            self.upsert(o);
+        }
+    }
+
+    /// What changed since the last call; resets it.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Mark everything changed (a full recomputation next time).
+    pub fn mark_all(&mut self) {
+        self.dirty = Dirty::All;
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    /// Every Service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceName, &Arc<Service>)> {
+        self.services.iter()
+    }
+
+    /// The slices labelled for Service `name`, in name order.
+    pub fn slices_of(&self, name: &str) -> Vec<&EndpointSlice> {
+        self.by_service.get(name).into_iter().flatten().filter_map(|s| self.slices.get(s).map(|s| &**s)).collect()
+    }
+
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_deref()
+    }
+
+    /// Numbers of Services and EndpointSlices held.
+    pub fn len(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
+}
+
+fn key(kind: ObjectKind, ns_name: &str) -> ObjectKey {
+    let (namespace, name) = ns_name.split_once('/').unwrap_or(("", ns_name));
+    ObjectKey { kind, namespace: namespace.to_owned(), name: name.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn svc(name: &str, rv: &str) -> Object {
+        Object::Service(Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv}}))
+                .expect("service"),
+        ))
+    }
+
+    fn slice(name: &str, service: &str, rv: &str) -> Object {
+        Object::Slice(Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv,
+                             "labels": {LABEL_SERVICE_NAME: service}},
+                "addressType": "IPv4", "endpoints": []
+            }))
+            .expect("slice"),
+        ))
+    }
+
+    fn dirty(names: &[&str]) -> Dirty {
+        Dirty::Services(names.iter().map(|n| format!("ns/{n}")).collect())
+    }
+
+    #[test]
+    fn changes_dirty_only_the_services_they_touch() {
+        let mut s = Store::default();
+        s.apply(Event::Replace(ObjectKind::Service, vec![svc("a", "1"), svc("b", "1")]));
+        s.apply(Event::Replace(ObjectKind::EndpointSlice, vec![slice("a-1", "a", "1"), slice("b-1", "b", "1")]));
+        assert_eq!(s.take_dirty(), dirty(&["a", "b"]));
+        assert!(!s.apply(Event::Apply(svc("a", "1"))), "same resourceVersion: no change");
+        assert!(s.apply(Event::Apply(slice("b-1", "b", "2"))));
+        assert_eq!(s.take_dirty(), dirty(&["b"]), "a slice change dirties its Service only");
+        // A slice moving to another Service dirties both.
+        s.apply(Event::Apply(slice("b-1", "a", "3")));
+        assert_eq!(s.take_dirty(), dirty(&["a", "b"]));
+        assert_eq!(s.slices_of("ns/a").len(), 2);
+        assert!(s.slices_of("ns/b").is_empty());
+        s.apply(Event::Delete(ObjectKey {
+            kind: ObjectKind::EndpointSlice,
+            namespace: "ns".into(),
+            name: "a-1".into(),
+        }));
+        assert_eq!(s.take_dirty(), dirty(&["a"]));
+        // A relist without b: b is deleted; a unchanged stays clean.
+        s.apply(Event::Replace(ObjectKind::Service, vec![svc("a", "1")]));
+        assert_eq!(s.take_dirty(), dirty(&["b"]));
+        assert!(s.service("ns/b").is_none());
+        assert_eq!(s.len(), (1, 1));
+    }
+}
