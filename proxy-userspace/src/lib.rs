@@ -1,24 +1,31 @@
 //! dsproxy agent: a dual-stack Kubernetes service proxy on eBPF.
 //!
 //! Functional core, imperative shell:
-//! - `source`, `kube_source`: where Services and EndpointSlices come from
-//!   (a manifest directory, or the Kubernetes API);
-//! - `model`: pure, objects -> desired frontends and backends;
+//! - `source`: where Services, EndpointSlices and the Node come from (a
+//!   manifest directory, or the Kubernetes API), handed over as changes;
+//! - `store`: the objects, indexed by Service, and what changed;
+//! - `types`: the plain types of frontends, settings and desired state;
+//! - `model`: pure, the Kubernetes rules: objects -> desired frontends;
 //! - `diff`: pure, desired vs programmed -> ordered map operations;
 //! - `sync`: applies the operations, step by step, with roll-back;
 //! - `maps`: the only code that touches the BPF maps;
 //! - `attach`: loading, TCX attachment, pinning, clean-up;
-//! - `agent`: the run loop tying them together.
+//! - `agent`: the run loop tying them together;
+//! - `frames`, `testrun`, `rand` (feature `test-helpers`): crafted frames,
+//!   BPF_PROG_TEST_RUN and a seeded generator for tests and benchmarks.
 pub mod agent;
 pub mod attach;
 pub mod cli;
 pub mod diff;
+#[cfg(any(test, feature = "test-helpers"))]
 pub mod frames;
 pub mod maps;
 pub mod model;
+#[cfg(any(test, feature = "test-helpers"))]
 pub mod rand;
 pub mod source;
 pub mod store;
 pub mod sync;
+#[cfg(any(test, feature = "test-helpers"))]
 pub mod testrun;
 pub mod types;

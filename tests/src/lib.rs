@@ -6,7 +6,6 @@
 //! stays inside namespaces made here, and every namespace, mount and pin is
 //! removed by a guard's `Drop`, also when a test fails.
 pub mod agent;
-pub mod bench;
 pub mod echo;
 pub mod fakeapi;
 pub mod manifests;

@@ -33,6 +33,9 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/dsproxy")]
         pin_dir: PathBuf,
     },
+    /// `cargo fmt --check`, then clippy twice (as aya-template's CI does):
+    /// the workspace, then the eBPF crate with `-C panic=abort`.
+    Lint,
     /// Unit tests, BPF_PROG_TEST_RUN packet tests and network-namespace tests.
     Test {
         /// Extra arguments for `cargo test` (after `--`: test filters).
@@ -42,11 +45,14 @@ enum Cmd {
     /// A dual-stack Service end to end in throw-away namespaces, with a transcript.
     Demo,
     /// Benchmarks against kube-proxy-style iptables and nftables rulesets;
-    /// results, report and plots under bench/results/.
+    /// results, report and plots under target/bench/<run>/.
     Bench {
         /// A shorter run (under 3 minutes).
         #[arg(long)]
         quick: bool,
+        /// Run one part alone and print it: datapath, e2e or control.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -67,6 +73,7 @@ fn main() -> Result<()> {
             let bin = build_bin("proxy-userspace", "dsproxy", false)?;
             run(Command::new(bin).arg("load").arg("--attach").arg(attach).arg("--pin-dir").arg(pin_dir))
         }
+        Cmd::Lint => lint(),
         Cmd::Test { args } => {
             setup()?;
             let mut cmd = cargo();
@@ -78,7 +85,7 @@ fn main() -> Result<()> {
             }
             run_tests(&mut cmd)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, only } => {
             setup()?;
             let mut missing = Vec::new();
             for (program, package) in [("iptables-restore", "iptables"), ("nft", "nftables")] {
@@ -90,11 +97,15 @@ fn main() -> Result<()> {
                 apt_install(&missing)?;
             }
             let agent = build_bin("proxy-userspace", "dsproxy", true)?;
-            let bench = build_bin("dsproxy-tests", "dsproxy-bench", true)?;
+            let bench = build_bin("dsproxy-bench", "dsproxy-bench", true)?;
             let mut cmd = Command::new(bench);
-            cmd.arg("--agent").arg(agent).arg("--out").arg(root.join("bench/results"));
+            let out = target_dir()?.join("bench").join(run_name(quick));
+            cmd.arg("--agent").arg(agent).arg("--out").arg(&out);
             if quick {
                 cmd.arg("--quick");
+            }
+            if let Some(part) = only {
+                cmd.arg("--only").arg(part);
             }
             run(&mut cmd)
         }
@@ -105,6 +116,32 @@ fn main() -> Result<()> {
             run(Command::new(demo).arg("--agent").arg(agent))
         }
     }
+}
+
+/// `cargo fmt --check` and clippy on every crate, warnings denied.
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "--deny", "warnings"]))?;
+    // The eBPF crate for the host, as aya-template's CI checks it: the
+    // verifier-facing code gets the same lints as the rest.
+    run(Command::new("rustup")
+        .args(["run", "nightly", "cargo", "clippy", "--package", "proxy-ebpf", "--all-targets"])
+        .args(["--", "--deny", "warnings", "-C", "panic=abort", "-Zpanic_abort_tests"]))
+}
+
+/// The cargo target directory, as cargo reports it.
+fn target_dir() -> Result<PathBuf> {
+    let out = cargo().args(["metadata", "--format-version", "1", "--no-deps"]).output().context("cargo metadata")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find("\"target_directory\":\"").context("no target_directory in cargo metadata")? + 20;
+    let end = start + text[start..].find('"').context("unterminated target_directory")?;
+    Ok(PathBuf::from(&text[start..end]))
+}
+
+/// A name for a bench run: its UTC time and size.
+fn run_name(quick: bool) -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format!("{secs}-{}", if quick { "quick" } else { "full" })
 }
 
 fn workspace_root() -> PathBuf {
@@ -285,15 +322,31 @@ fn executable(json_lines: &[u8], name: &str) -> Option<PathBuf> {
     })
 }
 
+/// Build the eBPF object the way the agent embeds it (proxy-userspace's
+/// build script runs aya-build) and return its path: one object, one set
+/// of flags, never a second copy.
 fn build_ebpf() -> Result<PathBuf> {
-    let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "build", "--package", "proxy-ebpf", "--bins", "--release"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--message-format=json-render-diagnostics"])
-        .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf")
-        .env("PATH", path_env());
-    let out = cmd.stderr(Stdio::inherit()).output().context("build eBPF")?;
+    let out = cargo()
+        .args(["build", "--package", "proxy-userspace", "--lib", "--message-format=json-render-diagnostics"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("build proxy-userspace")?;
     if !out.status.success() {
         bail!("building the eBPF object failed");
     }
-    executable(&out.stdout, "dsproxy-tc").context("cargo did not report the eBPF object")
+    let text = String::from_utf8_lossy(&out.stdout);
+    let dir = text
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"build-script-executed\"") && l.contains("proxy-userspace"))
+        .find_map(|l| {
+            let start = l.find("\"out_dir\":\"")? + "\"out_dir\":\"".len();
+            let end = start + l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..end]))
+        })
+        .context("cargo did not report proxy-userspace's build script output")?;
+    let obj = dir.join("dsproxy-tc");
+    if !obj.exists() {
+        bail!("{} is missing after the build", obj.display());
+    }
+    Ok(obj)
 }

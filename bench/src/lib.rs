@@ -40,7 +40,7 @@ pub fn vip(i: usize, v6: bool) -> (IpAddr, u16) {
 /// `n` dual-stack ClusterIP Services (`svc-I` on `vip(I)`, one TCP port to
 /// 8080) with one slice per family, whose endpoints `endpoints(i, v6)` gives.
 pub fn services(n: usize, endpoints: impl Fn(usize, bool) -> Vec<IpAddr>) -> Vec<serde_json::Value> {
-    use crate::manifests::{Port, READY, service, slice};
+    use dsproxy_tests::manifests::{Port, READY, service, slice};
     let mut objs = Vec::with_capacity(n * 3);
     for i in 0..n {
         let (a4, port) = vip(i, false);

@@ -1,12 +1,13 @@
-//! `cargo xtask bench [--quick]`: measures and writes bench/results/.
+//! `cargo xtask bench [--quick]`: measures and writes results.json, report.md
+//! and SVG plots to `--out` (xtask: target/bench/<run>/).
 use std::path::PathBuf;
 
-use dsproxy_tests::bench;
+use dsproxy_bench as bench;
 
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
     let mut agent = None;
-    let mut out = PathBuf::from("bench/results");
+    let mut out = PathBuf::from("target/bench/manual");
     let mut only = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

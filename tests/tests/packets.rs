@@ -6,8 +6,6 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
-    path::PathBuf,
-    process::Command,
 };
 
 use aya::Ebpf;
@@ -18,6 +16,7 @@ use dsproxy::{
     sync, testrun,
     types::{Backend, Desired, Frontend, FrontendSpec, Proto},
 };
+use dsproxy_tests::netns::BpfFs;
 use proxy_common::{CT_DIR_FORWARD, ct_state, ct_timeout};
 
 const TC_ACT_OK: i32 = 0;
@@ -26,38 +25,20 @@ use dsproxy::frames::*;
 
 // ---------------------------------------------------------------- setup
 
-/// A private bpffs, unmounted on drop (also when loading fails).
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// The loaded datapath; fields drop in order, the mount last.
+/// The loaded datapath on a private bpffs (the harness's guard, unmounted
+/// on drop, also when loading fails); fields drop in order, the mount last.
 struct Env {
     ebpf: Ebpf,
     maps: Maps,
     prog: Programmed,
-    _mount: Mount,
+    _bpf: BpfFs,
 }
 
-static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
 fn env() -> Env {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "packet tests need root and BPF: run them via `cargo xtask test`");
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = PathBuf::from(format!("/run/dsproxy-packet-tests/{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&path).expect("mkdir");
-    let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path).status().is_ok_and(|s| s.success());
-    assert!(ok, "mounting a bpffs on {} failed", path.display());
-    let mount = Mount(path);
+    let bpf = BpfFs::new();
     let caps = Capacities { svc: 1024, backend: 256, revnat: 256, ct: 1024 };
-    let (ebpf, maps) = attach::load(&mount.0.join("dsproxy"), &caps).expect("load datapath");
-    Env { ebpf, maps, prog: Programmed::default(), _mount: mount }
+    let (ebpf, maps) = attach::load(&bpf.pin_dir(), &caps).expect("load datapath");
+    Env { ebpf, maps, prog: Programmed::default(), _bpf: bpf }
 }
 
 impl Env {
@@ -106,10 +87,12 @@ fn web(env: &mut Env) {
 
 // ---------------------------------------------------------------- tests
 
-/// One fixture: a frame in, what must come out.
+/// One fixture: a frame in, the verdict and what must come out (Katran's
+/// `PacketAttributes`, Cilium's PKTGEN/CHECK).
 struct Case {
     description: &'static str,
     input: Vec<u8>,
+    expected_verdict: i32,
     /// `None`: the frame must come out byte for byte unchanged.
     expected_dst: Option<&'static [&'static str]>,
 }
@@ -117,7 +100,7 @@ struct Case {
 fn run_cases(env: &mut Env, cases: Vec<Case>) {
     for case in cases {
         let out = env.run(&case.input);
-        assert_eq!(out.verdict, TC_ACT_OK, "{}: verdict", case.description);
+        assert_eq!(out.verdict, case.expected_verdict, "{}: verdict", case.description);
         match case.expected_dst {
             None => assert_eq!(out.frame, case.input, "{}: frame must pass untouched", case.description),
             Some(allowed) => {
@@ -148,16 +131,28 @@ fn should_dnat_v4_tcp_and_udp_to_v4_backends_with_valid_checksums() {
     run_cases(
         &mut env,
         vec![
-            Case { description: "v4 TCP SYN", input: frame(c, vip, TCP, SYN), expected_dst: Some(be) },
-            Case { description: "v4 UDP", input: frame((c.0, 40001), vip, UDP, 0), expected_dst: Some(be) },
+            Case {
+                description: "v4 TCP SYN",
+                input: frame(c, vip, TCP, SYN),
+                expected_verdict: TC_ACT_OK,
+                expected_dst: Some(be),
+            },
+            Case {
+                description: "v4 UDP",
+                input: frame((c.0, 40001), vip, UDP, 0),
+                expected_verdict: TC_ACT_OK,
+                expected_dst: Some(be),
+            },
             Case {
                 description: "v4 UDP without checksum",
                 input: ipv4(c4, vip4, UDP, 0, &seg),
+                expected_verdict: TC_ACT_OK,
                 expected_dst: Some(be),
             },
             Case {
                 description: "v4 TCP with IP options (IHL 7)",
                 input: ipv4(c4, vip4, TCP, 8, &l4(c.0, vip.0, TCP, 40003, 80, SYN, false)),
+                expected_verdict: TC_ACT_OK,
                 expected_dst: Some(be),
             },
         ],
@@ -176,8 +171,18 @@ fn should_dnat_v6_tcp_and_udp_to_v6_backends_with_valid_checksums() {
     run_cases(
         &mut env,
         vec![
-            Case { description: "v6 TCP SYN", input: frame(c, vip, TCP, SYN), expected_dst: Some(be) },
-            Case { description: "v6 UDP", input: frame((c.0, 40001), vip, UDP, 0), expected_dst: Some(be) },
+            Case {
+                description: "v6 TCP SYN",
+                input: frame(c, vip, TCP, SYN),
+                expected_verdict: TC_ACT_OK,
+                expected_dst: Some(be),
+            },
+            Case {
+                description: "v6 UDP",
+                input: frame((c.0, 40001), vip, UDP, 0),
+                expected_verdict: TC_ACT_OK,
+                expected_dst: Some(be),
+            },
         ],
     );
 }
@@ -233,35 +238,69 @@ fn should_pass_everything_else_untouched() {
     let icmp4 = ipv4(c4, vip4v, 1, 0, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
     let icmp6_ns = ipv6(c6, "ff02::1:ff00:1".parse().expect("v6"), 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
     let cases = vec![
-        Case { description: "ARP", input: arp, expected_dst: None },
-        Case { description: "ICMP echo to the VIP", input: icmp4, expected_dst: None },
-        Case { description: "ICMPv6 neighbour solicitation", input: icmp6_ns, expected_dst: None },
+        Case { description: "ARP", input: arp, expected_verdict: TC_ACT_OK, expected_dst: None },
+        Case { description: "ICMP echo to the VIP", input: icmp4, expected_verdict: TC_ACT_OK, expected_dst: None },
+        Case {
+            description: "ICMPv6 neighbour solicitation",
+            input: icmp6_ns,
+            expected_verdict: TC_ACT_OK,
+            expected_dst: None,
+        },
         Case {
             description: "TCP to a non-service address",
             input: frame((v4(CLIENT4), 1), (v4("198.18.9.9"), 80), TCP, SYN),
+            expected_verdict: TC_ACT_OK,
             expected_dst: None,
         },
         Case {
             description: "TCP to the VIP on another port",
             input: frame((v4(CLIENT4), 1), (v4(VIP4), 81), TCP, SYN),
+            expected_verdict: TC_ACT_OK,
             expected_dst: None,
         },
         Case {
             description: "v6 TCP to a non-service address",
             input: frame((v4(CLIENT6), 1), (v4("fd00::9"), 80), TCP, SYN),
+            expected_verdict: TC_ACT_OK,
             expected_dst: None,
         },
-        Case { description: "IPv4 fragment to the VIP", input: fragment, expected_dst: None },
-        Case { description: "IPv4 truncated inside TCP", input: truncated, expected_dst: None },
-        Case { description: "IPv4 IHL 4", input: bad_ihl, expected_dst: None },
-        Case { description: "IP version 5", input: bad_version, expected_dst: None },
-        Case { description: "IPv4 total length beyond the frame", input: long_tot_len, expected_dst: None },
-        Case { description: "TCP data offset 4", input: bad_doff, expected_dst: None },
-        Case { description: "IPv6 truncated inside TCP", input: v6_truncated, expected_dst: None },
-        Case { description: "IPv6 UDP with checksum 0", input: v6_zero_udp, expected_dst: None },
+        Case {
+            description: "IPv4 fragment to the VIP",
+            input: fragment,
+            expected_verdict: TC_ACT_OK,
+            expected_dst: None,
+        },
+        Case {
+            description: "IPv4 truncated inside TCP",
+            input: truncated,
+            expected_verdict: TC_ACT_OK,
+            expected_dst: None,
+        },
+        Case { description: "IPv4 IHL 4", input: bad_ihl, expected_verdict: TC_ACT_OK, expected_dst: None },
+        Case { description: "IP version 5", input: bad_version, expected_verdict: TC_ACT_OK, expected_dst: None },
+        Case {
+            description: "IPv4 total length beyond the frame",
+            input: long_tot_len,
+            expected_verdict: TC_ACT_OK,
+            expected_dst: None,
+        },
+        Case { description: "TCP data offset 4", input: bad_doff, expected_verdict: TC_ACT_OK, expected_dst: None },
+        Case {
+            description: "IPv6 truncated inside TCP",
+            input: v6_truncated,
+            expected_verdict: TC_ACT_OK,
+            expected_dst: None,
+        },
+        Case {
+            description: "IPv6 UDP with checksum 0",
+            input: v6_zero_udp,
+            expected_verdict: TC_ACT_OK,
+            expected_dst: None,
+        },
         Case {
             description: "IPv6 hop-by-hop header before TCP",
             input: ipv6(c6, vip6v, 0, &hop_by_hop),
+            expected_verdict: TC_ACT_OK,
             expected_dst: None,
         },
     ];

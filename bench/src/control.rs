@@ -20,8 +20,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::e2e::{self, fake_endpoint};
-use crate::{
+use crate::e2e::{self, fake_endpoint};
+use dsproxy_tests::{
     TempDir,
     agent::Agent,
     manifests::documents,
@@ -58,7 +58,7 @@ pub struct Result {
 }
 
 fn objects(n: usize, per: usize) -> Vec<Value> {
-    super::services(n, |i, v6| (0..per).map(|k| fake_endpoint(i, k, per, v6)).collect())
+    crate::services(n, |i, v6| (0..per).map(|k| fake_endpoint(i, k, per, v6)).collect())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -87,7 +87,7 @@ fn percentile(v: &mut [f64], p: usize) -> f64 {
     v[(v.len() * p / 100).min(v.len() - 1)]
 }
 
-pub fn measure(agent: &std::path::Path, plan: &super::Plan, nft_services: usize) -> Result {
+pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize) -> Result {
     let (n, per, changes) = (plan.control_services, plan.control_endpoints, plan.control_changes);
     let objs = objects(n, per);
     let mut services: Vec<Service> = Vec::new();

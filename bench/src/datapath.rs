@@ -21,8 +21,8 @@ use dsproxy::{
 };
 use serde::Serialize;
 
-use super::vip;
-use crate::netns::BpfFs;
+use crate::vip;
+use dsproxy_tests::netns::BpfFs;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {

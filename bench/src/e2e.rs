@@ -21,8 +21,8 @@ use std::{
 
 use serde::Serialize;
 
-use super::vip;
-use crate::{
+use crate::vip;
+use dsproxy_tests::{
     Cluster,
     echo::{Conn, tcp_request_within},
     manifests::documents,
@@ -148,12 +148,12 @@ pub fn nft_rules_with(n: usize, v6: bool, endpoints: impl Fn(usize) -> Vec<IpAdd
 
 /// Manifests for `n` dual-stack Services for dsproxy.
 pub fn manifests(n: usize, measured: usize, real4: &[IpAddr], real6: &[IpAddr]) -> String {
-    documents(&super::services(n, |i, v6| endpoints(i, measured, if v6 { real6 } else { real4 }, v6)))
+    documents(&crate::services(n, |i, v6| endpoints(i, measured, if v6 { real6 } else { real4 }, v6)))
 }
 
 /// Load a ruleset into the node's namespace with `tool` reading stdin.
 pub fn load_rules(node: &NetNs, tool: &str, args: &[&str], rules: &str) -> Duration {
-    let path = std::env::temp_dir().join(crate::netns::unique("dsproxy-rules-"));
+    let path = std::env::temp_dir().join(dsproxy_tests::netns::unique("dsproxy-rules-"));
     std::fs::write(&path, rules).expect("write rules");
     let started = Instant::now();
     let mut cmd = vec!["ip", "netns", "exec", &node.name, tool];
@@ -177,7 +177,7 @@ fn conn_rate(ns: &NetNs, target: SocketAddr, secs: f64) -> (f64, u64) {
         .map(|_| {
             let (done, errors, path) = (Arc::clone(&done), Arc::clone(&errors), path.clone());
             thread::spawn(move || {
-                crate::netns::enter(&path);
+                dsproxy_tests::netns::enter(&path);
                 while Instant::now() < deadline {
                     match tcp_request_within(target, Duration::from_secs(1)) {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
@@ -253,7 +253,7 @@ pub fn measure(agent: &Path, sizes: &[usize], secs: f64, requests: usize) -> Vec
     for (i, b) in backends.iter().enumerate() {
         for v6 in [false, true] {
             let pod = &c.topo.pods[*b];
-            let srv = crate::echo::Backend::start_pool(
+            let srv = dsproxy_tests::echo::Backend::start_pool(
                 &pod.ns,
                 &format!("be{i}"),
                 SocketAddr::new(pod.addr(v6), TARGET_PORT),
