@@ -29,6 +29,7 @@ pub mod names {
     pub const CT4: &str = "CT4_V1";
     pub const CT6: &str = "CT6_V1";
     pub const STATS: &str = "STATS_V1";
+    pub const CONFIG: &str = "CONFIG_V1";
 }
 
 /// Name of the TC program in the object file.
@@ -123,8 +124,8 @@ macro_rules! spec {
 /// The datapath's pinned maps.
 pub mod maps {
     use super::{
-        Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, MapSpec, RevNat4, RevNat6, Sizing, Stat, Svc4Key,
-        Svc6Key, SvcValue, capacity, names, size_of,
+        Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, MapSpec, RevNat4, RevNat6, Sizing,
+        Stat, Svc4Key, Svc6Key, SvcValue, capacity, names, size_of,
     };
 
     pub const SVC4: MapSpec = spec!(names::SVC4, Svc4Key, SvcValue, Sizing::Svc, capacity::SVC);
@@ -136,9 +137,10 @@ pub mod maps {
     pub const CT4: MapSpec = spec!(names::CT4, Ct4Key, Ct4Value, Sizing::Ct, capacity::CT);
     pub const CT6: MapSpec = spec!(names::CT6, Ct6Key, Ct6Value, Sizing::Ct, capacity::CT);
     pub const STATS: MapSpec = spec!(names::STATS, u32, u64, Sizing::Fixed, Stat::COUNT);
+    pub const CONFIG: MapSpec = spec!(names::CONFIG, u32, DatapathConfig, Sizing::Fixed, 1);
 
     /// Every pinned map, in the order the agent reports them.
-    pub const ALL: [MapSpec; 9] = [SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS];
+    pub const ALL: [MapSpec; 10] = [SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS, CONFIG];
 
     /// The spec of the map called `name`.
     pub fn by_name(name: &str) -> Option<&'static MapSpec> {
@@ -403,6 +405,33 @@ pub mod ct_timeout {
     pub const UDP: u64 = 60 * SEC;
 }
 
+/// Runtime settings the datapath reads: the one entry of `CONFIG`. The
+/// agent writes it at start (from its configuration); a zero field means
+/// the built-in default (`ct_timeout`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    /// TCP before the backend answered, nanoseconds.
+    pub tcp_syn_ns: u64,
+    /// TCP once both sides spoke and neither closed, nanoseconds.
+    pub tcp_established_ns: u64,
+    /// TCP after RST, or after a FIN in each direction, nanoseconds.
+    pub tcp_close_ns: u64,
+    /// UDP, refreshed by traffic in either direction, nanoseconds.
+    pub udp_ns: u64,
+}
+const _: () = assert!(size_of::<DatapathConfig>() == 32);
+
+impl DatapathConfig {
+    /// The built-in timeouts.
+    pub const DEFAULT: Self = Self {
+        tcp_syn_ns: ct_timeout::TCP_SYN,
+        tcp_established_ns: ct_timeout::TCP_ESTABLISHED,
+        tcp_close_ns: ct_timeout::TCP_CLOSE,
+        udp_ns: ct_timeout::UDP,
+    };
+}
+
 /// Conntrack value, IPv4. Forward entries hold the backend, the state and
 /// the expiry; reverse entries hold only `rev_nat_id` and point back to the
 /// forward entry, which stays the one source of state.
@@ -536,4 +565,5 @@ mod pod {
     unsafe impl aya::Pod for super::Ct6Key {}
     unsafe impl aya::Pod for super::Ct4Value {}
     unsafe impl aya::Pod for super::Ct6Value {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
 }

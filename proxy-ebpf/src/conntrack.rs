@@ -19,6 +19,7 @@ use proxy_common::{CT_DIR_FORWARD, CT_DIR_REVERSE, Stat, ct_state, ct_timeout};
 
 use crate::{
     family::{CtRef, Family},
+    maps::CONFIG_V1,
     parse::{L4, Pkt, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     stats,
 };
@@ -48,18 +49,26 @@ pub fn next_state(state: u8, l4: &L4, reply: bool) -> u8 {
     s
 }
 
-/// Lifetime of an entry in `state`, one named timeout per state.
+/// `configured`, or `default` when the agent left it at 0.
+#[inline(always)]
+fn or_default(configured: u64, default: u64) -> u64 {
+    if configured == 0 { default } else { configured }
+}
+
+/// Lifetime of an entry in `state`, one named timeout per state, from the
+/// agent's configuration (`CONFIG`).
 #[inline(always)]
 pub fn timeout(state: u8, l4: &L4) -> u64 {
     const BOTH_FIN: u8 = ct_state::FIN_FWD | ct_state::FIN_REV;
+    let cfg = CONFIG_V1.get(0).copied().unwrap_or_default();
     if !l4.is_tcp() {
-        ct_timeout::UDP
+        or_default(cfg.udp_ns, ct_timeout::UDP)
     } else if state & ct_state::RST != 0 || state & BOTH_FIN == BOTH_FIN {
-        ct_timeout::TCP_CLOSE
+        or_default(cfg.tcp_close_ns, ct_timeout::TCP_CLOSE)
     } else if state & ct_state::SEEN_REPLY != 0 {
-        ct_timeout::TCP_ESTABLISHED
+        or_default(cfg.tcp_established_ns, ct_timeout::TCP_ESTABLISHED)
     } else {
-        ct_timeout::TCP_SYN
+        or_default(cfg.tcp_syn_ns, ct_timeout::TCP_SYN)
     }
 }
 

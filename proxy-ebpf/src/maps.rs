@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key, SvcValue,
-    capacity,
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key,
+    SvcValue, capacity,
 };
 
 // Service and backend tables are preallocated: an insert then takes an
@@ -34,6 +34,9 @@ pub static CT4_V1: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(capacity::C
 pub static CT6_V1: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
 pub static STATS_V1: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+// Runtime settings (conntrack timeouts), written by the agent.
+#[map]
+pub static CONFIG_V1: Array<DatapathConfig> = Array::pinned(1, 0);
 // Per-CPU scratch space for composing TCP RST and ICMP answers
 // (`reject.rs`); not pinned, it holds no state between packets.
 #[map]

@@ -36,6 +36,8 @@ pub struct RunConfig {
     /// How often interfaces are checked for changes.
     pub poll_interval: Duration,
     pub model: model::Config,
+    /// Runtime settings of the datapath (conntrack timeouts).
+    pub datapath: proxy_common::DatapathConfig,
 }
 
 /// The agent's state between syncs.
@@ -129,7 +131,8 @@ impl Agent {
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // What can fail without touching the kernel fails first.
     source::preflight(&cfg.source)?;
-    let (mut ebpf, maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
+    let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
+    maps.set_config(&cfg.datapath)?;
     let programmed = maps.read_back().context("reading pinned state back")?;
     let (verified, xlated) = attach::program_size(&mut ebpf)?;
     log::info!("program {}: {verified} instructions verified, {xlated} after translation", proxy_common::PROGRAM_NAME);

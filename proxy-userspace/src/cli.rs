@@ -133,6 +133,7 @@ pub fn main() -> anyhow::Result<()> {
                 min_sync_period: Duration::from_millis(min_sync_period_ms),
                 poll_interval,
                 model: model::Config { service_proxy_name },
+                datapath: proxy_common::DatapathConfig::DEFAULT,
             };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(cfg))
         }

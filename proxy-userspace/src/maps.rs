@@ -7,8 +7,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, MapSpec, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key,
-    SvcValue, maps as spec,
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, MapSpec, RevNat4, RevNat6, Stat, Svc4Key,
+    Svc6Key, SvcValue, maps as spec,
 };
 
 use crate::{
@@ -46,6 +46,7 @@ pub struct Maps {
     pub ct4: HashMap<MapData, Ct4Key, Ct4Value>,
     pub ct6: HashMap<MapData, Ct6Key, Ct6Value>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub config: Array<MapData, DatapathConfig>,
 }
 
 impl Maps {
@@ -68,6 +69,7 @@ impl Maps {
             ct4: typed(&spec::CT4, &mut get)?,
             ct6: typed(&spec::CT6, &mut get)?,
             stats: typed(&spec::STATS, &mut get)?,
+            config: typed(&spec::CONFIG, &mut get)?,
         })
     }
 
@@ -83,6 +85,16 @@ impl Maps {
             let data = MapData::from_pin(&path).map_err(|source| Error::OpenPinned { path: path.clone(), source })?;
             Map::from_map_data(data).map_err(|source| Error::OpenPinned { path, source })
         })
+    }
+
+    /// Write the datapath's runtime settings (one atomic map update).
+    pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<()> {
+        write(&spec::CONFIG, "set", &"the datapath configuration", self.config.set(0, *cfg, 0))
+    }
+
+    /// The datapath's runtime settings.
+    pub fn config(&self) -> Result<DatapathConfig> {
+        self.config.get(&0, 0).map_err(|source| Error::Read { map: spec::CONFIG.name, source })
     }
 
     /// Sum of each counter over all CPUs.
