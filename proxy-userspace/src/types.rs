@@ -390,10 +390,25 @@ impl FrontendSpec {
     }
 }
 
+/// A `healthCheckNodePort` this node serves (externalTrafficPolicy Local
+/// LoadBalancer Services): HTTP 200 while `local_endpoints > 0`, else 503.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
+}
+
 /// The desired state of the datapath.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendSpec>,
+    /// The node addresses NodePort frontends answer on (both families,
+    /// after `--nodeport-addresses`).
+    pub nodeport_addresses: Vec<IpAddr>,
+    /// healthCheckNodePort -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 #[cfg(test)]
