@@ -17,7 +17,7 @@ use crate::{
     attach::{self, Capacities},
     diff::Programmed,
     maps::Maps,
-    model,
+    model, privileges,
     source::{self, Event, SourceConfig},
     store::Store,
     sync::{self, Report},
@@ -30,6 +30,14 @@ pub struct RunConfig {
     pub attach: String,
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
+    /// Where /healthz and /livez are served (`None`: nowhere).
+    pub healthz_bind: Option<std::net::SocketAddr>,
+    /// Where /metrics is served (`None`: nowhere).
+    pub metrics_bind: Option<std::net::SocketAddr>,
+    /// kube-proxy's `--sync-period`: /healthz fails when a change waited
+    /// twice this long for a successful sync; a failed sync is retried
+    /// after it.
+    pub sync_period: Duration,
     /// Least time between two syncs (kube-proxy's `--min-sync-period`):
     /// changes arriving meanwhile are coalesced into the next one.
     pub min_sync_period: Duration,
@@ -131,6 +139,7 @@ impl Agent {
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // What can fail without touching the kernel fails first.
     source::preflight(&cfg.source)?;
+    privileges::check("dsproxy run", &privileges::RUN)?;
     let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
     maps.set_config(&cfg.datapath)?;
     let programmed = maps.read_back().context("reading pinned state back")?;

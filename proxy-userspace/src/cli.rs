@@ -1,15 +1,16 @@
 //! The `dsproxy` command line.
-use std::{path::PathBuf, time::Duration};
+use std::{ffi::OsString, io::Write as _, net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
     agent::{self, RunConfig},
     attach::{self, Capacities},
+    config::{self, GoDuration},
     maps::Maps,
-    model,
+    model, privileges,
     source::{self, SourceConfig, kube, manifests},
 };
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use anyhow::{Context as _, anyhow};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use proxy_common::capacity;
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dsproxy";
@@ -17,54 +18,106 @@ const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dsproxy";
 #[derive(Parser)]
 #[command(name = "dsproxy", version, about = "Dual-stack Kubernetes service proxy on eBPF")]
 struct Cli {
+    /// Log verbosity, as kube-proxy's -v: 0-3 info, 4-5 debug, 6 and up
+    /// trace (RUST_LOG, when set, wins).
+    #[arg(short = 'v', long = "v", global = true, value_name = "N")]
+    verbosity: Option<u8>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `dsproxy run`. Every setting can also come from `--config FILE`; a flag
+/// on the command line wins over the file.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// A kube-proxy configuration file (KubeProxyConfiguration YAML, plus
+    /// dsproxy's own settings under `dsproxy:`).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched
+    /// live. Without it the agent follows the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server; without it (and without
+    /// --manifests) the in-cluster configuration is used.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (default: the hostname).
+    #[arg(long, visible_alias = "node-name")]
+    hostname_override: Option<String>,
+    /// Interfaces to attach to (shell glob; commas separate alternatives).
+    /// Required, here or as dsproxy.attach in the config file.
+    #[arg(long)]
+    attach: Option<String>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Only picks the family of the default health and metrics addresses
+    /// (an IPv6 address makes them [::]:10256 and [::1]:10249), as in kube-proxy.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind_address: IpAddr,
+    /// Where /healthz and /livez are served; port 10256 when none is given;
+    /// empty to disable. [default: 0.0.0.0:10256]
+    #[arg(long, value_name = "IP[:PORT]")]
+    healthz_bind_address: Option<String>,
+    /// Where /metrics is served; port 10249 when none is given; empty to
+    /// disable. [default: 127.0.0.1:10249]
+    #[arg(long, value_name = "IP[:PORT]")]
+    metrics_bind_address: Option<String>,
+    /// /healthz fails when a change has waited twice this long for a
+    /// successful sync; a sync that failed is retried after this long.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    sync_period: GoDuration,
+    /// Least time between two syncs: changes arriving meanwhile are
+    /// coalesced into the next one.
+    #[arg(long, default_value = "100ms", value_name = "DURATION")]
+    min_sync_period: GoDuration,
+    /// How often to look for interface changes (and to poll the manifest
+    /// directory where inotify is not available).
+    #[arg(long, default_value = "200ms", value_name = "DURATION")]
+    poll_interval: GoDuration,
+    /// Handle only Services labelled service.kubernetes.io/service-proxy-name=NAME.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// Idle timeout of established TCP flows (0: the datapath's 6h).
+    #[arg(long, value_name = "DURATION")]
+    conntrack_tcp_timeout_established: Option<GoDuration>,
+    /// Timeout of TCP flows after RST or a FIN each way (0: 10s).
+    #[arg(long, value_name = "DURATION")]
+    conntrack_tcp_timeout_close: Option<GoDuration>,
+    /// Timeout of TCP flows the backend has not answered yet (0: 60s).
+    #[arg(long, value_name = "DURATION")]
+    conntrack_tcp_timeout_syn: Option<GoDuration>,
+    /// Idle timeout of UDP flows (0: 60s).
+    #[arg(long, value_name = "DURATION")]
+    conntrack_udp_timeout: Option<GoDuration>,
+    /// Service map entries per family (frontends plus backend slots).
+    #[arg(long, default_value_t = capacity::SVC)]
+    svc_capacity: u32,
+    /// Backends per family.
+    #[arg(long, default_value_t = capacity::BACKEND)]
+    backend_capacity: u32,
+    /// Frontends (reverse-NAT entries) per family.
+    #[arg(long, default_value_t = capacity::REVNAT)]
+    revnat_capacity: u32,
+    /// Conntrack entries per family (two per connection).
+    #[arg(long, default_value_t = capacity::CT)]
+    ct_capacity: u32,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Program and attach the datapath, then follow the source until SIGINT/SIGTERM.
-    Run {
-        /// Directory of Service and EndpointSlice manifests (YAML/JSON), watched
-        /// live. Without it the agent follows the Kubernetes API.
-        #[arg(long, conflicts_with = "kubeconfig")]
-        manifests: Option<PathBuf>,
-        /// Kubeconfig for the API server; without it (and without
-        /// --manifests) the in-cluster configuration is used.
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// This node's name (default: the hostname).
-        #[arg(long)]
-        node_name: Option<String>,
-        /// Interfaces to attach to (shell glob; commas separate alternatives).
-        #[arg(long)]
-        attach: String,
-        /// bpffs directory for pinned maps and links.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Least time between two syncs, in milliseconds.
-        #[arg(long, default_value_t = 100)]
-        min_sync_period_ms: u64,
-        /// How often to look for interface changes (and to poll the manifest
-        /// directory where inotify is not available), in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        poll_interval_ms: u64,
-        /// Handle only Services labelled service.kubernetes.io/service-proxy-name=NAME.
-        #[arg(long)]
-        service_proxy_name: Option<String>,
-        /// Service map entries per family (frontends plus backend slots).
-        #[arg(long, default_value_t = capacity::SVC)]
-        svc_capacity: u32,
-        /// Backends per family.
-        #[arg(long, default_value_t = capacity::BACKEND)]
-        backend_capacity: u32,
-        /// Frontends (reverse-NAT entries) per family.
-        #[arg(long, default_value_t = capacity::REVNAT)]
-        revnat_capacity: u32,
-        /// Conntrack entries per family (two per connection).
-        #[arg(long, default_value_t = capacity::CT)]
-        ct_capacity: u32,
-    },
+    Run(Box<RunArgs>),
     /// Load the datapath, pin its maps, attach it to every interface matching
     /// GLOB, print the verifier's figures and exit (the datapath stays).
     Load {
@@ -90,54 +143,20 @@ enum Command {
     },
 }
 
-/// Parse the command line and run it.
+/// Parse the command line (and the config file it names) and run it.
 pub fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
-        Command::Run {
-            manifests,
-            kubeconfig,
-            node_name,
-            attach,
-            pin_dir,
-            min_sync_period_ms,
-            poll_interval_ms,
-            service_proxy_name,
-            svc_capacity,
-            backend_capacity,
-            revnat_capacity,
-            ct_capacity,
-        } => {
-            let poll_interval = Duration::from_millis(poll_interval_ms.max(10));
-            let node_name = node_name.unwrap_or_else(hostname);
-            let source = match manifests {
-                Some(dir) => {
-                    SourceConfig::Manifests(manifests::Options { dir, node_name: Some(node_name), poll_interval })
-                }
-                None => SourceConfig::Kube(kube::Options {
-                    kubeconfig,
-                    node_name,
-                    service_proxy_name: service_proxy_name.clone(),
-                }),
-            };
-            let cfg = RunConfig {
-                source,
-                attach,
-                pin_dir,
-                capacities: Capacities {
-                    svc: svc_capacity,
-                    backend: backend_capacity,
-                    revnat: revnat_capacity,
-                    ct: ct_capacity,
-                },
-                min_sync_period: Duration::from_millis(min_sync_period_ms),
-                poll_interval,
-                model: model::Config { service_proxy_name },
-                datapath: proxy_common::DatapathConfig::DEFAULT,
-            };
+    let (cli, ignored) = parse_args(std::env::args_os().collect())?;
+    init_logging(cli.verbosity.unwrap_or(0), cli.log_format.unwrap_or(LogFormat::Text));
+    for i in &ignored {
+        log::warn!("config file: ignored {i}");
+    }
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = run_config(*args)?;
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(cfg))
         }
         Command::Load { attach, pin_dir } => {
+            privileges::check("dsproxy load", &privileges::RUN)?;
             let (mut ebpf, _maps) = attach::load(&pin_dir, &Capacities::default())?;
             let (verified, xlated) = attach::program_size(&mut ebpf)?;
             println!(
@@ -161,12 +180,114 @@ pub fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Parse `argv`; for `run --config FILE`, parse again with the file's
+/// settings added as flags, except those the command line already gives.
+/// Returns the file's ignored fields for the log.
+fn parse_args(mut argv: Vec<OsString>) -> anyhow::Result<(Cli, Vec<String>)> {
+    let matches = Cli::command().get_matches_from(&argv);
+    let cli = Cli::from_arg_matches(&matches)?;
+    let Command::Run(run_args) = &cli.command else { return Ok((cli, Vec::new())) };
+    let Some(path) = &run_args.config else { return Ok((cli, Vec::new())) };
+    let file = config::read(path)?;
+    let run = matches.subcommand_matches("run").expect("the run subcommand matched");
+    let cmd = Cli::command();
+    let run_cmd = cmd.find_subcommand("run").expect("the run subcommand exists");
+    for (flag, value) in file.flags {
+        let name = flag.trim_start_matches('-');
+        let id = run_cmd.get_arguments().chain(cmd.get_arguments()).find(|a| a.get_long() == Some(name)).map_or_else(
+            || panic!("config field mapped to {flag}, which `dsproxy run` does not have"),
+            |a| a.get_id().clone(),
+        );
+        let on_command_line = |m: &clap::ArgMatches| {
+            m.ids().any(|i| *i == id) && m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+        };
+        if on_command_line(run) || on_command_line(&matches) {
+            continue;
+        }
+        argv.push(format!("--{name}={value}").into());
+    }
+    let cli =
+        Cli::try_parse_from(&argv).map_err(|e| anyhow::anyhow!("with the settings of {}: {e}", path.display()))?;
+    Ok((cli, file.ignored))
+}
+
+/// Logging to stderr: text (env_logger's format) or one JSON object per line.
+fn init_logging(verbosity: u8, format: LogFormat) {
+    let filter = match verbosity {
+        0..=3 => "info",
+        4..=5 => "info,dsproxy=debug",
+        6..=7 => "info,dsproxy=trace",
+        _ => "debug,dsproxy=trace",
+    };
+    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter));
+    if format == LogFormat::Json {
+        builder.format(|buf, record| {
+            let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let line = serde_json::json!({
+                "ts": ts.as_secs_f64(),
+                "level": record.level().as_str().to_ascii_lowercase(),
+                "caller": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    builder.init();
+}
+
+/// The settings of `dsproxy run`, checked.
+fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
+    let attach = a.attach.context("no interfaces to attach to: give --attach GLOB (or dsproxy.attach in --config)")?;
+    let poll_interval = a.poll_interval.0.max(Duration::from_millis(10));
+    let node_name = a.hostname_override.unwrap_or_else(hostname);
+    let source = match a.manifests {
+        Some(dir) => SourceConfig::Manifests(manifests::Options { dir, node_name: Some(node_name), poll_interval }),
+        None => SourceConfig::Kube(kube::Options {
+            kubeconfig: a.kubeconfig,
+            node_name,
+            service_proxy_name: a.service_proxy_name.clone(),
+        }),
+    };
+    let v6 = a.bind_address.is_ipv6();
+    let healthz_default = if v6 { "[::]:10256" } else { "0.0.0.0:10256" };
+    let metrics_default = if v6 { "[::1]:10249" } else { "127.0.0.1:10249" };
+    let healthz = a.healthz_bind_address.as_deref().unwrap_or(healthz_default);
+    let metrics = a.metrics_bind_address.as_deref().unwrap_or(metrics_default);
+    let ns = |d: Option<GoDuration>| d.map_or(0, |d| u64::try_from(d.0.as_nanos()).unwrap_or(u64::MAX));
+    let defaults = proxy_common::DatapathConfig::DEFAULT;
+    let or = |v: u64, d: u64| if v == 0 { d } else { v };
+    Ok(RunConfig {
+        source,
+        attach,
+        pin_dir: a.pin_dir,
+        capacities: Capacities {
+            svc: a.svc_capacity,
+            backend: a.backend_capacity,
+            revnat: a.revnat_capacity,
+            ct: a.ct_capacity,
+        },
+        healthz_bind: config::bind_address(healthz, 10_256).map_err(|e| anyhow!("--healthz-bind-address: {e}"))?,
+        metrics_bind: config::bind_address(metrics, 10_249).map_err(|e| anyhow!("--metrics-bind-address: {e}"))?,
+        sync_period: a.sync_period.0,
+        min_sync_period: a.min_sync_period.0,
+        poll_interval,
+        model: model::Config { service_proxy_name: a.service_proxy_name },
+        datapath: proxy_common::DatapathConfig {
+            tcp_syn_ns: or(ns(a.conntrack_tcp_timeout_syn), defaults.tcp_syn_ns),
+            tcp_established_ns: or(ns(a.conntrack_tcp_timeout_established), defaults.tcp_established_ns),
+            tcp_close_ns: or(ns(a.conntrack_tcp_timeout_close), defaults.tcp_close_ns),
+            udp_ns: or(ns(a.conntrack_udp_timeout), defaults.udp_ns),
+        },
+    })
+}
+
 /// The kernel's hostname: kube-proxy's default node name.
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
 fn status(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    privileges::check("dsproxy status", &privileges::READ)?;
     let maps = Maps::open_pinned(&pin_dir.join("maps")).context("is the datapath loaded?")?;
     let prog = maps.read_back()?;
     for (frontend, value) in &prog.frontends {
@@ -209,5 +330,99 @@ fn check(dir: &std::path::Path) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("{} errors", errors.len() + update.rejected.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dsproxy run` with `args` and a config file holding `file`.
+    fn parse_with(file: &str, flags: &[&str]) -> anyhow::Result<(Cli, Vec<String>)> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("dsproxy-cli-test-{}-{n}.yaml", std::process::id()));
+        std::fs::write(&path, file).expect("write config");
+        let mut argv: Vec<OsString> = vec!["dsproxy".into(), "run".into(), "--config".into(), path.clone().into()];
+        argv.extend(flags.iter().map(OsString::from));
+        let parsed = parse_args(argv);
+        let _ = std::fs::remove_file(&path);
+        parsed
+    }
+
+    fn run_args(file: &str, args: &[&str]) -> (RunArgs, Option<u8>, Vec<String>) {
+        let (cli, ignored) = parse_with(file, args).expect("parses");
+        let Command::Run(a) = cli.command else { panic!("not run") };
+        (*a, cli.verbosity, ignored)
+    }
+
+    #[test]
+    fn flags_on_the_command_line_win_over_the_config_file() {
+        let file = "syncPeriod: 10s\nminSyncPeriod: 2s\nhostnameOverride: from-file\nlogging: {verbosity: 2}\n\
+                    dsproxy: {attach: 'veth*', capacities: {ct: 1000}}\n";
+        let (a, v, _) = run_args(file, &["--sync-period", "5s", "--node-name", "from-flag", "-v", "6"]);
+        assert_eq!(a.sync_period.0, Duration::from_secs(5), "the flag wins");
+        assert_eq!(a.min_sync_period.0, Duration::from_secs(2), "the file fills what the flags leave");
+        assert_eq!(a.hostname_override.as_deref(), Some("from-flag"), "an alias of the flag wins too");
+        assert_eq!(v, Some(6), "a global flag wins");
+        assert_eq!(a.attach.as_deref(), Some("veth*"));
+        assert_eq!(a.ct_capacity, 1000);
+        assert_eq!(a.svc_capacity, capacity::SVC, "what neither sets keeps its default");
+        let (a, v, _) = run_args(file, &[]);
+        assert_eq!(
+            (a.sync_period.0, a.hostname_override.as_deref(), v),
+            (Duration::from_secs(10), Some("from-file"), Some(2))
+        );
+    }
+
+    #[test]
+    fn config_file_settings_reach_the_run_config() {
+        let (a, _, _) = run_args(
+            "dsproxy: {pinDir: /x, capacities: {svc: 1}}\nhealthzBindAddress: 0.0.0.0:1\n",
+            &["--attach", "x"],
+        );
+        let cfg = run_config(a).expect("valid");
+        assert_eq!(cfg.pin_dir, PathBuf::from("/x"));
+        assert_eq!(cfg.capacities.svc, 1);
+        assert_eq!(cfg.healthz_bind, Some("0.0.0.0:1".parse().expect("addr")));
+        assert_eq!(cfg.metrics_bind, Some("127.0.0.1:10249".parse().expect("addr")), "kube-proxy's default");
+    }
+
+    #[test]
+    fn bad_config_file_values_are_refused_by_name() {
+        let e = parse_with("dsproxy: {capacities: {svc: many}}\n", &[]).err().expect("bad capacity").to_string();
+        assert!(e.contains("line 1"), "{e}");
+        let (a, _, _) = run_args("healthzBindAddress: nowhere\n", &["--attach", "x"]);
+        let e = run_config(a).expect_err("bad address").to_string();
+        assert!(e.contains("--healthz-bind-address") && e.contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn run_without_interfaces_says_how_to_give_them() {
+        let (a, _, _) = run_args("syncPeriod: 1s\n", &[]);
+        let e = run_config(a).expect_err("no --attach").to_string();
+        assert!(e.contains("--attach") && e.contains("dsproxy.attach"), "{e}");
+    }
+
+    #[test]
+    fn an_ipv6_bind_address_moves_the_default_listeners_to_ipv6() {
+        let (a, _, _) = run_args("bindAddress: '::'\n", &["--attach", "x"]);
+        let cfg = run_config(a).expect("valid");
+        assert_eq!(cfg.healthz_bind, Some("[::]:10256".parse().expect("addr")));
+        assert_eq!(cfg.metrics_bind, Some("[::1]:10249".parse().expect("addr")));
+    }
+
+    #[test]
+    fn conntrack_timeouts_reach_the_datapath_settings() {
+        let (a, _, _) = run_args(
+            "conntrack: {tcpEstablishedTimeout: 2h, udpTimeout: 0s}\ndsproxy: {conntrack: {tcpCloseTimeout: 3s}}\n",
+            &["--attach", "x", "--conntrack-tcp-timeout-syn", "7s"],
+        );
+        let d = run_config(a).expect("valid").datapath;
+        let s = 1_000_000_000;
+        assert_eq!(d.tcp_established_ns, 2 * 3600 * s);
+        assert_eq!(d.tcp_close_ns, 3 * s);
+        assert_eq!(d.tcp_syn_ns, 7 * s);
+        assert_eq!(d.udp_ns, proxy_common::DatapathConfig::DEFAULT.udp_ns, "0 keeps the built-in timeout");
     }
 }

@@ -11,16 +11,20 @@
 //! - `maps`: the only code that touches the BPF maps;
 //! - `attach`: loading, TCX attachment, pinning, clean-up;
 //! - `agent`: the run loop tying them together;
+//! - `config`: the configuration file, as flags;
+//! - `privileges`: the capabilities each command needs, checked first;
 //! - `frames`, `testrun`, `rand` (feature `test-helpers`): crafted frames,
 //!   BPF_PROG_TEST_RUN and a seeded generator for tests and benchmarks.
 pub mod agent;
 pub mod attach;
 pub mod cli;
+pub mod config;
 pub mod diff;
 #[cfg(any(test, feature = "test-helpers"))]
 pub mod frames;
 pub mod maps;
 pub mod model;
+pub mod privileges;
 #[cfg(any(test, feature = "test-helpers"))]
 pub mod rand;
 pub mod source;

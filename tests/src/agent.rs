@@ -37,23 +37,49 @@ impl Agent {
     }
 
     pub fn start_with(bin: &Path, node: &NetNs, manifests: &Path, pin_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_wrapped(&[], bin, node, manifests, pin_dir, extra)
+    }
+
+    /// Like `start_with`, with the agent run by `wrapper` (for example
+    /// `setpriv --bounding-set=...`), which must exec it in place.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        bin: &Path,
+        node: &NetNs,
+        manifests: &Path,
+        pin_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
         let mut args: Vec<OsString> = vec!["--manifests".into(), manifests.into()];
         args.extend(extra.iter().map(OsString::from));
-        Self::spawn(bin, node, pin_dir, &args)
+        Self::spawn(wrapper, bin, node, pin_dir, &args)
     }
 
     /// Start `bin run` following the Kubernetes API described by `kubeconfig`.
     pub fn start_kube(bin: &Path, node: &NetNs, kubeconfig: &Path, node_name: &str, pin_dir: &Path) -> Self {
-        let args: Vec<OsString> =
-            vec!["--kubeconfig".into(), kubeconfig.into(), "--node-name".into(), node_name.into()];
-        Self::spawn(bin, node, pin_dir, &args)
+        Self::start_kube_with(bin, node, kubeconfig, node_name, pin_dir, &[])
     }
 
-    fn spawn(bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
+    pub fn start_kube_with(
+        bin: &Path,
+        node: &NetNs,
+        kubeconfig: &Path,
+        node_name: &str,
+        pin_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let mut args: Vec<OsString> =
+            vec!["--kubeconfig".into(), kubeconfig.into(), "--node-name".into(), node_name.into()];
+        args.extend(extra.iter().map(OsString::from));
+        Self::spawn(&[], bin, node, pin_dir, &args)
+    }
+
+    fn spawn(wrapper: &[&str], bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &node.name])
+            .args(wrapper)
             .arg(bin)
-            .args(["run", "--attach", ATTACH_GLOB, "--min-sync-period-ms", "50", "--poll-interval-ms", "50"])
+            .args(["run", "--attach", ATTACH_GLOB, "--min-sync-period", "50ms", "--poll-interval", "50ms"])
             .args(source)
             .arg("--pin-dir")
             .arg(pin_dir)

@@ -105,8 +105,20 @@ impl Cluster {
 
     /// Start the agent on the Kubernetes API described by `kubeconfig`.
     pub fn start_kube_agent(&mut self, kubeconfig: &Path, node_name: &str) {
+        self.start_kube_agent_with(kubeconfig, node_name, &[]);
+    }
+
+    pub fn start_kube_agent_with(&mut self, kubeconfig: &Path, node_name: &str, extra: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
-        self.agent = Some(Agent::start_kube(&self.bin, &self.topo.node, kubeconfig, node_name, &self.bpf.pin_dir()));
+        let pin_dir = self.bpf.pin_dir();
+        self.agent = Some(Agent::start_kube_with(&self.bin, &self.topo.node, kubeconfig, node_name, &pin_dir, extra));
+    }
+
+    /// Start the agent run by `wrapper` (which execs it in place).
+    pub fn start_agent_wrapped(&mut self, wrapper: &[&str], extra: &[&str]) {
+        assert!(self.agent.is_none(), "agent already running");
+        let (node, dir, pin_dir) = (&self.topo.node, &self.manifests.0, self.bpf.pin_dir());
+        self.agent = Some(Agent::start_wrapped(wrapper, &self.bin, node, dir, &pin_dir, extra));
     }
 
     pub fn start_agent_with(&mut self, extra: &[&str]) {

@@ -80,6 +80,7 @@ fn main() -> Result<()> {
             // The default members: everything but the eBPF crate, which only
             // builds for the BPF target.
             cmd.args(["test", "--no-fail-fast"]);
+            cmd.env("DSPROXY_KUBERNETES_VALIDATE", kubernetes_validate()?);
             if !args.is_empty() {
                 cmd.arg("--").args(args);
             }
@@ -249,7 +250,9 @@ fn setup() -> Result<()> {
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     let mut missing: Vec<&str> = Vec::new();
-    for (program, package) in [("ip", "iproute2"), ("sysctl", "procps"), ("mount", "mount")] {
+    for (program, package) in
+        [("ip", "iproute2"), ("sysctl", "procps"), ("mount", "mount"), ("setpriv", "util-linux"), ("python3", "python3")]
+    {
         if !have(program) {
             missing.push(package);
         }
@@ -277,11 +280,37 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("PATH", env::join_paths(path)?))?;
     }
+    install_kubernetes_validate()?;
     if !is_bpffs("/sys/fs/bpf") {
         println!("setup: mounting bpffs on /sys/fs/bpf");
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())
+}
+
+/// kubernetes-validate (PyPI) validates deploy/ offline; it lives in a
+/// virtualenv under the target directory, out of the system's Python.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+fn tools_venv() -> Result<PathBuf> {
+    Ok(target_dir()?.join("tools").join("venv"))
+}
+
+fn kubernetes_validate() -> Result<PathBuf> {
+    Ok(tools_venv()?.join("bin").join("kubernetes-validate"))
+}
+
+fn install_kubernetes_validate() -> Result<()> {
+    if kubernetes_validate()?.is_file() {
+        return Ok(());
+    }
+    let venv = tools_venv()?;
+    if !succeeds(Command::new("python3").args(["-c", "import ensurepip, venv"])) {
+        apt_install(&["python3-venv"])?;
+    }
+    println!("setup: installing {KUBERNETES_VALIDATE} into {}", venv.display());
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", KUBERNETES_VALIDATE]))
 }
 
 unsafe extern "C" {

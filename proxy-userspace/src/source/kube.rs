@@ -56,6 +56,11 @@ pub enum Error {
         env = "KUBERNETES_SERVICE_HOST"
     )]
     InCluster(#[from] kube::config::InClusterError),
+    #[error(
+        "no API server to follow: {var} is not set, and neither --kubeconfig nor --manifests was given \
+         (a DaemonSet sets {var} and KUBERNETES_SERVICE_PORT from the dsproxy ConfigMap, see deploy/)"
+    )]
+    NoInClusterVariable { var: &'static str },
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
 }
@@ -76,14 +81,16 @@ pub struct Options {
 /// Fail early on a configuration that cannot work: a kubeconfig that does
 /// not read, or missing in-cluster variables.
 pub fn preflight(opts: &Options) -> Result<()> {
-    match &opts.kubeconfig {
-        Some(path) => {
-            Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig { path: path.clone(), source })?;
-        }
-        None => {
-            Config::incluster()?;
+    if let Some(path) = &opts.kubeconfig {
+        Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig { path: path.clone(), source })?;
+        return Ok(());
+    }
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        if std::env::var_os(var).is_none_or(|v| v.is_empty()) {
+            return Err(Error::NoInClusterVariable { var });
         }
     }
+    Config::incluster()?;
     Ok(())
 }
 
