@@ -250,9 +250,13 @@ fn setup() -> Result<()> {
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     let mut missing: Vec<&str> = Vec::new();
-    for (program, package) in
-        [("ip", "iproute2"), ("sysctl", "procps"), ("mount", "mount"), ("setpriv", "util-linux"), ("python3", "python3")]
-    {
+    for (program, package) in [
+        ("ip", "iproute2"),
+        ("sysctl", "procps"),
+        ("mount", "mount"),
+        ("setpriv", "util-linux"),
+        ("python3", "python3"),
+    ] {
         if !have(program) {
             missing.push(package);
         }
