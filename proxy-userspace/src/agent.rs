@@ -17,7 +17,10 @@ use crate::{
     attach::{self, Capacities},
     diff::Programmed,
     maps::Maps,
-    model, privileges,
+    metrics::SyncOutcome,
+    model,
+    observe::{Listeners, Observer},
+    privileges,
     source::{self, Event, SourceConfig},
     store::Store,
     sync::{self, Report},
@@ -62,6 +65,8 @@ struct Agent {
     rejected: BTreeSet<String>,
     /// Problems the source reported, as last logged.
     problems: BTreeMap<String, String>,
+    /// Health, metrics, health-check node ports.
+    observer: Observer,
 }
 
 impl Agent {
@@ -83,7 +88,12 @@ impl Agent {
                 log::info!("relisting {}s", kind.name());
                 false
             }
-            other => self.store.apply(other),
+            other => {
+                let change = Observer::before(&other);
+                let changed = self.store.apply(other);
+                self.observer.after(change, changed, &self.store);
+                changed
+            }
         }
     }
 
@@ -107,6 +117,13 @@ impl Agent {
             log::error!("not programmed: {e}");
         }
         self.generation += 1;
+        let outcome = SyncOutcome {
+            took: started.elapsed(),
+            full: dirty == crate::store::Dirty::All,
+            errors: report.errors.len(),
+        };
+        let counts = (self.rejected.len(), self.problems.len());
+        self.observer.synced(started, &outcome, &self.programmed, &self.model.desired, counts);
         log::info!(
             "synced generation={} frontends={} recomputed={} upserted={} removed={} ops={} rejected={} errors={} took={:?}",
             self.generation,
@@ -140,6 +157,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // What can fail without touching the kernel fails first.
     source::preflight(&cfg.source)?;
     privileges::check("dsproxy run", &privileges::RUN)?;
+    let listeners = Listeners::bind(cfg.healthz_bind, cfg.metrics_bind).await?;
     let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
     maps.set_config(&cfg.datapath)?;
     let programmed = maps.read_back().context("reading pinned state back")?;
@@ -150,6 +168,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cfg.pin_dir.display(),
         programmed.frontends.len()
     );
+    // /metrics reads the kernel's counters through a handle of its own.
+    let scrape = match cfg.metrics_bind {
+        Some(_) => Some(Maps::open_pinned(&cfg.pin_dir.join("maps"))?),
+        None => None,
+    };
+    let node_required = matches!(cfg.source, SourceConfig::Kube(_));
+    let observer = Observer::start(listeners, cfg.sync_period, node_required, scrape);
     let mut agent = Agent {
         maps,
         programmed,
@@ -159,6 +184,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         generation: 0,
         rejected: BTreeSet::new(),
         problems: BTreeMap::new(),
+        observer,
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -174,7 +200,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             }
         }
     }
-    agent.sync(&cfg.model);
+    let first = agent.sync(&cfg.model);
 
     let mut attached = Vec::new();
     attach_new(&mut ebpf, &cfg, &mut attached).context("attaching the datapath")?;
@@ -184,6 +210,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(cfg.poll_interval);
     let mut last_sync = Instant::now();
     let mut pending = false;
+    // A sync that failed is tried again after --sync-period.
+    let mut retry = (!first.errors.is_empty()).then(|| Instant::now() + cfg.sync_period);
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -198,6 +226,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 }
                 None => anyhow::bail!("the source stopped"),
             },
+            () = sleep_until(retry), if retry.is_some() => {
+                retry = None;
+                pending = true;
+            }
             _ = tick.tick() => {
                 if let Err(e) = attach_new(&mut ebpf, &cfg, &mut attached) {
                     log::error!("attaching: {e}");
@@ -207,6 +239,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         if !pending {
             continue;
         }
+        agent.observer.queued();
         // Coalesce: at most one sync per min_sync_period.
         if let Some(wait) = cfg.min_sync_period.checked_sub(last_sync.elapsed()) {
             tokio::time::sleep(wait).await;
@@ -216,10 +249,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         pending = false;
         last_sync = Instant::now();
-        agent.sync(&cfg.model);
+        let report = agent.sync(&cfg.model);
+        retry = (!report.errors.is_empty()).then(|| Instant::now() + cfg.sync_period);
     }
     log::info!("exiting; the datapath stays attached (pins under {})", cfg.pin_dir.display());
     Ok(())
+}
+
+/// Wait until `at` (forever when `None`; the select! guard keeps it off).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Attach to interfaces matching the glob that appeared since last time.

@@ -13,6 +13,9 @@
 //! - `agent`: the run loop tying them together;
 //! - `config`: the configuration file, as flags;
 //! - `privileges`: the capabilities each command needs, checked first;
+//! - `http`, `health`, `metrics`: /healthz, /livez and /metrics as
+//!   kube-proxy serves them; `service_health`: the healthCheckNodePorts;
+//!   `observe`: what the run loop reports to them;
 //! - `frames`, `testrun`, `rand` (feature `test-helpers`): crafted frames,
 //!   BPF_PROG_TEST_RUN and a seeded generator for tests and benchmarks.
 pub mod agent;
@@ -22,11 +25,16 @@ pub mod config;
 pub mod diff;
 #[cfg(any(test, feature = "test-helpers"))]
 pub mod frames;
+pub mod health;
+pub mod http;
 pub mod maps;
+pub mod metrics;
 pub mod model;
+pub mod observe;
 pub mod privileges;
 #[cfg(any(test, feature = "test-helpers"))]
 pub mod rand;
+pub mod service_health;
 pub mod source;
 pub mod store;
 pub mod sync;

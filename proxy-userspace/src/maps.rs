@@ -109,6 +109,51 @@ impl Maps {
             .collect()
     }
 
+    /// Entries in use and capacity of the map `m` of the table (arrays:
+    /// entries holding something). A hash map's keys are walked one by one:
+    /// under churn the count is approximate, and never above the capacity.
+    pub fn fill(&self, m: &'static MapSpec) -> Result<(u32, u32)> {
+        use aya::maps::IterableMap;
+        use proxy_common::names;
+        fn capacity<K: aya::Pod, V>(m: &'static MapSpec, map: &impl IterableMap<K, V>) -> Result<u32> {
+            Ok(map.map().info().map_err(|source| Error::Read { map: m.name, source })?.max_entries())
+        }
+        fn keys<K: aya::Pod, V: aya::Pod>(m: &'static MapSpec, map: &HashMap<MapData, K, V>) -> Result<(u32, u32)> {
+            let max = capacity(m, map)?;
+            let mut n = 0u32;
+            for k in map.keys().take(max as usize) {
+                k.map_err(|source| Error::Read { map: m.name, source })?;
+                n += 1;
+            }
+            Ok((n, max))
+        }
+        fn in_use<V: aya::Pod + Default + PartialEq>(
+            m: &'static MapSpec,
+            map: &Array<MapData, V>,
+        ) -> Result<(u32, u32)> {
+            let mut n = 0u32;
+            for v in map.iter() {
+                n += u32::from(v.map_err(|source| Error::Read { map: m.name, source })? != V::default());
+            }
+            Ok((n, capacity(m, map)?))
+        }
+        match m.name {
+            names::SVC4 => keys(m, &self.svc4),
+            names::SVC6 => keys(m, &self.svc6),
+            names::BACKEND4 => keys(m, &self.backend4),
+            names::BACKEND6 => keys(m, &self.backend6),
+            names::CT4 => keys(m, &self.ct4),
+            names::CT6 => keys(m, &self.ct6),
+            names::REVNAT4 => in_use(m, &self.revnat4),
+            names::REVNAT6 => in_use(m, &self.revnat6),
+            names::CONFIG => Ok((1, capacity(m, &self.config)?)),
+            _ => {
+                let n = capacity(m, &self.stats)?;
+                Ok((n, n))
+            }
+        }
+    }
+
     /// Read the maps back into a mirror: what a restarted agent starts from.
     pub fn read_back(&self) -> Result<Programmed> {
         let read = |m: &'static MapSpec| move |source| Error::Read { map: m.name, source };

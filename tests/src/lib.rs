@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod echo;
 pub mod fakeapi;
+pub mod http;
 pub mod manifests;
 pub mod netns;
 pub mod topo;

@@ -2,18 +2,22 @@
 //! source configuration), the least-privilege DaemonSet, and the manifests
 //! under deploy/ checked offline against the Kubernetes schemas.
 use std::{
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output},
+    time::{Duration, Instant},
 };
 
 use dsproxy_tests::{
     Cluster, TempDir,
     echo::{tcp_request, udp_request},
+    fakeapi::FakeApi,
+    http::{Reply, count, get, sample},
     manifests::{Port, READY, documents, service, slice},
     netns::{BpfFs, NetNs},
     topo::{ATTACH_GLOB, vip4, vip6},
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dsproxy-under-test");
 
@@ -216,4 +220,333 @@ fn status_without_privileges_says_which_it_needs() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CAP_BPF") && err.contains("root"), "{err}");
+}
+
+const HEALTHZ: &str = "127.0.0.1:10256";
+const METRICS: &str = "127.0.0.1:10249";
+
+fn ports() -> [Port<'static>; 2] {
+    [
+        Port { name: "tcp", port: 80, proto: "TCP", target: 8080 },
+        Port { name: "udp", port: 80, proto: "UDP", target: 8080 },
+    ]
+}
+
+/// Service `name` on VIP number `n` of both families, with one slice per
+/// family over `backends`; `trigger`: the slices' change trigger time.
+fn web(c: &Cluster, name: &str, n: u8, backends: &[usize], trigger: Option<&str>) -> Vec<Value> {
+    let ips: [IpAddr; 2] = [vip4(n).into(), vip6(n.into()).into()];
+    let mut objs = vec![service(name, &ips, "RequireDualStack", &ports())];
+    for (v6, fam) in [(false, "IPv4"), (true, "IPv6")] {
+        let eps: Vec<_> = backends.iter().map(|b| (c.addr(*b, v6), READY)).collect();
+        let mut s = slice(&format!("{name}-{fam}"), name, fam, &[("tcp", 8080, "TCP"), ("udp", 8080, "UDP")], &eps);
+        if let Some(t) = trigger {
+            s["metadata"]["annotations"] = json!({"endpoints.kubernetes.io/last-change-trigger-time": t});
+        }
+        objs.push(s);
+    }
+    objs
+}
+
+fn probe(c: &Cluster, addr: &str, path: &str) -> Reply {
+    get(&c.topo.node, addr.parse().expect("addr"), path).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"))
+}
+
+fn metrics(c: &Cluster) -> String {
+    let r = probe(c, METRICS, "/metrics");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").is_some_and(|t| t.starts_with("application/openmetrics-text")), "{r:?}");
+    r.body
+}
+
+/// Poll `probe` until `ok` holds; panic with the last reply after `within`.
+fn wait_for(what: &str, within: Duration, mut probe: impl FnMut() -> Reply, ok: impl Fn(&Reply) -> bool) -> Reply {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = probe();
+        if ok(&r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}; last reply {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn healthz_and_livez_answer_as_kube_proxy_and_fail_when_a_change_cannot_be_synced() {
+    let mut c = Cluster::new(Path::new(BIN));
+    let be = c.backend("be0", 8080, false);
+    c.write("web.yaml", &documents(&web(&c, "web", 40, &[be], None)));
+    // The settings come from a config file: health on another port, JSON logs.
+    let cfg = c.manifests.0.with_extension("config.yaml");
+    std::fs::write(&cfg, "healthzBindAddress: 0.0.0.0:10266\nsyncPeriod: 2s\nlogging: {format: json}\n")
+        .expect("config");
+    // `web` takes 2 ports x (frontend + 1 slot) = 4 entries per family.
+    c.start_agent_with(&["--config", cfg.to_str().expect("utf-8"), "--svc-capacity", "5"]);
+    let health = "127.0.0.1:10266";
+    let log = c.agent().log();
+    let line = log.iter().find(|l| l.contains("synced generation=1")).expect("first sync logged");
+    let json: Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("--log-format json from the file ({e}): {line}"));
+    assert!(json["ts"].is_f64() && json["level"] == "info" && json["msg"].as_str().is_some(), "{json}");
+
+    let healthz = probe(&c, health, "/healthz");
+    assert_eq!(healthz.status, 200, "{healthz:?}");
+    assert_eq!(healthz.header("content-type"), Some("application/json"));
+    assert_eq!(healthz.header("x-content-type-options"), Some("nosniff"));
+    let body = healthz.json();
+    let at = |key: &str| healthz.body.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("no {key}: {body}"));
+    let order = ["lastUpdated", "currentTime", "nodeEligible", "healthy", "status"].map(at);
+    assert!(order.is_sorted(), "kube-proxy's keys in kube-proxy's order: {}", healthz.body);
+    assert_eq!((body["nodeEligible"].clone(), body["healthy"].clone()), (json!(true), json!(true)));
+    for fam in ["IPv4", "IPv6"] {
+        assert_eq!(body["status"][fam]["healthy"], true, "{body}");
+        assert!(body["status"][fam]["lastUpdated"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+    }
+    let livez = probe(&c, health, "/livez");
+    assert_eq!(livez.status, 200);
+    assert!(livez.json().get("nodeEligible").is_none(), "livez has no nodeEligible: {}", livez.body);
+    assert_eq!(probe(&c, health, "/other").status, 404);
+
+    // A Service that does not fit: the change waits, unsynced; both probes
+    // fail once it has waited 2 x syncPeriod (4 s), not before.
+    let mut objs = web(&c, "web", 40, &[be], None);
+    objs.extend(web(&c, "big", 41, &[be], None));
+    let written = Instant::now();
+    c.change_and_sync(|| c.write("web.yaml", &documents(&objs)));
+    assert!(c.agent().log().iter().any(|l| l.contains("not programmed: default/big")), "big must not fit");
+    let early = probe(&c, health, "/healthz");
+    if written.elapsed() < Duration::from_secs(4) {
+        assert_eq!(early.status, 200, "a change younger than 2 x syncPeriod keeps /healthz up: {early:?}");
+    }
+    let stale =
+        wait_for("/healthz fails", Duration::from_secs(20), || probe(&c, health, "/healthz"), |r| r.status == 503);
+    assert!(written.elapsed() >= Duration::from_secs(4), "503 after {:?}, before 2 x syncPeriod", written.elapsed());
+    assert_eq!(stale.json()["healthy"], false);
+    assert_eq!(stale.json()["status"]["IPv4"]["healthy"], false);
+    assert_eq!(probe(&c, health, "/livez").status, 503, "livez fails on a stale sync too");
+    let m = metrics(&c);
+    assert!(count(&m, "dsproxy_sync_errors_total", "").is_some_and(|n| n >= 2), "failed syncs are retried: {m}");
+    assert!(count(&m, "kubeproxy_proxy_healthz_total", "code=\"503\"").is_some_and(|n| n >= 1), "{m}");
+
+    // Back to what fits: the next sync succeeds and both recover.
+    c.change_and_sync(|| c.write("web.yaml", &documents(&web(&c, "web", 40, &[be], None))));
+    assert_eq!(probe(&c, health, "/healthz").status, 200);
+    assert_eq!(probe(&c, health, "/livez").status, 200);
+    assert!(probe(&c, METRICS, "/proxyMode").body == "ebpf");
+}
+
+#[test]
+fn metrics_move_when_services_change_and_packets_flow() {
+    let mut c = Cluster::new(Path::new(BIN));
+    let client = c.client();
+    let be = c.backend("be0", 8080, false);
+    c.write("web.yaml", &documents(&web(&c, "web", 50, &[be], None)));
+    c.start_agent();
+    let m0 = metrics(&c);
+    let v = |m: &str, name: &str, labels: &str| {
+        count(m, name, labels).unwrap_or_else(|| panic!("no {name}{{{labels}}}:\n{m}"))
+    };
+    let secs = |m: &str, fam: &str| {
+        sample(m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", &format!("ip_family=\"{fam}\""))
+            .unwrap_or_else(|| panic!("no last sync timestamp:\n{m}"))
+    };
+    let frontends = |m: &str| v(m, "dsproxy_frontends", "ip_family=\"IPv6\",kind=\"ClusterIP\"");
+    assert_eq!(frontends(&m0), 2, "two ports, one IPv6 ClusterIP each");
+    assert_eq!(v(&m0, "dsproxy_bpf_map_entries", "map=\"SVC6_V1\""), 4, "2 frontends + 2 slots");
+    assert_eq!(v(&m0, "dsproxy_bpf_map_capacity", "map=\"SVC6_V1\""), 131_072);
+    let last0 = secs(&m0, "IPv4");
+
+    // A second Service whose slices say when their change was triggered.
+    let trigger = dsproxy::health::rfc3339(std::time::SystemTime::now() - Duration::from_secs(3));
+    let mut objs = web(&c, "web", 50, &[be], None);
+    objs.extend(web(&c, "api", 51, &[be], Some(&trigger)));
+    c.change_and_sync(|| c.write("web.yaml", &documents(&objs)));
+    let m1 = metrics(&c);
+    assert!(
+        v(&m1, "kubeproxy_sync_proxy_rules_service_changes_total", "")
+            > v(&m0, "kubeproxy_sync_proxy_rules_service_changes_total", "")
+    );
+    assert!(
+        v(&m1, "kubeproxy_sync_proxy_rules_endpoint_changes_total", "")
+            >= v(&m0, "kubeproxy_sync_proxy_rules_endpoint_changes_total", "") + 2
+    );
+    assert_eq!(v(&m1, "kubeproxy_sync_proxy_rules_endpoint_changes_pending", ""), 0, "synced");
+    assert_eq!(frontends(&m1), 4);
+    assert!(secs(&m1, "IPv4") > last0);
+    for fam in ["IPv4", "IPv6"] {
+        let labels = format!("le=\"2.0\",ip_family=\"{fam}\"");
+        assert_eq!(v(&m1, "kubeproxy_network_programming_duration_seconds_bucket", &labels), 0, "3 s ago is above 2 s");
+        let labels = format!("le=\"10.0\",ip_family=\"{fam}\"");
+        assert_eq!(
+            v(&m1, "kubeproxy_network_programming_duration_seconds_bucket", &labels),
+            1,
+            "one slice per family:\n{m1}"
+        );
+    }
+
+    // Packets: new flows are translated, both families tracked.
+    let packets =
+        |m: &str, reason: &str| v(m, "dsproxy_datapath_packets_total", &format!("family=\"any\",reason=\"{reason}\""));
+    let before = packets(&m1, "dnat_new");
+    for v6 in [false, true] {
+        let vip = SocketAddr::new(if v6 { IpAddr::V6(vip6(50)) } else { IpAddr::V4(vip4(50)) }, 80);
+        for _ in 0..3 {
+            c.in_pod(client, move || tcp_request(vip)).expect("TCP through the VIP");
+        }
+    }
+    let m2 = metrics(&c);
+    assert!(packets(&m2, "dnat_new") >= before + 6, "six new flows:\n{m2}");
+    assert!(packets(&m2, "rev_nat") > packets(&m1, "rev_nat"));
+    for fam in ["IPv4", "IPv6"] {
+        assert!(
+            v(&m2, "dsproxy_conntrack_entries", &format!("ip_family=\"{fam}\"")) >= 6,
+            "two entries per flow:\n{m2}"
+        );
+    }
+    // The probes are counted by code.
+    probe(&c, HEALTHZ, "/healthz");
+    probe(&c, HEALTHZ, "/livez");
+    let m3 = metrics(&c);
+    assert!(v(&m3, "kubeproxy_proxy_healthz_total", "code=\"200\"") >= 1);
+    assert!(v(&m3, "kubeproxy_proxy_livez_total", "code=\"200\"") >= 1);
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds",
+        "kubeproxy_network_programming_duration_seconds",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_endpoint_changes",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        "kubeproxy_sync_proxy_rules_service_changes",
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        "kubeproxy_proxy_healthz",
+        "kubeproxy_proxy_livez",
+        "dsproxy_frontends",
+        "dsproxy_rejected_objects",
+        "dsproxy_source_problems",
+        "dsproxy_sync_errors",
+        "dsproxy_datapath_packets",
+        "dsproxy_bpf_map_entries",
+        "dsproxy_bpf_map_capacity",
+        "dsproxy_conntrack_entries",
+    ] {
+        assert!(m3.contains(&format!("# TYPE {name} ")), "{name} is not exposed:\n{m3}");
+    }
+}
+
+fn node_object(name: &str, deleting: bool) -> Value {
+    let mut n = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+    if deleting {
+        n["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+        n["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    }
+    n
+}
+
+#[test]
+fn healthz_fails_while_the_node_is_deleted_and_livez_does_not() {
+    let mut c = Cluster::new(Path::new(BIN));
+    let be = c.backend("be0", 8080, false);
+    let api = FakeApi::start(&c.topo.node);
+    api.apply(&node_object("node-a", false));
+    for o in web(&c, "web", 60, &[be], None) {
+        api.apply(&o);
+    }
+    let dir = TempDir::new("dsproxy-kubeconfig-");
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+    c.start_kube_agent(&kubeconfig, "node-a");
+    let healthz = || probe(&c, HEALTHZ, "/healthz");
+    let h = wait_for("/healthz up", Duration::from_secs(5), healthz, |r| r.status == 200);
+    assert_eq!(h.json()["nodeEligible"], true);
+
+    api.apply(&node_object("node-a", true));
+    let h = wait_for("/healthz down while deleting", Duration::from_secs(5), healthz, |r| r.status == 503);
+    assert_eq!((h.json()["nodeEligible"].clone(), h.json()["healthy"].clone()), (json!(false), json!(true)));
+    assert_eq!(probe(&c, HEALTHZ, "/livez").status, 200, "livez ignores the node");
+
+    api.delete(&node_object("node-a", true));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(healthz().status, 503, "a deleted node stays ineligible");
+    assert_eq!(probe(&c, HEALTHZ, "/livez").status, 200, "and the agent stays alive");
+
+    api.apply(&node_object("node-a", false));
+    wait_for("/healthz back with the node", Duration::from_secs(5), healthz, |r| r.status == 200);
+
+    // RBAC: exactly what the agent asked the API server for.
+    let mut used: std::collections::BTreeSet<(String, &str)> = std::collections::BTreeSet::new();
+    for r in api.requests() {
+        let path = r.trim_start_matches("GET ").split('?').next().unwrap_or("").to_owned();
+        let verb = if r.contains("watch=true") { "watch" } else { "list" };
+        let resource = path.rsplit('/').next().unwrap_or("").to_owned();
+        used.insert((resource, verb));
+    }
+    let docs = deploy_documents();
+    let role = find(&docs, "ClusterRole");
+    let mut granted = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        for res in rule["resources"].as_array().expect("resources") {
+            for verb in rule["verbs"].as_array().expect("verbs") {
+                granted.insert((res.as_str().expect("resource").to_owned(), verb.as_str().expect("verb")));
+            }
+        }
+    }
+    assert_eq!(used, granted, "the ClusterRole must grant exactly what the agent uses");
+}
+
+#[test]
+fn health_check_node_ports_come_and_go_with_the_desired_state() {
+    use dsproxy::{health::ProxyHealth, service_health::Servers, types::HealthCheck};
+    use std::{collections::BTreeMap, sync::Arc};
+    let ns = NetNs::new("hcnp");
+    let port_a = 30_210;
+    let port_b = 30_211;
+    let check = |n| HealthCheck { service: "shop/front".into(), local_endpoints: n };
+    // The servers run on a runtime whose thread lives in the namespace.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BTreeMap<u16, HealthCheck>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<u16>>();
+    let path = PathBuf::from("/run/netns").join(&ns.name);
+    let server = std::thread::spawn(move || {
+        dsproxy_tests::netns::enter(&path);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let proxy = Arc::new(ProxyHealth::new(Duration::from_secs(30), true));
+            proxy.updated(Instant::now(), std::time::SystemTime::now());
+            let mut servers = Servers::new(proxy);
+            while let Some(wanted) = rx.recv().await {
+                servers.sync(&wanted);
+                done_tx.send(servers.ports()).expect("report");
+            }
+        });
+    });
+    let sync = |wanted: BTreeMap<u16, HealthCheck>| {
+        tx.send(wanted).expect("send");
+        done_rx.recv().expect("synced")
+    };
+    ns.ip(&["addr", "add", "198.18.77.1/32", "dev", "lo"]);
+    ns.ip(&["addr", "add", "fd00:77::1/128", "dev", "lo"]);
+    assert_eq!(sync(BTreeMap::from([(port_a, check(2)), (port_b, check(0))])), vec![port_a, port_b]);
+    for ip in ["198.18.77.1", "[fd00:77::1]"] {
+        let r = get(&ns, format!("{ip}:{port_a}").parse().expect("addr"), "/any/path").expect("port a answers");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-load-balancing-endpoint-weight"), Some("2"));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(
+            r.body,
+            "{\n\t\"service\": {\n\t\t\"namespace\": \"shop\",\n\t\t\"name\": \"front\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+        );
+        let r = get(&ns, format!("{ip}:{port_b}").parse().expect("addr"), "/").expect("port b answers");
+        assert_eq!((r.status, r.header("x-load-balancing-endpoint-weight")), (503, Some("0")));
+    }
+    // The count moves without reopening; port b goes away.
+    assert_eq!(sync(BTreeMap::from([(port_a, check(0))])), vec![port_a]);
+    let r = get(&ns, format!("198.18.77.1:{port_a}").parse().expect("addr"), "/").expect("port a");
+    assert_eq!(r.status, 503);
+    let gone = get(&ns, format!("198.18.77.1:{port_b}").parse().expect("addr"), "/");
+    assert!(gone.is_err(), "port {port_b} must be closed: {gone:?}");
+    assert!(sync(BTreeMap::new()).is_empty());
+    drop(tx);
+    server.join().expect("server thread");
 }

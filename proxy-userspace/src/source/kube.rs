@@ -42,9 +42,14 @@ use crate::model::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 /// kube-proxy's label for headless Services' slices (`v1.IsHeadlessService`).
 const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 
-/// Annotations the model reads; every other one is dropped on arrival.
-const KEPT_ANNOTATIONS: [&str; 2] =
-    ["service.kubernetes.io/topology-mode", "service.kubernetes.io/topology-aware-hints"];
+/// Annotations the agent reads (the model's, and the trigger time the
+/// network programming latency is measured from); every other one is
+/// dropped on arrival.
+const KEPT_ANNOTATIONS: [&str; 3] = [
+    "service.kubernetes.io/topology-mode",
+    "service.kubernetes.io/topology-aware-hints",
+    crate::observe::TRIGGER_TIME_ANNOTATION,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -132,10 +137,17 @@ fn slim_slice(slice: &mut EndpointSlice) {
     }
 }
 
-/// Keep only what the model reads of the Node: labels, addresses, deletion.
+/// Keep only what the agent reads of the Node: labels, addresses, deletion,
+/// the cluster autoscaler's to-be-deleted taint.
 fn slim_node(node: &mut Node) {
     slim_meta(&mut node.metadata);
-    node.spec = None;
+    let taints = node.spec.take().and_then(|s| s.taints).map(|mut t| {
+        t.retain(|t| t.key == crate::health::TAINT_TO_BE_DELETED);
+        t
+    });
+    node.spec = taints
+        .filter(|t| !t.is_empty())
+        .map(|t| k8s_openapi::api::core::v1::NodeSpec { taints: Some(t), ..Default::default() });
     if let Some(status) = &mut node.status {
         *status = k8s_openapi::api::core::v1::NodeStatus { addresses: status.addresses.take(), ..Default::default() };
     }

@@ -1,0 +1,178 @@
+//! `healthCheckNodePort` servers (kube-proxy's `service_health.go`): one
+//! HTTP server per port in `Desired::health_checks`, on every address of
+//! both families, opened and closed as Services come and go. Any path
+//! gets the same answer: 200 when this node has ready endpoints of the
+//! Service and the proxy is healthy, else 503; the body is kube-proxy's,
+//! byte for byte, and `X-Load-Balancing-Endpoint-Weight` carries the count.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    health::ProxyHealth,
+    http::{self, Handler, Response},
+    types::HealthCheck,
+};
+
+/// kube-proxy's body: tabs, no trailing newline, Go-quoted strings.
+pub fn body(service: &str, local_endpoints: usize, proxy_healthy: bool) -> String {
+    let (ns, name) = service.split_once('/').unwrap_or(("", service));
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {local_endpoints},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}",
+        q(ns),
+        q(name)
+    )
+}
+
+/// The answer for one health check.
+pub fn response(check: &HealthCheck, proxy_healthy: bool) -> Response {
+    let ok = check.local_endpoints > 0 && proxy_healthy;
+    let mut r = Response::new(
+        if ok { 200 } else { 503 },
+        "application/json",
+        body(&check.service, check.local_endpoints, proxy_healthy),
+    );
+    r.headers.push(("X-Load-Balancing-Endpoint-Weight", check.local_endpoints.to_string()));
+    r
+}
+
+/// What the servers answer, by port; shared with their handlers.
+type Checks = Arc<Mutex<BTreeMap<u16, HealthCheck>>>;
+
+/// The running servers.
+pub struct Servers {
+    /// The addresses every port listens on.
+    addrs: Vec<IpAddr>,
+    checks: Checks,
+    proxy: Arc<ProxyHealth>,
+    /// Port -> its listeners' tasks (one per family that could bind).
+    running: BTreeMap<u16, Vec<JoinHandle<()>>>,
+    /// Ports that failed to open, with the error last logged.
+    failed: BTreeMap<u16, String>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for t in self.running.values().flatten() {
+            t.abort();
+        }
+    }
+}
+
+/// A listener on `addr`; IPv6 sockets take IPv6 only, so both families
+/// can listen on the same port.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+impl Servers {
+    /// Servers listening on every address of both families.
+    pub fn new(proxy: Arc<ProxyHealth>) -> Self {
+        Self::on(vec![Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()], proxy)
+    }
+
+    /// Servers listening on `addrs` only.
+    pub fn on(addrs: Vec<IpAddr>, proxy: Arc<ProxyHealth>) -> Self {
+        Self { addrs, checks: Arc::default(), proxy, running: BTreeMap::new(), failed: BTreeMap::new() }
+    }
+
+    /// The ports being served.
+    pub fn ports(&self) -> Vec<u16> {
+        self.running.keys().copied().collect()
+    }
+
+    fn handler(&self, port: u16) -> Handler {
+        let checks = Arc::clone(&self.checks);
+        let proxy = Arc::clone(&self.proxy);
+        Arc::new(move |_path| {
+            let check = checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&port).cloned();
+            match check {
+                Some(c) => response(&c, proxy.healthy()),
+                // Closed while a kept-alive connection was still open.
+                None => Response::new(503, "text/plain; charset=utf-8", "no health check on this port\n".into()),
+            }
+        })
+    }
+
+    /// Serve exactly `wanted`: open new ports, close those that went, and
+    /// answer with the new counts at once. A port that cannot be opened
+    /// is logged once and tried again at the next sync.
+    pub fn sync(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
+        *self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = wanted.clone();
+        self.running.retain(|port, tasks| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                for t in tasks.iter() {
+                    t.abort();
+                }
+                log::info!("health check node port {port}: closed");
+            }
+            keep
+        });
+        self.failed.retain(|port, _| wanted.contains_key(port));
+        for (port, check) in wanted {
+            if self.running.contains_key(port) {
+                continue;
+            }
+            let mut tasks = Vec::new();
+            let mut errors = Vec::new();
+            for ip in &self.addrs {
+                let addr = SocketAddr::new(*ip, *port);
+                match listen(addr) {
+                    Ok(l) => tasks.push(http::serve(l, self.handler(*port))),
+                    Err(e) => errors.push(format!("{addr}: {e}")),
+                }
+            }
+            if tasks.is_empty() {
+                let e = errors.join("; ");
+                if self.failed.get(port) != Some(&e) {
+                    log::error!("health check node port {port} of Service {}: cannot listen: {e}", check.service);
+                    self.failed.insert(*port, e);
+                }
+                continue;
+            }
+            for e in errors {
+                log::debug!("health check node port {port}: {e}");
+            }
+            self.failed.remove(port);
+            log::info!("health check node port {port}: serving Service {}", check.service);
+            self.running.insert(*port, tasks);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The servers themselves are tested in a network namespace
+    // (tests/tests/ops.rs).
+    #[test]
+    fn the_body_is_kube_proxys_byte_for_byte() {
+        assert_eq!(
+            body("ns/web", 2, true),
+            "{\n\t\"service\": {\n\t\t\"namespace\": \"ns\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+        );
+        let r = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 0 }, true);
+        assert_eq!(r.status, 503);
+        assert_eq!(r.headers, vec![("X-Load-Balancing-Endpoint-Weight", "0".to_owned())]);
+        let ok = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 3 }, true);
+        assert_eq!(ok.status, 200);
+        let sick = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 3 }, false);
+        assert_eq!(sick.status, 503, "an unhealthy proxy fails every service");
+    }
+}
