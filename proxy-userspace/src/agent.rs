@@ -157,6 +157,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // What can fail without touching the kernel fails first.
     source::preflight(&cfg.source)?;
     privileges::check("dsproxy run", &privileges::RUN)?;
+    attach::check_bpffs(&cfg.pin_dir)?;
     let listeners = Listeners::bind(cfg.healthz_bind, cfg.metrics_bind).await?;
     let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
     maps.set_config(&cfg.datapath)?;
