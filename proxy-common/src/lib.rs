@@ -30,6 +30,8 @@ pub mod names {
     pub const CT6: &str = "CT6_V1";
     pub const STATS: &str = "STATS_V1";
     pub const CONFIG: &str = "CONFIG_V1";
+    pub const NAMES4: &str = "NAMES4_V1";
+    pub const NAMES6: &str = "NAMES6_V1";
 }
 
 /// Name of the TC program in the object file.
@@ -124,8 +126,8 @@ macro_rules! spec {
 /// The datapath's pinned maps.
 pub mod maps {
     use super::{
-        Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, MapSpec, RevNat4, RevNat6, Sizing,
-        Stat, Svc4Key, Svc6Key, SvcValue, capacity, names, size_of,
+        Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, FrontendName, MapSpec, RevNat4,
+        RevNat6, Sizing, Stat, Svc4Key, Svc6Key, SvcValue, capacity, names, size_of,
     };
 
     pub const SVC4: MapSpec = spec!(names::SVC4, Svc4Key, SvcValue, Sizing::Svc, capacity::SVC);
@@ -138,9 +140,12 @@ pub mod maps {
     pub const CT6: MapSpec = spec!(names::CT6, Ct6Key, Ct6Value, Sizing::Ct, capacity::CT);
     pub const STATS: MapSpec = spec!(names::STATS, u32, u64, Sizing::Fixed, Stat::COUNT);
     pub const CONFIG: MapSpec = spec!(names::CONFIG, u32, DatapathConfig, Sizing::Fixed, 1);
+    pub const NAMES4: MapSpec = spec!(names::NAMES4, u32, FrontendName, Sizing::RevNat, capacity::REVNAT);
+    pub const NAMES6: MapSpec = spec!(names::NAMES6, u32, FrontendName, Sizing::RevNat, capacity::REVNAT);
 
     /// Every pinned map, in the order the agent reports them.
-    pub const ALL: [MapSpec; 10] = [SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS, CONFIG];
+    pub const ALL: [MapSpec; 12] =
+        [SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4, CT6, STATS, CONFIG, NAMES4, NAMES6];
 
     /// The spec of the map called `name`.
     pub fn by_name(name: &str) -> Option<&'static MapSpec> {
@@ -319,6 +324,45 @@ pub struct RevNat6 {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<RevNat6>() == 20);
+
+/// The name of the Service port a frontend belongs to (`namespace/name:port`),
+/// by reverse-NAT id, in `NAMES{4,6}`: written by the agent, read back at
+/// restart and by `dsproxy inspect`; the datapath never reads it. UTF-8,
+/// padded with zeros; the longest Kubernetes name (63 + 1 + 63 + 1 + 15
+/// bytes) fits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendName {
+    pub bytes: [u8; FrontendName::LEN],
+}
+const _: () = assert!(size_of::<FrontendName>() == 144);
+
+impl FrontendName {
+    pub const LEN: usize = 144;
+
+    /// `name`, cut at a character boundary if longer than `LEN` bytes.
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(Self::LEN);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; Self::LEN];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        Self { bytes }
+    }
+
+    /// The name, up to the first zero; `None` if it is not UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        let end = self.bytes.iter().position(|b| *b == 0).unwrap_or(Self::LEN);
+        core::str::from_utf8(&self.bytes[..end]).ok()
+    }
+}
+
+impl Default for FrontendName {
+    fn default() -> Self {
+        Self { bytes: [0; Self::LEN] }
+    }
+}
 
 /// Conntrack direction (`Ct*Key::dir`).
 pub const CT_DIR_FORWARD: u8 = 0;
@@ -566,4 +610,5 @@ mod pod {
     unsafe impl aya::Pod for super::Ct4Value {}
     unsafe impl aya::Pod for super::Ct6Value {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::FrontendName {}
 }

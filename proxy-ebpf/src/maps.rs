@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, RevNat4, RevNat6, Stat, Svc4Key, Svc6Key,
-    SvcValue, capacity,
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, FrontendName, RevNat4, RevNat6, Stat,
+    Svc4Key, Svc6Key, SvcValue, capacity,
 };
 
 // Service and backend tables are preallocated: an insert then takes an
@@ -37,6 +37,15 @@ pub static STATS_V1: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 // Runtime settings (conntrack timeouts), written by the agent.
 #[map]
 pub static CONFIG_V1: Array<DatapathConfig> = Array::pinned(1, 0);
+// Service port names by reverse-NAT id, for the agent's restart and
+// `dsproxy inspect`; no program reads them. Not preallocated: they take
+// memory for the frontends that exist only (BPF_F_NO_PREALLOC).
+#[map]
+pub static NAMES4_V1: HashMap<u32, FrontendName> =
+    HashMap::pinned(capacity::REVNAT, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+#[map]
+pub static NAMES6_V1: HashMap<u32, FrontendName> =
+    HashMap::pinned(capacity::REVNAT, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 // Per-CPU scratch space for composing TCP RST and ICMP answers
 // (`reject.rs`); not pinned, it holds no state between packets.
 #[map]

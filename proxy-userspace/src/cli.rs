@@ -5,9 +5,9 @@ use crate::{
     agent::{self, RunConfig},
     attach::{self, Capacities},
     config::{self, GoDuration},
-    maps::Maps,
-    model, privileges,
+    inspect, model, privileges,
     source::{self, SourceConfig, kube, manifests},
+    types::Family,
 };
 use anyhow::{Context as _, anyhow};
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -27,6 +27,12 @@ struct Cli {
     log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -136,6 +142,18 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Show the live datapath, read from the pinned maps: services (frontends
+    /// with their Service port, kind, settings, backends), backends, or stats.
+    Inspect {
+        what: inspect::What,
+        /// Only this IP family.
+        #[arg(long, value_parser = ["4", "6"])]
+        family: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Validate manifests and print the frontends they would program; touches no kernel state.
     Check {
         #[arg(long)]
@@ -176,6 +194,11 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { pin_dir } => status(&pin_dir),
+        Command::Inspect { what, family, output, pin_dir } => {
+            let family = family.map(|f| if f == "6" { Family::V6 } else { Family::V4 });
+            print!("{}", inspect::run(&pin_dir, what, family, output == Output::Json)?);
+            Ok(())
+        }
         Command::Check { manifests } => check(&manifests),
     }
 }
@@ -287,17 +310,10 @@ fn hostname() -> String {
 }
 
 fn status(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    privileges::check("dsproxy status", &privileges::READ)?;
-    let maps = Maps::open_pinned(&pin_dir.join("maps")).context("is the datapath loaded?")?;
-    let prog = maps.read_back()?;
-    for (frontend, value) in &prog.frontends {
-        let backends = prog.active_backends(frontend).unwrap_or_default();
-        let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
-        println!("{frontend} rev_nat={} -> [{}]", value.rev_nat_id, list.join(", "));
-    }
-    for (stat, n) in maps.stats()? {
-        println!("{:<20} {n}", stat.name());
-    }
+    let maps = inspect::open(pin_dir, "dsproxy status")?;
+    print!("{}", inspect::services_text(&inspect::services(&maps.read_back()?, None)));
+    let (counters, fill) = inspect::stats(&maps)?;
+    print!("{}", inspect::stats_text(&counters, &fill));
     Ok(())
 }
 

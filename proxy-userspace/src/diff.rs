@@ -30,14 +30,42 @@ pub struct FrontendValue {
 /// One map write or delete. Ids are per family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    PutBackend { id: u32, backend: Backend },
-    DeleteBackend { id: u32, backend: Backend },
-    PutRevNat { id: u32, frontend: Frontend },
-    ClearRevNat { id: u32, family: Family },
-    PutSlot { frontend: Frontend, slot: u16, backend_id: u32 },
-    DeleteSlot { frontend: Frontend, slot: u16 },
-    PutFrontend { frontend: Frontend, value: FrontendValue },
-    DeleteFrontend { frontend: Frontend },
+    PutBackend {
+        id: u32,
+        backend: Backend,
+    },
+    DeleteBackend {
+        id: u32,
+        backend: Backend,
+    },
+    /// The reverse-NAT entry of a frontend, and the name of its Service
+    /// port (`namespace/name:port`), kept beside it for restarts and
+    /// `dsproxy inspect`.
+    PutRevNat {
+        id: u32,
+        frontend: Frontend,
+        owner: String,
+    },
+    ClearRevNat {
+        id: u32,
+        family: Family,
+    },
+    PutSlot {
+        frontend: Frontend,
+        slot: u16,
+        backend_id: u32,
+    },
+    DeleteSlot {
+        frontend: Frontend,
+        slot: u16,
+    },
+    PutFrontend {
+        frontend: Frontend,
+        value: FrontendValue,
+    },
+    DeleteFrontend {
+        frontend: Frontend,
+    },
 }
 
 /// The operations for one frontend (or one clean-up), in order.
@@ -101,6 +129,8 @@ pub struct FamilyState {
     /// Backends whose last reference went since the last gc: candidates
     /// for `plan_gc_freed`.
     pub freed: Vec<u32>,
+    /// Reverse-NAT id -> the Service port name written beside it.
+    pub names: HashMap<u32, String>,
 }
 
 /// The maps' content, as the agent knows it.
@@ -160,8 +190,16 @@ impl Programmed {
                 fam.backends.remove(id);
                 fam.refs.remove(id);
             }
-            Op::PutRevNat { id, frontend } => self.family_mut(frontend.family()).rev_nat_ids.take(*id),
-            Op::ClearRevNat { id, family } => self.family_mut(*family).rev_nat_ids.free(*id),
+            Op::PutRevNat { id, frontend, owner } => {
+                let fam = self.family_mut(frontend.family());
+                fam.rev_nat_ids.take(*id);
+                fam.names.insert(*id, owner.clone());
+            }
+            Op::ClearRevNat { id, family } => {
+                let fam = self.family_mut(*family);
+                fam.rev_nat_ids.free(*id);
+                fam.names.remove(id);
+            }
             Op::PutSlot { frontend, slot, backend_id } => {
                 let old = self.slots.entry(*frontend).or_default().insert(*slot, *backend_id);
                 let fam = self.family_mut(frontend.family());
@@ -207,10 +245,15 @@ pub enum Change<'a> {
 }
 
 /// Is `frontend` programmed exactly as `spec` says: same settings, same
-/// backends in the active generation?
+/// name, same backends in the active generation?
 fn up_to_date(prog: &Programmed, frontend: &Frontend, spec: &FrontendSpec) -> bool {
-    prog.frontends.get(frontend).is_some_and(|v| v.settings == spec.settings)
+    prog.frontends.get(frontend).is_some_and(|v| v.settings == spec.settings && named(prog, frontend, v, &spec.owner))
         && prog.active_backends(frontend).as_deref() == Some(spec.backends.as_slice())
+}
+
+/// Does the programmed frontend carry the name `owner`?
+fn named(prog: &Programmed, frontend: &Frontend, v: &FrontendValue, owner: &str) -> bool {
+    prog.family(frontend.family()).names.get(&v.rev_nat_id).is_some_and(|n| n == owner)
 }
 
 /// Frontends to write (new, or with other settings or backends) and to remove.
@@ -250,15 +293,25 @@ pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -
         format!("{owner}: {} backends, more than the {MAX_BACKENDS_PER_SVC} one frontend can hold", spec.backends.len())
     })?;
     let existing = prog.frontends.get(&frontend);
+    // A frontend whose Service port changed name (or that was pinned by an
+    // agent that wrote no names) gets its name rewritten in place.
+    let rename = existing.filter(|v| !named(prog, &frontend, v, &spec.owner)).map(|v| Op::PutRevNat {
+        id: v.rev_nat_id,
+        frontend,
+        owner: spec.owner.clone(),
+    });
     if let Some(v) = existing
         && prog.active_backends(&frontend).as_deref() == Some(spec.backends.as_slice())
     {
         let value = FrontendValue { settings: spec.settings.clone(), ..v.clone() };
-        return Ok(Step { owner, ops: vec![Op::PutFrontend { frontend, value }], commit: 0, rollback: vec![] });
+        let mut ops: Vec<Op> = rename.into_iter().collect();
+        ops.push(Op::PutFrontend { frontend, value });
+        let commit = ops.len() - 1;
+        return Ok(Step { owner, ops, commit, rollback: vec![] });
     }
     let family = frontend.family();
     let fam = prog.family(family);
-    let mut ops = Vec::new();
+    let mut ops: Vec<Op> = rename.into_iter().collect();
 
     let new_backends: Vec<&Backend> = spec.backends.iter().filter(|b| !prog.backend_index.contains_key(b)).collect();
     let mut fresh = fam.backend_ids.peek(new_backends.len()).into_iter();
@@ -278,7 +331,7 @@ pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -
         v.rev_nat_id
     } else {
         let id = fam.rev_nat_ids.peek(1)[0];
-        ops.push(Op::PutRevNat { id, frontend });
+        ops.push(Op::PutRevNat { id, frontend, owner: spec.owner.clone() });
         id
     };
     let slot_base = match existing {

@@ -16,6 +16,7 @@
 //! - `http`, `health`, `metrics`: /healthz, /livez and /metrics as
 //!   kube-proxy serves them; `service_health`: the healthCheckNodePorts;
 //!   `observe`: what the run loop reports to them;
+//! - `inspect`: the live datapath from the pinned maps, as text or JSON;
 //! - `frames`, `testrun`, `rand` (feature `test-helpers`): crafted frames,
 //!   BPF_PROG_TEST_RUN and a seeded generator for tests and benchmarks.
 pub mod agent;
@@ -27,6 +28,7 @@ pub mod diff;
 pub mod frames;
 pub mod health;
 pub mod http;
+pub mod inspect;
 pub mod maps;
 pub mod metrics;
 pub mod model;

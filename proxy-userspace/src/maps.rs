@@ -7,8 +7,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, MapSpec, RevNat4, RevNat6, Stat, Svc4Key,
-    Svc6Key, SvcValue, maps as spec,
+    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, FrontendName, MapSpec, RevNat4, RevNat6,
+    Stat, Svc4Key, Svc6Key, SvcValue, maps as spec,
 };
 
 use crate::{
@@ -47,6 +47,9 @@ pub struct Maps {
     pub ct6: HashMap<MapData, Ct6Key, Ct6Value>,
     pub stats: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfig>,
+    /// Service port names by reverse-NAT id (`inspect`, restarts).
+    pub names4: HashMap<MapData, u32, FrontendName>,
+    pub names6: HashMap<MapData, u32, FrontendName>,
 }
 
 impl Maps {
@@ -70,6 +73,8 @@ impl Maps {
             ct6: typed(&spec::CT6, &mut get)?,
             stats: typed(&spec::STATS, &mut get)?,
             config: typed(&spec::CONFIG, &mut get)?,
+            names4: typed(&spec::NAMES4, &mut get)?,
+            names6: typed(&spec::NAMES6, &mut get)?,
         })
     }
 
@@ -144,6 +149,8 @@ impl Maps {
             names::BACKEND6 => keys(m, &self.backend6),
             names::CT4 => keys(m, &self.ct4),
             names::CT6 => keys(m, &self.ct6),
+            names::NAMES4 => keys(m, &self.names4),
+            names::NAMES6 => keys(m, &self.names6),
             names::REVNAT4 => in_use(m, &self.revnat4),
             names::REVNAT6 => in_use(m, &self.revnat6),
             names::CONFIG => Ok((1, capacity(m, &self.config)?)),
@@ -159,6 +166,15 @@ impl Maps {
         let read = |m: &'static MapSpec| move |source| Error::Read { map: m.name, source };
         let mut prog = Programmed::default();
         let mut ops = Vec::new();
+        let mut names = std::collections::HashMap::new();
+        for (map, family, spec) in
+            [(&self.names4, Family::V4, &spec::NAMES4), (&self.names6, Family::V6, &spec::NAMES6)]
+        {
+            for item in map {
+                let (id, name) = item.map_err(read(spec))?;
+                names.insert((family, id), name.as_str().unwrap_or_default().to_owned());
+            }
+        }
         for item in &self.backend4 {
             let (id, b) = item.map_err(read(&spec::BACKEND4))?;
             if let Some(backend) = backend_from(IpAddr::V4(Ipv4Addr::from(b.addr)), b.port, b.proto) {
@@ -173,11 +189,13 @@ impl Maps {
         }
         for item in &self.svc4 {
             let (k, v) = item.map_err(read(&spec::SVC4))?;
-            svc_entry(IpAddr::V4(Ipv4Addr::from(k.addr)), k.port, k.proto, k.scope, k.slot, &v, &mut ops);
+            let owner = names.get(&(Family::V4, v.rev_nat_id));
+            svc_entry(IpAddr::V4(Ipv4Addr::from(k.addr)), (k.port, k.proto, k.scope, k.slot), &v, owner, &mut ops);
         }
         for item in &self.svc6 {
             let (k, v) = item.map_err(read(&spec::SVC6))?;
-            svc_entry(IpAddr::V6(Ipv6Addr::from(k.addr)), k.port, k.proto, k.scope, k.slot, &v, &mut ops);
+            let owner = names.get(&(Family::V6, v.rev_nat_id));
+            svc_entry(IpAddr::V6(Ipv6Addr::from(k.addr)), (k.port, k.proto, k.scope, k.slot), &v, owner, &mut ops);
         }
         for op in &ops {
             prog.apply(op);
@@ -186,14 +204,22 @@ impl Maps {
     }
 }
 
-/// The ops that rebuild one service-map entry in the mirror.
-fn svc_entry(addr: IpAddr, port: u16, proto: u8, scope: u8, slot: u16, v: &SvcValue, ops: &mut Vec<Op>) {
+/// The ops that rebuild one service-map entry (`(port, proto, scope, slot)`
+/// as in the key) in the mirror; `owner`: the frontend's name, if pinned.
+fn svc_entry(
+    addr: IpAddr,
+    (port, proto, scope, slot): (u16, u8, u8, u16),
+    v: &SvcValue,
+    owner: Option<&String>,
+    ops: &mut Vec<Op>,
+) {
     let (Some(proto), Some(scope)) = (Proto::from_number(proto), Scope::from_number(scope)) else { return };
     let frontend = Frontend { addr, port: u16::from_be(port), proto, scope };
     if slot == 0 {
         let settings = Settings::from_flags(v.flags, v.affinity_timeout);
         let value = FrontendValue { count: v.count, slot_base: v.slot_base, rev_nat_id: v.rev_nat_id, settings };
-        ops.push(Op::PutRevNat { id: v.rev_nat_id, frontend });
+        let owner = owner.cloned().unwrap_or_default();
+        ops.push(Op::PutRevNat { id: v.rev_nat_id, frontend, owner });
         ops.push(Op::PutFrontend { frontend, value });
     } else {
         ops.push(Op::PutSlot { frontend, slot, backend_id: v.backend_id });
@@ -269,19 +295,30 @@ impl Kernel for Maps {
                 Family::V4 => delete(&spec::BACKEND4, &backend, self.backend4.remove(id)),
                 Family::V6 => delete(&spec::BACKEND6, &backend, self.backend6.remove(id)),
             },
-            Op::PutRevNat { id, frontend } => match frontend.addr {
+            // The name first: a reverse-NAT entry never exists without it.
+            Op::PutRevNat { id, frontend, owner } => match frontend.addr {
                 IpAddr::V4(a) => {
+                    let name = FrontendName::new(owner);
+                    write(&spec::NAMES4, "insert", &frontend, self.names4.insert(id, name, 0))?;
                     let v = RevNat4 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
                     write(&spec::REVNAT4, "set", &frontend, self.revnat4.set(*id, v, 0))
                 }
                 IpAddr::V6(a) => {
+                    let name = FrontendName::new(owner);
+                    write(&spec::NAMES6, "insert", &frontend, self.names6.insert(id, name, 0))?;
                     let v = RevNat6 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
                     write(&spec::REVNAT6, "set", &frontend, self.revnat6.set(*id, v, 0))
                 }
             },
             Op::ClearRevNat { id, family } => match family {
-                Family::V4 => write(&spec::REVNAT4, "clear", &id, self.revnat4.set(*id, RevNat4::default(), 0)),
-                Family::V6 => write(&spec::REVNAT6, "clear", &id, self.revnat6.set(*id, RevNat6::default(), 0)),
+                Family::V4 => {
+                    write(&spec::REVNAT4, "clear", &id, self.revnat4.set(*id, RevNat4::default(), 0))?;
+                    delete(&spec::NAMES4, &id, self.names4.remove(id))
+                }
+                Family::V6 => {
+                    write(&spec::REVNAT6, "clear", &id, self.revnat6.set(*id, RevNat6::default(), 0))?;
+                    delete(&spec::NAMES6, &id, self.names6.remove(id))
+                }
             },
             Op::PutSlot { frontend, slot, backend_id } => {
                 let v = SvcValue { backend_id: *backend_id, ..SvcValue::default() };

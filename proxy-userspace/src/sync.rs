@@ -124,6 +124,7 @@ mod tests {
         slots: BTreeMap<(Frontend, u16), u32>,
         backends: BTreeMap<(Family, u32), Backend>,
         revnat: BTreeMap<(Family, u32), Frontend>,
+        names: BTreeMap<(Family, u32), String>,
         /// Most service-map entries (frontends plus slots) per family.
         svc_capacity: usize,
         ops: usize,
@@ -164,6 +165,7 @@ mod tests {
                     assert_eq!(b.family(), f.family(), "{f}: cross-family backend");
                 }
                 assert_eq!(self.revnat.get(&(f.family(), v.rev_nat_id)), Some(f), "{f}: reverse-NAT entry");
+                assert!(self.names.contains_key(&(f.family(), v.rev_nat_id)), "{f}: a name beside it");
             }
         }
     }
@@ -181,11 +183,13 @@ mod tests {
                 Op::DeleteBackend { id, backend } => {
                     self.backends.remove(&(backend.family(), *id));
                 }
-                Op::PutRevNat { id, frontend } => {
+                Op::PutRevNat { id, frontend, owner } => {
+                    self.names.insert((frontend.family(), *id), owner.clone());
                     self.revnat.insert((frontend.family(), *id), *frontend);
                 }
                 Op::ClearRevNat { id, family } => {
                     self.revnat.remove(&(*family, *id));
+                    self.names.remove(&(*family, *id));
                 }
                 Op::PutSlot { frontend, slot, backend_id } => {
                     if self.full(frontend, *slot) {
@@ -254,6 +258,33 @@ mod tests {
             assert_eq!(k.backends.len(), used.len(), "unused backends are collected");
         }
         assert!(k.slots.is_empty() && k.backends.is_empty() && k.revnat.is_empty(), "everything removed at the end");
+        assert!(k.names.is_empty(), "names go with their reverse-NAT entries");
+    }
+
+    #[test]
+    fn service_port_names_are_written_beside_the_reverse_nat_entry_and_follow_renames() {
+        let (mut kernel, mut prog) = (Fake::new(1000), Programmed::default());
+        let web = fe("198.19.0.10", 80);
+        let api = fe("fd00:ffff::a", 443);
+        let mut desired = want(&[(web, &["198.18.2.2"]), (api, &["fd00::2"])]);
+        sync(&mut kernel, &mut prog, &desired);
+        let name_of = |k: &Fake, f: &Frontend| k.names.get(&(f.family(), k.frontends[f].rev_nat_id)).cloned();
+        assert_eq!(name_of(&kernel, &web).as_deref(), Some("default/svc-80:http"));
+        assert_eq!(name_of(&kernel, &api).as_deref(), Some("default/svc-443:http"));
+        // Another Service takes over the same address and port: one write
+        // of the name, one of slot 0 (the owner is part of the frontend).
+        desired.frontends.get_mut(&web).expect("web").owner = "other/svc:web".into();
+        let before = kernel.ops;
+        let report = sync(&mut kernel, &mut prog, &desired);
+        assert_eq!((report.upserted, kernel.ops - before), (1, 2));
+        assert_eq!(name_of(&kernel, &web).as_deref(), Some("other/svc:web"));
+        assert_eq!(sync(&mut kernel, &mut prog, &desired).ops, 0, "the mirror knows the new name");
+        // A frontend read back without a name (an older agent's pins) gets one.
+        let id = prog.frontends[&api].rev_nat_id;
+        prog.v6.names.remove(&id);
+        kernel.names.remove(&(Family::V6, id));
+        assert_eq!(sync(&mut kernel, &mut prog, &desired).upserted, 1);
+        assert_eq!(name_of(&kernel, &api).as_deref(), Some("default/svc-443:http"));
     }
 
     #[test]

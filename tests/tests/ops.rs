@@ -211,15 +211,102 @@ fn should_refuse_a_source_it_cannot_use_before_loading_anything() {
 }
 
 #[test]
-fn status_without_privileges_says_which_it_needs() {
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--", BIN, "status"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run status");
-    assert!(!out.status.success());
+fn status_and_inspect_without_privileges_say_which_they_need() {
+    for args in [&["status"][..], &["inspect", "services"], &["inspect", "stats", "--output", "json"]] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--", BIN])
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run as nobody");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("CAP_BPF") && err.contains("root") && err.lines().count() == 1, "{args:?}: {err}");
+    }
+    let bpf = BpfFs::new();
+    let out =
+        Command::new(BIN).args(["inspect", "services", "--pin-dir"]).arg(bpf.pin_dir()).output().expect("inspect");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("CAP_BPF") && err.contains("root"), "{err}");
+    assert!(!out.status.success() && err.contains("nothing is pinned under"), "{err}");
+}
+
+/// `dsproxy inspect ARGS --output json --pin-dir PIN`, parsed.
+fn inspect_json(pin_dir: &Path, args: &[&str]) -> Value {
+    let out = Command::new(BIN)
+        .arg("inspect")
+        .args(args)
+        .args(["--output", "json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("run inspect");
+    assert!(out.status.success(), "inspect {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("inspect {args:?} is not JSON: {e}"))
+}
+
+#[test]
+fn inspect_shows_the_live_frontends_with_their_service_names_also_after_a_restart() {
+    let mut c = Cluster::new(Path::new(BIN));
+    let client = c.client();
+    let be = [c.backend("be0", 8080, false), c.backend("be1", 8080, false)];
+    c.write("web.yaml", &documents(&web(&c, "web", 70, &be, None)));
+    c.start_agent();
+    let pin = c.bpf.pin_dir();
+    let addrs: Vec<(IpAddr, IpAddr)> = be.iter().map(|b| (c.addr(*b, false), c.addr(*b, true))).collect();
+    let check = |doc: &Value, families: &[&str]| {
+        let frontends = doc["frontends"].as_array().expect("frontends");
+        assert_eq!(frontends.len(), 2 * families.len(), "two ports per family: {doc:#}");
+        for f in frontends {
+            assert_eq!(f["service"], "default/web", "{f}");
+            assert!(f["port_name"] == "tcp" || f["port_name"] == "udp", "{f}");
+            assert!(families.contains(&f["family"].as_str().expect("family")), "{f}");
+            assert_eq!(
+                (f["kind"].as_str(), f["port"].as_u64(), f["scope"].as_str()),
+                (Some("ClusterIP"), Some(80), Some("external"))
+            );
+            let v6 = f["family"] == "IPv6";
+            assert_eq!(f["address"], if v6 { vip6(70).to_string() } else { vip4(70).to_string() });
+            let mut got: Vec<String> = f["backends"]
+                .as_array()
+                .expect("backends")
+                .iter()
+                .map(|b| b["address"].as_str().expect("address").to_owned())
+                .collect();
+            got.sort();
+            let mut want: Vec<String> = addrs.iter().map(|(a4, a6)| if v6 { a6 } else { a4 }.to_string()).collect();
+            want.sort();
+            assert_eq!(got, want, "{f}");
+            assert!(f["when_empty"].is_null() && f["affinity_timeout_s"].is_null(), "{f}");
+        }
+    };
+    check(&inspect_json(&pin, &["services"]), &["IPv4", "IPv6"]);
+    check(&inspect_json(&pin, &["services", "--family", "6"]), &["IPv6"]);
+    let backends = inspect_json(&pin, &["backends", "--family", "4"]);
+    let list = backends["backends"].as_array().expect("backends");
+    assert_eq!(list.len(), 4, "two pods x TCP and UDP: {backends:#}");
+    assert!(list.iter().all(|b| b["family"] == "IPv4" && b["frontends"] == 1), "{backends:#}");
+
+    let vip = SocketAddr::new(vip4(70).into(), 80);
+    c.in_pod(client, move || tcp_request(vip)).expect("TCP through the VIP");
+    let stats = inspect_json(&pin, &["stats"]);
+    let dnat =
+        stats["counters"].as_array().expect("counters").iter().find(|c| c["reason"] == "dnat_new").expect("dnat_new");
+    assert!(dnat["packets"].as_u64() >= Some(1), "{stats:#}");
+    let names4 = stats["maps"].as_array().expect("maps").iter().find(|m| m["name"] == "NAMES4_V1").expect("NAMES4_V1");
+    assert_eq!(names4["entries"], 2, "one name per IPv4 frontend: {stats:#}");
+
+    // The names are pinned: an agent that stops leaves them, a new one reads them back and writes nothing.
+    c.stop_agent();
+    check(&inspect_json(&pin, &["services"]), &["IPv4", "IPv6"]);
+    c.start_agent();
+    let log = c.agent().log().join("\n");
+    assert!(log.contains("restored 4 frontends") && log.contains("upserted=0 removed=0 ops=0"), "{log}");
+    let text = Command::new(BIN).args(["inspect", "services", "--pin-dir"]).arg(&pin).output().expect("inspect");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("default/web:tcp ") || l.starts_with("default/web:udp ")).count(),
+        4,
+        "{text}"
+    );
 }
 
 const HEALTHZ: &str = "127.0.0.1:10256";
