@@ -294,7 +294,7 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
         sync_period: a.sync_period.0,
         min_sync_period: a.min_sync_period.0,
         poll_interval,
-        model: model::Config { service_proxy_name: a.service_proxy_name },
+        model: model::Config { service_proxy_name: a.service_proxy_name, ..model::Config::default() },
         datapath: proxy_common::DatapathConfig {
             tcp_syn_ns: or(ns(a.conntrack_tcp_timeout_syn), defaults.tcp_syn_ns),
             tcp_established_ns: or(ns(a.conntrack_tcp_timeout_established), defaults.tcp_established_ns),

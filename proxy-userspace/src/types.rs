@@ -375,6 +375,8 @@ pub struct EndpointInfo {
 pub struct FrontendSpec {
     /// `namespace/name:port` of the Service port.
     pub owner: String,
+    /// The Service port's name ("" when unnamed); for display.
+    pub port_name: String,
     pub settings: Settings,
     /// Sorted, without duplicates; all of the frontend's family.
     pub backends: Vec<Backend>,
@@ -386,7 +388,7 @@ impl FrontendSpec {
     /// A spec with default settings: a ClusterIP that refuses when empty.
     pub fn new(owner: impl Into<String>, backends: Vec<Backend>) -> Self {
         let info = vec![EndpointInfo::default(); backends.len()];
-        Self { owner: owner.into(), settings: Settings::default(), backends, info }
+        Self { owner: owner.into(), port_name: String::new(), settings: Settings::default(), backends, info }
     }
 }
 
@@ -396,8 +398,13 @@ impl FrontendSpec {
 pub struct HealthCheck {
     /// `namespace/name` of the Service.
     pub service: String,
-    /// Ready endpoints of the Service on this node.
+    /// Ready endpoints of the Service on this node: the larger of the
+    /// per-family counts (a dual-stack pod has one address of each).
     pub local_endpoints: usize,
+    /// Distinct ready local endpoint addresses per family the Service has
+    /// a ClusterIP of (kube-proxy runs one health server per family, each
+    /// counting its own family).
+    pub by_family: Vec<(Family, usize)>,
 }
 
 /// The desired state of the datapath.

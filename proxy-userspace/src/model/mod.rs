@@ -1,33 +1,63 @@
-//! The functional core: Services and EndpointSlices in, desired frontends
-//! out. Pure: no I/O, no clock, deterministic order.
+//! The functional core: Services, EndpointSlices and this node's Node in,
+//! desired frontends out. Pure: no I/O, no clock, deterministic order.
+//! Host facts (interface and API server addresses) come in through
+//! `Config::host`, gathered by the agent.
 //!
-//! Rules (Kubernetes semantics, see shared/SERVICE-SEMANTICS.md):
-//! - one frontend per (ClusterIP, port, protocol) for every address in
-//!   `spec.clusterIPs` (or `spec.clusterIP` when the list is empty);
-//! - the family of each ClusterIP picks the slices that feed it: IPv4 from
-//!   `addressType: IPv4`, IPv6 from `IPv6`; `FQDN` slices are ignored;
-//! - slices belong to the Service named by their `kubernetes.io/service-name`
-//!   label in the same namespace; endpoints are unioned over all slices and
-//!   counted once;
-//! - a Service port takes its backends' port from the slice port with the
-//!   same name and protocol (named `targetPort`s resolve this way);
-//! - `ready` endpoints serve; when none is ready, `serving && terminating`
-//!   ones do; otherwise the frontend has no backends;
-//! - headless, ExternalName and other proxies' Services are not proxied;
-//! - a malformed object is rejected alone, with an error naming it.
+//! One module per concern, each with its rules in its docs:
+//! - `service`: a Service object into what is proxied (validation, types,
+//!   policies, affinity, external and LB IPs, node ports);
+//! - `endpoints`: slices into endpoints (merging, conditions) and
+//!   kube-proxy's `CategorizeEndpoints` (topology, terminating fallback,
+//!   local set);
+//! - `frontends`: frontends per family and kind, traffic policies mapped
+//!   onto the datapath's two scopes, health-check node ports;
+//! - `policy`: the addresses and ports a Service may claim;
+//! - `node`: this node's name, zone and addresses, and the NodePort
+//!   addresses.
+//!
+//! Here: the families (IPv4 frontends from IPv4 slices only, IPv6 from
+//! IPv6; `FQDN` slices ignored), the join of slices to Services (the
+//! `kubernetes.io/service-name` label, same namespace), and who holds an
+//! address:port two Services claim. A ClusterIP, node port or
+//! health-check port (allocated by the API server) takes it from an
+//! external or LB IP (written by users); otherwise the first holder keeps
+//! it. The loser is rejected, naming both, and takes over when the holder
+//! goes. A malformed or refused object is rejected alone, by name.
+mod endpoints;
+mod frontends;
+mod node;
+mod policy;
+mod service;
+#[cfg(test)]
+mod testkit;
+
 use std::{
     borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    collections::{BTreeSet, HashMap},
+    fmt,
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
+use self::{
+    endpoints::PortEndpoints,
+    frontends::{Claim, Key, Rank},
+};
+pub use self::{
+    endpoints::{Categorized, Endpoint, Uses, categorize},
+    node::{HostAddresses, LABEL_ZONE, NodeContext, NodePortAddresses, parse_cidrs, parse_service_cidrs},
+    policy::{PortRange, refused_class, startup_warnings},
+    service::DEFAULT_AFFINITY_TIMEOUT,
+};
 pub use crate::types::{Backend, Desired, Family, Frontend, FrontendSpec, Proto};
 use crate::{
     source::{Event, Object, ObjectKind},
     store::{Dirty, Store, ns_name},
+    types::Cidr,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -42,13 +72,27 @@ fn parse_proto(s: Option<&str>) -> Result<Proto, String> {
     }
 }
 
-/// Agent settings that affect the model.
-#[derive(Clone, Debug, Default)]
+/// Agent settings and host facts that affect the model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// `--service-proxy-name`: when set, handle only Services labelled
     /// `service.kubernetes.io/service-proxy-name=<name>`; when unset, only
     /// Services without that label (kube-proxy's rule).
     pub service_proxy_name: Option<String>,
+    /// This node's name: endpoints with this `nodeName` are local. `None`:
+    /// no node context (Local policies have no local endpoints).
+    pub node_name: Option<String>,
+    /// `--nodeport-addresses`.
+    pub nodeport_addresses: NodePortAddresses,
+    /// `--service-cluster-ip-range`: at most one CIDR per family.
+    pub service_cidrs: Vec<Cidr>,
+    /// `--external-ip-cidrs`: `None` when not set (any external IP not
+    /// otherwise refused is accepted).
+    pub external_ip_cidrs: Option<Vec<Cidr>>,
+    /// `--service-node-port-range`.
+    pub node_port_range: PortRange,
+    /// Addresses of this host, gathered by the agent.
+    pub host: HostAddresses,
 }
 
 /// An object the model rejected, and why.
@@ -61,212 +105,100 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// One Service port, validated.
-struct SvcPort {
-    name: String,
-    port: u16,
-    proto: Proto,
+/// Something the model ignored in an object it otherwise took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub name: String,
+    pub message: String,
 }
 
-/// A Service that passed validation and is ours to proxy.
-struct ValidService {
-    name: String,
-    cluster_ips: Vec<IpAddr>,
-    ports: Vec<SvcPort>,
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.name, self.message)
+    }
 }
 
-/// The Service's verdict: proxy it, skip it silently (not ours), or reject.
-fn validate_service(svc: &Service, config: &Config) -> Result<Option<ValidService>, String> {
-    let proxy_label = svc.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME));
-    if proxy_label != config.service_proxy_name.as_ref() {
-        return Ok(None);
-    }
-    let Some(spec) = &svc.spec else { return Ok(None) };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(None);
-    }
-    let ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        (_, Some(ip)) => vec![ip.as_str()],
-        _ => vec![],
-    };
-    if ips.is_empty() || ips.iter().any(|ip| ip.is_empty() || *ip == "None") {
-        // Headless (or not yet allocated): nothing to proxy.
-        return Ok(None);
-    }
-    let mut cluster_ips = Vec::new();
-    for (i, ip) in ips.iter().enumerate() {
-        let addr: IpAddr = ip.parse().map_err(|_| format!("clusterIPs[{i}] {ip:?} is not an IP address"))?;
-        let family = Family::of(addr);
-        if cluster_ips.iter().any(|a| Family::of(*a) == family) {
-            return Err(format!("clusterIPs has more than one {} address", family.k8s_name()));
-        }
-        if let Some(declared) = spec.ip_families.as_ref().and_then(|f| f.get(i))
-            && Family::from_k8s(declared) != Some(family)
-        {
-            return Err(format!("clusterIPs[{i}] {ip} is {} but ipFamilies[{i}] is {declared}", family.k8s_name()));
-        }
-        cluster_ips.push(addr);
-    }
-    if let (Some(legacy), Some(first)) = (spec.cluster_ip.as_deref(), ips.first())
-        && !legacy.is_empty()
-        && legacy != *first
-    {
-        return Err(format!("clusterIP {legacy} differs from clusterIPs[0] {first}"));
-    }
-    let mut ports = Vec::new();
-    for p in spec.ports.iter().flatten() {
-        let name = p.name.clone().unwrap_or_default();
-        let port = u16::try_from(p.port)
-            .ok()
-            .filter(|n| *n != 0)
-            .ok_or_else(|| format!("port {:?} number {} is out of range 1-65535", name, p.port))?;
-        let proto = parse_proto(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"))?;
-        if ports.iter().any(|q: &SvcPort| q.port == port && q.proto == proto) {
-            return Err(format!("port {port}/{proto} appears more than once"));
-        }
-        if ports.iter().any(|q: &SvcPort| q.name == name) {
-            return Err(format!("port name {name:?} appears more than once"));
-        }
-        ports.push(SvcPort { name, port, proto });
-    }
-    Ok(Some(ValidService { name: ns_name(&svc.metadata), cluster_ips, ports }))
-}
-
-/// Endpoint readiness, with Kubernetes' defaults for missing conditions.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Usable {
-    /// `serving && terminating`: only used when nothing is ready.
-    Terminating,
-    Ready,
-}
-
-/// Endpoints of one Service, one family, by (slice port name, protocol).
-type PortEndpoints = HashMap<(String, Proto), BTreeMap<(IpAddr, u16), Usable>>;
-
-/// Fold one slice into `acc`, or say why it is rejected.
-fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints) -> Result<(), String> {
-    // Validate the whole slice before taking anything from it.
-    let mut ports = Vec::new();
-    for p in slice.ports.iter().flatten() {
-        let Some(number) = p.port.filter(|n| *n != 0) else { continue };
-        let number = u16::try_from(number).map_err(|_| format!("port {number} is out of range 1-65535"))?;
-        let proto = parse_proto(p.protocol.as_deref()).map_err(|e| format!("port {number}: {e}"))?;
-        ports.push((p.name.clone().unwrap_or_default(), proto, number));
-    }
-    let mut endpoints = Vec::new();
-    for (i, ep) in slice.endpoints.iter().enumerate() {
-        let Some(first) = ep.addresses.first() else { continue };
-        let addr: IpAddr =
-            first.parse().map_err(|_| format!("endpoints[{i}] address {first:?} is not an IP address"))?;
-        if Family::of(addr) != family {
-            return Err(format!(
-                "endpoints[{i}] address {addr} is {} but the slice's addressType is {}",
-                Family::of(addr).k8s_name(),
-                family.k8s_name()
-            ));
-        }
-        let cond = ep.conditions.as_ref();
-        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-        let usable = if ready {
-            Some(Usable::Ready)
-        } else if serving && terminating {
-            Some(Usable::Terminating)
-        } else {
-            None
-        };
-        if let Some(usable) = usable {
-            endpoints.push((addr, usable));
-        }
-    }
-    for (name, proto, number) in ports {
-        let set = acc.entry((name, proto)).or_default();
-        for (addr, usable) in &endpoints {
-            // The same endpoint in two slices counts once, with its best
-            // condition (a pod moving between slices).
-            let e = set.entry((*addr, number)).or_insert(*usable);
-            *e = (*e).max(*usable);
-        }
-    }
-    Ok(())
-}
-
-/// Compute the desired frontends from scratch. Rejected objects are
-/// returned beside the result; everything else is in it.
+/// Compute the desired state from scratch. Rejected objects and warnings
+/// are returned beside the result; everything else is in it.
 pub fn desired<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     services: &[S],
     slices: &[E],
+    node: Option<&Node>,
     config: &Config,
-) -> (Desired, Vec<Rejected>) {
+) -> (Desired, Vec<Rejected>, Vec<Warning>) {
     let mut store = Store::default();
     let svcs = services.iter().map(|s| Object::Service(Arc::new(s.borrow().clone()))).collect();
     let sls = slices.iter().map(|s| Object::Slice(Arc::new(s.borrow().clone()))).collect();
     store.apply(Event::Replace(ObjectKind::Service, svcs));
     store.apply(Event::Replace(ObjectKind::EndpointSlice, sls));
+    store
+        .apply(Event::Replace(ObjectKind::Node, node.map(|n| Object::Node(Arc::new(n.clone()))).into_iter().collect()));
     let mut cache = Cache::default();
     let update = cache.update(&store, &Dirty::All, config);
-    (cache.desired, update.rejected)
+    (cache.desired, update.rejected, update.warnings)
 }
 
-/// One Service's frontends and rejections, computed from it and its slices.
+/// One Service's claims, rejections and warnings.
+#[derive(Default)]
 struct Computed {
-    frontends: Vec<(Frontend, FrontendSpec)>,
+    claims: Vec<Claim>,
     rejected: Vec<Rejected>,
+    warnings: Vec<Warning>,
 }
 
-fn compute_service(svc: &Service, slices: &[&EndpointSlice], config: &Config) -> Computed {
-    let mut rejected = Vec::new();
-    let mut by_family: HashMap<Family, PortEndpoints> = HashMap::new();
+fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext, config: &Config) -> Computed {
+    let mut out = Computed::default();
+    let mut by_family: Vec<(Family, PortEndpoints)> = Vec::new();
     for slice in slices {
         let Some(family) = Family::from_k8s(&slice.address_type) else {
             continue; // FQDN slices are not proxied.
         };
         let mut scratch = PortEndpoints::new();
-        match add_slice(slice, family, &mut scratch) {
+        match endpoints::add_slice(slice, family, &mut scratch) {
             Ok(()) => {
-                let acc = by_family.entry(family).or_default();
+                if !by_family.iter().any(|(f, _)| *f == family) {
+                    by_family.push((family, PortEndpoints::new()));
+                }
+                let acc = &mut by_family.iter_mut().find(|(f, _)| *f == family).expect("just added").1;
                 for (port, eps) in scratch {
                     let set = acc.entry(port).or_default();
-                    for (ep, usable) in eps {
-                        let e = set.entry(ep).or_insert(usable);
-                        *e = (*e).max(usable);
+                    for ep in eps.into_values() {
+                        endpoints::merge(set, ep);
                     }
                 }
             }
-            Err(reason) => rejected.push(Rejected { kind: "EndpointSlice", name: ns_name(&slice.metadata), reason }),
+            Err(reason) => {
+                out.rejected.push(Rejected { kind: "EndpointSlice", name: ns_name(&slice.metadata), reason });
+            }
         }
     }
-    let valid = match validate_service(svc, config) {
+    let reject = |reason| Rejected { kind: "Service", name: ns_name(&svc.metadata), reason };
+    let valid = match service::validate(svc, config) {
         Ok(Some(v)) => v,
-        Ok(None) => return Computed { frontends: Vec::new(), rejected },
+        Ok(None) => return out,
         Err(reason) => {
-            rejected.push(Rejected { kind: "Service", name: ns_name(&svc.metadata), reason });
-            return Computed { frontends: Vec::new(), rejected };
+            out.rejected.push(reject(reason));
+            return out;
         }
     };
-    let mut frontends = Vec::new();
-    for vip in &valid.cluster_ips {
-        let eps = by_family.get(&Family::of(*vip));
-        for port in &valid.ports {
-            let set = eps.and_then(|e| e.get(&(port.name.clone(), port.proto)));
-            let best = set.and_then(|s| s.values().max().copied());
-            let backends = set
-                .into_iter()
-                .flatten()
-                .filter(|(_, u)| Some(**u) == best)
-                .map(|((addr, p), _)| Backend { addr: *addr, port: *p, proto: port.proto })
-                .collect();
-            let owner = if port.name.is_empty() {
-                format!("{}:{}", valid.name, port.port)
-            } else {
-                format!("{}:{}", valid.name, port.name)
-            };
-            frontends.push((Frontend::new(*vip, port.port, port.proto), FrontendSpec::new(owner, backends)));
-        }
+    if let Err(reason) = policy::check(&valid, node, config) {
+        out.rejected.push(reject(reason));
+        return out;
     }
-    Computed { frontends, rejected }
+    let built = frontends::build(&valid, &by_family, node);
+    out.claims = built.claims;
+    out.warnings = built.warnings;
+    out
+}
+
+/// What a Service holds in `desired`.
+struct Held {
+    keys: Vec<Key>,
+    rank: Rank,
+    frontends: Vec<Frontend>,
+    health_check: Option<u16>,
 }
 
 /// The model, kept between syncs: only the Services the store reports
@@ -276,12 +208,14 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], config: &Config) ->
 /// holds the full state.
 #[derive(Default)]
 pub struct Cache {
-    /// Service (`ns/name`) -> what it contributed last time.
-    entries: HashMap<String, Computed>,
-    /// Service (`ns/name`) -> the frontends it holds in `desired`.
-    owned: HashMap<String, Vec<Frontend>>,
-    /// Services that lost a frontend to another: re-evaluated every time,
-    /// so they take it over when the holder goes.
+    /// Service (`ns/name`) -> its rejections and warnings.
+    entries: HashMap<String, (Vec<Rejected>, Vec<Warning>)>,
+    /// Service -> what it holds in `desired`.
+    held: HashMap<String, Vec<Held>>,
+    /// Claimed key -> the Service holding it.
+    holders: HashMap<Key, String>,
+    /// Services that lost a claim to another: re-evaluated every time, so
+    /// they take it over when the holder goes.
     contenders: BTreeSet<String>,
     pub desired: Desired,
 }
@@ -293,13 +227,19 @@ pub struct Update {
     pub dirty: BTreeSet<Frontend>,
     /// Every object currently rejected.
     pub rejected: Vec<Rejected>,
+    /// Everything currently ignored in objects otherwise taken.
+    pub warnings: Vec<Warning>,
     /// Services recomputed.
     pub recomputed: usize,
 }
 
 impl Cache {
-    /// Bring `desired` up to date with the Services in `dirty`.
+    /// Bring `desired` up to date with the Services in `dirty` (and with
+    /// the Node and `config`: a change of either must come as
+    /// `Dirty::All`, as the store reports a Node change).
     pub fn update(&mut self, store: &Store, dirty: &Dirty, config: &Config) -> Update {
+        let node = NodeContext::new(store.node(), config);
+        self.desired.nodeport_addresses = node.nodeport_addresses(config);
         let mut names: BTreeSet<String> = match dirty {
             Dirty::None => BTreeSet::new(),
             Dirty::Services(set) => set.clone(),
@@ -310,43 +250,118 @@ impl Cache {
         let mut changed: Vec<(String, Option<Computed>)> = Vec::with_capacity(names.len());
         for name in names {
             match store.service(&name) {
-                Some(svc) => changed.push((name.clone(), Some(compute_service(svc, &store.slices_of(&name), config)))),
+                Some(svc) => {
+                    let computed = compute_service(svc, &store.slices_of(&name), &node, config);
+                    changed.push((name, Some(computed)));
+                }
                 None => {
-                    if self.entries.remove(&name).is_some() || self.owned.contains_key(&name) {
+                    if self.entries.contains_key(&name) || self.held.contains_key(&name) {
                         changed.push((name, None));
                     }
                 }
             }
         }
-        // Withdraw every changed Service's frontends first, then place the
-        // new ones, so a frontend moving between Services is not refused.
+        // Withdraw every changed Service first, then place the new ones, so
+        // a frontend moving between Services is not refused.
         for (name, _) in &changed {
-            for f in self.owned.remove(name).unwrap_or_default() {
-                self.desired.frontends.remove(&f);
-                update.dirty.insert(f);
-            }
+            self.release(name, |_| true, &mut update.dirty);
             self.contenders.remove(name);
+            self.entries.remove(name);
         }
         for (name, computed) in changed {
-            let Some(mut computed) = computed else { continue };
-            for (f, spec) in &computed.frontends {
-                if let Some(other) = self.desired.frontends.get(f) {
-                    let reason = format!("{f} is already served by {}", other.owner);
-                    computed.rejected.push(Rejected { kind: "Service", name: name.clone(), reason });
-                    self.contenders.insert(name.clone());
-                    continue;
-                }
-                self.desired.frontends.insert(*f, spec.clone());
-                self.owned.entry(name.clone()).or_default().push(*f);
-                update.dirty.insert(*f);
+            let Some(computed) = computed else { continue };
+            let (mut rejected, warnings) = (computed.rejected, computed.warnings);
+            for claim in computed.claims {
+                self.place(&name, claim, &mut rejected, &mut update.dirty);
             }
-            // Frontends are in `desired` now; keep only the rejections.
-            computed.frontends = Vec::new();
-            self.entries.insert(name, computed);
+            self.entries.insert(name, (rejected, warnings));
         }
-        update.rejected.extend(self.entries.values().flat_map(|e| e.rejected.iter().cloned()));
+        for (rejected, warnings) in self.entries.values() {
+            update.rejected.extend(rejected.iter().cloned());
+            update.warnings.extend(warnings.iter().cloned());
+        }
         update.rejected.sort_by(|a, b| (a.kind, &a.name, &a.reason).cmp(&(b.kind, &b.name, &b.reason)));
+        update.warnings.sort_by(|a, b| (a.kind, &a.name, &a.message).cmp(&(b.kind, &b.name, &b.message)));
         update
+    }
+
+    /// Who holds `key`, for messages: the holder's Service port, or the
+    /// Service.
+    fn describe_holder(&self, key: &Key, holder: &str) -> String {
+        let f = Frontend::new(key.0, key.1, key.2);
+        self.desired.frontends.get(&f).map_or_else(|| holder.to_owned(), |s| s.owner.clone())
+    }
+
+    /// Take `claim` for Service `name`, or reject it.
+    fn place(&mut self, name: &str, claim: Claim, rejected: &mut Vec<Rejected>, dirty: &mut BTreeSet<Frontend>) {
+        let others: Vec<(Key, String)> =
+            claim.keys.iter().filter_map(|k| self.holders.get(k).map(|h| (*k, h.clone()))).collect();
+        let outranks = |held: &Vec<Held>, key: &Key| held.iter().any(|h| h.keys.contains(key) && h.rank > claim.rank);
+        let all_outranked =
+            others.iter().all(|(k, h)| h != name && self.held.get(h).is_some_and(|held| outranks(held, k)));
+        if !others.is_empty() && !all_outranked {
+            let mut by: Vec<String> = others.iter().map(|(k, h)| self.describe_holder(k, h)).collect();
+            by.dedup();
+            let reason = format!("{} is already served by {}", claim.what, by.join(", "));
+            rejected.push(Rejected { kind: "Service", name: name.to_owned(), reason });
+            self.contenders.insert(name.to_owned());
+            return;
+        }
+        // Only a ClusterIP outranks: it takes an address:port from an
+        // external or LB IP, and the loser reads what it would read had
+        // the ClusterIP come first.
+        let taker = claim.frontends.first().map_or_else(|| name.to_owned(), |(_, s)| s.owner.clone());
+        for (key, holder) in others {
+            if !self.holders.contains_key(&key) {
+                continue; // released with an earlier key of the same claim
+            }
+            self.release(&holder, |h| h.keys.contains(&key), dirty);
+            let lost = Frontend::new(key.0, key.1, key.2);
+            let reason = format!("{lost} is already served by {taker}");
+            self.entries.entry(holder.clone()).or_default().0.push(Rejected {
+                kind: "Service",
+                name: holder.clone(),
+                reason,
+            });
+            self.contenders.insert(holder);
+        }
+        let mut held = Held { keys: claim.keys, rank: claim.rank, frontends: Vec::new(), health_check: None };
+        for k in &held.keys {
+            self.holders.insert(*k, name.to_owned());
+        }
+        for (f, spec) in claim.frontends {
+            self.desired.frontends.insert(f, spec);
+            dirty.insert(f);
+            held.frontends.push(f);
+        }
+        if let Some((port, check)) = claim.health_check {
+            self.desired.health_checks.insert(port, check);
+            held.health_check = Some(port);
+        }
+        self.held.entry(name.to_owned()).or_default().push(held);
+    }
+
+    /// Withdraw what Service `name` holds that matches `which`.
+    fn release(&mut self, name: &str, which: impl Fn(&Held) -> bool, dirty: &mut BTreeSet<Frontend>) {
+        let Some(list) = self.held.get_mut(name) else { return };
+        let (gone, keep): (Vec<Held>, Vec<Held>) = std::mem::take(list).into_iter().partition(|h| which(h));
+        if keep.is_empty() {
+            self.held.remove(name);
+        } else {
+            *list = keep;
+        }
+        for h in gone {
+            for k in &h.keys {
+                self.holders.remove(k);
+            }
+            for f in h.frontends {
+                self.desired.frontends.remove(&f);
+                dirty.insert(f);
+            }
+            if let Some(port) = h.health_check {
+                self.desired.health_checks.remove(&port);
+            }
+        }
     }
 }
 
@@ -412,7 +427,7 @@ mod tests {
 
     /// The frontends as `vip:port/proto -> [backends]` strings.
     fn table(services: &[Service], slices: &[EndpointSlice]) -> (Vec<String>, Vec<Rejected>) {
-        let (d, rejected) = desired(services, slices, &Config::default());
+        let (d, rejected, _) = desired(services, slices, None, &Config::default());
         let rows = d
             .frontends
             .iter()
@@ -497,11 +512,11 @@ mod tests {
         let mut other = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
         other.metadata.labels = Some([(LABEL_SERVICE_PROXY_NAME.to_owned(), "other".to_owned())].into());
         assert!(table(&[other.clone()], &[v4_slice()]).0.is_empty(), "another proxy's Service");
-        let cfg = Config { service_proxy_name: Some("other".into()) };
-        assert_eq!(desired(&[other], &[v4_slice()], &cfg).0.frontends.len(), 1, "ours when the name matches");
+        let cfg = Config { service_proxy_name: Some("other".into()), ..Config::default() };
+        assert_eq!(desired(&[other], &[v4_slice()], None, &cfg).0.frontends.len(), 1, "ours when the name matches");
         let plain = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
         assert!(
-            desired(&[plain], &[v4_slice()], &cfg).0.frontends.is_empty(),
+            desired(&[plain], &[v4_slice()], None, &cfg).0.frontends.is_empty(),
             "with a name set, unlabelled Services are not ours"
         );
     }
@@ -652,10 +667,126 @@ mod tests {
     fn two_services_on_one_vip_port_keep_the_first() {
         let a = svc("a", &["198.19.0.10"], &["IPv4"], web_ports());
         let b = svc("b", &["198.19.0.10"], &["IPv4"], web_ports());
-        let (d, rejected) = desired(&[a, b], &[] as &[EndpointSlice], &Config::default());
+        let (d, rejected, _) = desired(&[a, b], &[] as &[EndpointSlice], None, &Config::default());
         assert_eq!(d.frontends.values().next().map(|s| s.owner.as_str()), Some("default/a:http"));
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].reason.contains("already served by default/a:http"));
+    }
+
+    /// Issue 14 point 3: two Services claiming one external or LB
+    /// address:port: the first keeps it, the other is rejected naming both.
+    #[test]
+    fn two_services_claiming_one_external_or_lb_address_keep_the_first() {
+        let ext = |name: &str, cip: &str| {
+            let mut s = svc(name, &[cip], &["IPv4"], web_ports());
+            s.spec.as_mut().expect("spec").external_ips = Some(vec!["203.0.113.5".into()]);
+            s
+        };
+        let lb = |name: &str, cip: &str| {
+            let mut s = svc(name, &[cip], &["IPv4"], web_ports());
+            s.spec.as_mut().expect("spec").type_ = Some("LoadBalancer".into());
+            s.status =
+                serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}})).expect("status");
+            s
+        };
+        for (a, b) in [
+            (ext("a", "198.19.0.10"), ext("b", "198.19.0.11")),
+            (lb("a", "198.19.0.10"), lb("b", "198.19.0.11")),
+            (ext("a", "198.19.0.10"), lb("b", "198.19.0.11")),
+        ] {
+            let (d, rejected, _) = desired(&[b.clone(), a.clone()], &[] as &[EndpointSlice], None, &Config::default());
+            let owner =
+                |addr: &str| d.frontends.iter().find(|(f, _)| f.addr.to_string() == addr).map(|(_, s)| s.owner.clone());
+            assert_eq!(owner("203.0.113.5").as_deref(), Some("default/a:http"));
+            assert_eq!(owner("198.19.0.11").as_deref(), Some("default/b:http"), "b keeps its other frontends");
+            assert_eq!(rejected.len(), 1, "{rejected:?}");
+            assert_eq!(rejected[0].name, "default/b");
+            assert!(
+                rejected[0].reason.contains("203.0.113.5:80/TCP is already served by default/a:http"),
+                "{}",
+                rejected[0]
+            );
+        }
+    }
+
+    /// An external IP cannot take a ClusterIP:port, whatever the order the
+    /// Services arrive in (a Service named to sort first, claiming the
+    /// `kubernetes` Service's address, would otherwise win at start-up).
+    #[test]
+    fn a_cluster_ip_takes_its_address_back_from_an_external_ip_whatever_the_order() {
+        let cfg = Config::default();
+        let api = || with_rv(svc("kubernetes", &["198.19.0.1"], &["IPv4"], web_ports()), 1);
+        let evil = || {
+            let mut s = with_rv(svc("aaa-evil", &["198.19.0.66"], &["IPv4"], web_ports()), 1);
+            s.spec.as_mut().expect("spec").external_ips = Some(vec!["198.19.0.1".into()]);
+            s
+        };
+        let holder = |d: &Desired| {
+            d.frontends.iter().find(|(f, _)| f.addr.to_string() == "198.19.0.1").map(|(_, s)| s.owner.clone())
+        };
+        let (d, rejected, _) = desired(&[evil(), api()], &[] as &[EndpointSlice], None, &cfg);
+        assert_eq!(holder(&d).as_deref(), Some("default/kubernetes:http"));
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].name, "default/aaa-evil");
+        assert!(rejected[0].reason.contains("already served by default/kubernetes:http"), "{}", rejected[0]);
+        // Live: the external IP holds it first, then the ClusterIP arrives.
+        let none: &[EndpointSlice] = &[];
+        let mut live = Live::default();
+        assert!(live.update(&[evil()], none, &cfg).rejected.is_empty());
+        assert_eq!(holder(&live.cache.desired).as_deref(), Some("default/aaa-evil:http"));
+        let u = live.update(&[evil(), api()], none, &cfg);
+        assert_eq!(holder(&live.cache.desired).as_deref(), Some("default/kubernetes:http"));
+        assert!(u.dirty.iter().any(|f| f.addr.to_string() == "198.19.0.1"));
+        assert_eq!(u.rejected.len(), 1, "{:?}", u.rejected);
+        assert!(
+            u.rejected[0].reason.contains("198.19.0.1:80/TCP is already served by default/kubernetes:http"),
+            "{}",
+            u.rejected[0]
+        );
+        assert_eq!(live.cache.desired, desired(&[evil(), api()], none, None, &cfg).0, "incremental equals full");
+        // The ClusterIP goes: the external IP is served again.
+        let u = live.update(&[evil()], none, &cfg);
+        assert!(u.rejected.is_empty());
+        assert_eq!(holder(&live.cache.desired).as_deref(), Some("default/aaa-evil:http"));
+    }
+
+    /// Health-check node ports are claimed on both families' TCP node port
+    /// space: a second Service on the same port is rejected.
+    #[test]
+    fn a_health_check_port_is_claimed_like_a_node_port() {
+        let lb = |name: &str, cip: &str, hc: u16, np: u16| {
+            let mut s = svc(name, &[cip], &["IPv4"], json!([{"name": "http", "port": 80, "nodePort": np}]));
+            let spec = s.spec.as_mut().expect("spec");
+            spec.type_ = Some("LoadBalancer".into());
+            spec.external_traffic_policy = Some("Local".into());
+            spec.health_check_node_port = Some(i32::from(hc));
+            s
+        };
+        let (d, rejected, _) = desired(
+            &[lb("a", "198.19.0.10", 30100, 30080), lb("b", "198.19.0.11", 30100, 30081)],
+            &[] as &[EndpointSlice],
+            None,
+            &Config::default(),
+        );
+        assert_eq!(d.health_checks.get(&30100).map(|h| h.service.as_str()), Some("default/a"));
+        assert_eq!(rejected.len(), 1);
+        assert!(
+            rejected[0].reason.contains("healthCheckNodePort 30100 is already served by default/a"),
+            "{}",
+            rejected[0]
+        );
+        let (_, rejected, _) = desired(
+            &[lb("a", "198.19.0.10", 30100, 30080), lb("b", "198.19.0.11", 30101, 30100)],
+            &[] as &[EndpointSlice],
+            None,
+            &Config::default(),
+        );
+        assert_eq!(rejected.len(), 1, "a node port on a health-check port");
+        assert!(
+            rejected[0].reason.contains("nodePort 30100/TCP (IPv4) is already served by default/a"),
+            "{}",
+            rejected[0]
+        );
     }
 
     fn with_rv<T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
@@ -707,12 +838,12 @@ mod tests {
         let u = live.update(&services, &slices, &cfg);
         assert_eq!(u.dirty.iter().map(ToString::to_string).collect::<Vec<_>>(), vec!["198.19.0.11:80/TCP"]);
         assert_eq!(u.recomputed, 1, "only db is recomputed");
-        assert_eq!(live.cache.desired, desired(&services, &slices, &cfg).0, "incremental equals full");
+        assert_eq!(live.cache.desired, desired(&services, &slices, None, &cfg).0, "incremental equals full");
 
         // db goes away.
         let u = live.update(&services[..1], &slices, &cfg);
         assert_eq!(u.dirty.len(), 1);
-        assert_eq!(live.cache.desired, desired(&services[..1], &slices, &cfg).0);
+        assert_eq!(live.cache.desired, desired(&services[..1], &slices, None, &cfg).0);
     }
 
     #[test]
@@ -746,9 +877,16 @@ mod tests {
                 0 => services.retain(|s| s.metadata.name.as_deref() != Some(name.as_str())),
                 1 => slices.retain(|s| s.metadata.name.as_deref() != Some(name.as_str())),
                 2 | 3 => {
-                    // Services may share a VIP: exercises contention too.
+                    // Services may share a VIP, and claim another's as an
+                    // external IP: exercises contention and take-over too.
                     let vip = format!("198.19.0.{}", 10 + rnd(4));
-                    let s = with_rv(svc(&name, &[&vip], &["IPv4"], web_ports()), rv);
+                    let mut s = with_rv(svc(&name, &[&vip], &["IPv4"], web_ports()), rv);
+                    if rnd(2) == 0 {
+                        let ext = format!("198.19.0.{}", 10 + rnd(4));
+                        if ext != vip {
+                            s.spec.as_mut().expect("spec").external_ips = Some(vec![ext]);
+                        }
+                    }
                     services.retain(|o| o.metadata.name != s.metadata.name);
                     services.push(s);
                 }
@@ -761,7 +899,7 @@ mod tests {
                 }
             }
             let u = live.update(&services, &slices, &cfg);
-            let (full, rejected) = desired(&services, &slices, &cfg);
+            let (full, rejected, _) = desired(&services, &slices, None, &cfg);
             let cached = &live.cache.desired.frontends;
             // Which contender holds a shared VIP may differ; the set of
             // frontends and their backends, when owned alike, may not.
