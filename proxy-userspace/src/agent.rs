@@ -16,6 +16,7 @@ use tokio::{
 use crate::{
     attach::{self, Capacities},
     diff::Programmed,
+    host,
     maps::Maps,
     metrics::SyncOutcome,
     model,
@@ -63,6 +64,8 @@ struct Agent {
     generation: u64,
     /// Objects rejected by the model, as last logged.
     rejected: BTreeSet<String>,
+    /// What the model ignored in objects it took, as last logged.
+    warnings: BTreeSet<String>,
     /// Problems the source reported, as last logged.
     problems: BTreeMap<String, String>,
     /// Health, metrics, health-check node ports.
@@ -106,6 +109,7 @@ impl Agent {
         }
         let update = self.model.update(&self.store, &dirty, config);
         self.log_rejected(&update.rejected);
+        self.log_warnings(&update.warnings);
         let desired = &self.model.desired;
         let report = if self.full {
             sync::sync(&mut self.maps, &mut self.programmed, desired)
@@ -150,6 +154,44 @@ impl Agent {
         }
         self.rejected = now;
     }
+
+    /// Log a warning when it appears, not on every sync.
+    fn log_warnings(&mut self, warnings: &[model::Warning]) {
+        let now: BTreeSet<String> = warnings.iter().map(ToString::to_string).collect();
+        for w in now.difference(&self.warnings) {
+            log::warn!("{w}");
+        }
+        self.warnings = now;
+    }
+}
+
+/// The host facts the model needs: interface addresses, and the API
+/// server's address when the agent follows the API.
+async fn host_addresses(source: &SourceConfig) -> anyhow::Result<model::HostAddresses> {
+    let ifs = host::interface_addresses()?;
+    let api_servers = match source {
+        SourceConfig::Kube(opts) => source::kube::api_server_addresses(opts).await?,
+        SourceConfig::Manifests(_) => Vec::new(),
+    };
+    Ok(model::HostAddresses { interfaces: ifs.addresses, broadcasts: ifs.broadcasts, api_servers })
+}
+
+/// Re-read the interface addresses; true when they changed (every
+/// Service is then checked again).
+fn refresh_interfaces(host: &mut model::HostAddresses) -> bool {
+    match host::interface_addresses() {
+        Ok(ifs) if ifs.addresses != host.interfaces || ifs.broadcasts != host.broadcasts => {
+            log::info!("interface addresses changed; checking every Service again");
+            host.interfaces = ifs.addresses;
+            host.broadcasts = ifs.broadcasts;
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            log::error!("{e}");
+            false
+        }
+    }
 }
 
 /// `dsproxy run`.
@@ -159,6 +201,20 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     privileges::check("dsproxy run", &privileges::RUN)?;
     attach::check_bpffs(&cfg.pin_dir)?;
     let listeners = Listeners::bind(cfg.healthz_bind, cfg.metrics_bind).await?;
+    for w in model::startup_warnings(&cfg.model) {
+        log::warn!("{w}");
+    }
+    let mut model_cfg = cfg.model.clone();
+    model_cfg.host = host_addresses(&cfg.source).await?;
+    log::info!(
+        "no Service may claim this node's {} interface addresses{}",
+        model_cfg.host.interfaces.len(),
+        if model_cfg.host.api_servers.is_empty() {
+            String::new()
+        } else {
+            format!(" or the API server's {:?}", model_cfg.host.api_servers)
+        }
+    );
     let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
     maps.set_config(&cfg.datapath)?;
     let programmed = maps.read_back().context("reading pinned state back")?;
@@ -184,6 +240,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         full: true,
         generation: 0,
         rejected: BTreeSet::new(),
+        warnings: BTreeSet::new(),
         problems: BTreeMap::new(),
         observer,
     };
@@ -201,7 +258,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             }
         }
     }
-    let first = agent.sync(&cfg.model);
+    let first = agent.sync(&model_cfg);
 
     let mut attached = Vec::new();
     attach_new(&mut ebpf, &cfg, &mut attached).context("attaching the datapath")?;
@@ -235,6 +292,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 if let Err(e) = attach_new(&mut ebpf, &cfg, &mut attached) {
                     log::error!("attaching: {e}");
                 }
+                if refresh_interfaces(&mut model_cfg.host) {
+                    agent.store.mark_all();
+                    pending = true;
+                }
             }
         }
         if !pending {
@@ -250,7 +311,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         pending = false;
         last_sync = Instant::now();
-        let report = agent.sync(&cfg.model);
+        let report = agent.sync(&model_cfg);
         retry = (!report.errors.is_empty()).then(|| Instant::now() + cfg.sync_period);
     }
     log::info!("exiting; the datapath stays attached (pins under {})", cfg.pin_dir.display());

@@ -12,6 +12,9 @@ use crate::{
 use anyhow::{Context as _, anyhow};
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use proxy_common::capacity;
+use serde_json::json;
+
+use crate::types::{Cidr, Desired, Frontend, FrontendSpec, Kind, Scope};
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dsproxy";
 
@@ -94,6 +97,24 @@ struct RunArgs {
     /// Handle only Services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long)]
     service_proxy_name: Option<String>,
+    /// Node addresses NodePorts answer on: `primary` (the node's first
+    /// InternalIP of each family) or CIDRs separated by commas (a family
+    /// without a CIDR keeps all its addresses). Default: every address of
+    /// this node's Node object.
+    #[arg(long, value_parser = parse_nodeport_addresses)]
+    nodeport_addresses: Option<model::NodePortAddresses>,
+    /// The service CIDRs, at most one per family, separated by commas:
+    /// ClusterIPs outside them are rejected (default: unchecked).
+    #[arg(long, value_parser = parse_service_cidrs)]
+    service_cluster_ip_range: Option<CidrList>,
+    /// The only CIDRs external and load-balancer IPs may be in, separated
+    /// by commas (default: any address that is not refused otherwise).
+    #[arg(long, value_parser = parse_cidrs)]
+    external_ip_cidrs: Option<CidrList>,
+    /// Node ports (and health-check node ports) outside this range are
+    /// rejected.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    service_node_port_range: model::PortRange,
     /// Idle timeout of established TCP flows (0: the datapath's 6h).
     #[arg(long, value_name = "DURATION")]
     conntrack_tcp_timeout_established: Option<GoDuration>,
@@ -158,7 +179,34 @@ enum Command {
     Check {
         #[arg(long)]
         manifests: PathBuf,
+        /// This node's name: its Node object (from the same directory) gives
+        /// zone and node addresses, and endpoints on it are local. Without
+        /// it, Local traffic policies have no local endpoints.
+        #[arg(long)]
+        node_name: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
+}
+
+/// CIDRs from one comma-separated flag value.
+#[derive(Clone, Debug)]
+struct CidrList(Vec<Cidr>);
+
+fn parse_nodeport_addresses(s: &str) -> Result<model::NodePortAddresses, String> {
+    s.parse()
+}
+
+fn parse_service_cidrs(s: &str) -> Result<CidrList, String> {
+    model::parse_service_cidrs(s).map(CidrList)
+}
+
+fn parse_cidrs(s: &str) -> Result<CidrList, String> {
+    model::parse_cidrs(s).map(CidrList)
+}
+
+fn parse_port_range(s: &str) -> Result<model::PortRange, String> {
+    s.parse()
 }
 
 /// Parse the command line (and the config file it names) and run it.
@@ -199,7 +247,15 @@ pub fn main() -> anyhow::Result<()> {
             print!("{}", inspect::run(&pin_dir, what, family, output == Output::Json)?);
             Ok(())
         }
-        Command::Check { manifests } => check(&manifests),
+        Command::Check { manifests, node_name, output } => {
+            let report = check(&manifests, node_name)?;
+            match output {
+                Output::Text => print!("{}", report.text()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report.json())?),
+            }
+            let n = report.rejected.len();
+            if n == 0 { Ok(()) } else { anyhow::bail!("{n} objects rejected") }
+        }
     }
 }
 
@@ -264,10 +320,12 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
     let poll_interval = a.poll_interval.0.max(Duration::from_millis(10));
     let node_name = a.hostname_override.unwrap_or_else(hostname);
     let source = match a.manifests {
-        Some(dir) => SourceConfig::Manifests(manifests::Options { dir, node_name: Some(node_name), poll_interval }),
+        Some(dir) => {
+            SourceConfig::Manifests(manifests::Options { dir, node_name: Some(node_name.clone()), poll_interval })
+        }
         None => SourceConfig::Kube(kube::Options {
             kubeconfig: a.kubeconfig,
-            node_name,
+            node_name: node_name.clone(),
             service_proxy_name: a.service_proxy_name.clone(),
         }),
     };
@@ -294,7 +352,15 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
         sync_period: a.sync_period.0,
         min_sync_period: a.min_sync_period.0,
         poll_interval,
-        model: model::Config { service_proxy_name: a.service_proxy_name, ..model::Config::default() },
+        model: model::Config {
+            service_proxy_name: a.service_proxy_name,
+            node_name: Some(node_name),
+            nodeport_addresses: a.nodeport_addresses.unwrap_or_default(),
+            service_cidrs: a.service_cluster_ip_range.map(|c| c.0).unwrap_or_default(),
+            external_ip_cidrs: a.external_ip_cidrs.map(|c| c.0),
+            node_port_range: a.service_node_port_range,
+            host: model::HostAddresses::default(),
+        },
         datapath: proxy_common::DatapathConfig {
             tcp_syn_ns: or(ns(a.conntrack_tcp_timeout_syn), defaults.tcp_syn_ns),
             tcp_established_ns: or(ns(a.conntrack_tcp_timeout_established), defaults.tcp_established_ns),
@@ -317,35 +383,122 @@ fn status(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(dir: &std::path::Path) -> anyhow::Result<()> {
-    let opts = manifests::Options { dir: dir.to_owned(), node_name: None, poll_interval: Duration::from_secs(1) };
+/// What `dsproxy check` found in a manifest directory.
+struct CheckReport {
+    desired: Desired,
+    /// `(object, reason)`: files or documents that did not parse, and
+    /// objects the model rejected.
+    rejected: Vec<(String, String)>,
+    warnings: Vec<model::Warning>,
+}
+
+/// Read `dir` once, as the agent would on `node_name`, and model it.
+fn check(dir: &std::path::Path, node_name: Option<String>) -> anyhow::Result<CheckReport> {
+    let opts =
+        manifests::Options { dir: dir.to_owned(), node_name: node_name.clone(), poll_interval: Duration::from_secs(1) };
     manifests::preflight(&opts)?;
     let mut store = crate::store::Store::default();
-    let mut errors = Vec::new();
+    let mut rejected = Vec::new();
     for event in manifests::Dir::new(&opts).initial() {
         match event {
-            source::Event::Problem { what, reason: Some(reason) } => errors.push(format!("{what}: {reason}")),
+            source::Event::Problem { what, reason: Some(reason) } => rejected.push((what, reason)),
             other => {
                 store.apply(other);
             }
         }
     }
+    let config = model::Config { node_name, ..model::Config::default() };
     let mut cache = model::Cache::default();
-    let update = cache.update(&store, &crate::store::Dirty::All, &model::Config::default());
-    for (frontend, spec) in &cache.desired.frontends {
-        let list: Vec<String> = spec.backends.iter().map(ToString::to_string).collect();
-        println!("{frontend} ({}) -> [{}]", spec.owner, list.join(", "));
+    let update = cache.update(&store, &crate::store::Dirty::All, &config);
+    rejected.extend(update.rejected.iter().map(|r| (format!("{} {}", r.kind, r.name), r.reason.clone())));
+    Ok(CheckReport { desired: cache.desired, rejected, warnings: update.warnings })
+}
+
+fn backends_json(spec: &FrontendSpec) -> Vec<serde_json::Value> {
+    spec.backends
+        .iter()
+        .zip(&spec.info)
+        .map(|(b, i)| json!({"address": b.addr, "port": b.port, "node": i.node, "terminating": i.terminating}))
+        .collect()
+}
+
+impl CheckReport {
+    /// The `External` entries (what a client meets; the `Internal` one, for
+    /// clients on this node, is shown beside when there is one).
+    fn entries(&self) -> impl Iterator<Item = (&Frontend, &FrontendSpec, Option<&FrontendSpec>)> {
+        self.desired.frontends.iter().filter(|(f, _)| f.scope == Scope::External).map(|(f, spec)| {
+            let internal =
+                spec.settings.two_scopes.then(|| self.desired.frontends.get(&f.with_scope(Scope::Internal))).flatten();
+            (f, spec, internal)
+        })
     }
-    for e in &errors {
-        println!("error: {e}");
+
+    /// The document of `dsproxy check --output json`.
+    fn json(&self) -> serde_json::Value {
+        let frontends: Vec<serde_json::Value> = self
+            .entries()
+            .map(|(f, spec, internal)| {
+                let st = &spec.settings;
+                let service = spec.owner.rsplit_once(':').map_or(spec.owner.as_str(), |(s, _)| s);
+                let address = if st.kind == Kind::NodePort { json!("node") } else { json!(f.addr) };
+                let when_empty = if spec.backends.is_empty() { json!(st.when_empty.name()) } else { json!(null) };
+                let mut v = json!({
+                    "service": service, "port_name": spec.port_name, "family": f.family().k8s_name(),
+                    "kind": st.kind.name(), "address": address, "port": f.port, "protocol": f.proto.k8s_name(),
+                    "backends": backends_json(spec), "when_empty": when_empty,
+                    "affinity_timeout_s": st.affinity_timeout,
+                    "external_local": st.external_local,
+                    "source_ranges": st.source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                });
+                if let Some(internal) = internal {
+                    v["internal_backends"] = json!(backends_json(internal));
+                }
+                v
+            })
+            .collect();
+        let rejected: Vec<serde_json::Value> =
+            self.rejected.iter().map(|(object, reason)| json!({"object": object, "reason": reason})).collect();
+        let warnings: Vec<serde_json::Value> = self
+            .warnings
+            .iter()
+            .map(|w| json!({"object": format!("{} {}", w.kind, w.name), "message": w.message}))
+            .collect();
+        let health_checks: Vec<serde_json::Value> = self
+            .desired
+            .health_checks
+            .iter()
+            .map(|(port, h)| json!({"port": port, "service": h.service, "local_endpoints": h.local_endpoints}))
+            .collect();
+        json!({
+            "frontends": frontends,
+            "rejected": rejected,
+            "warnings": warnings,
+            "nodeport_addresses": self.desired.nodeport_addresses,
+            "health_checks": health_checks,
+        })
     }
-    for r in &update.rejected {
-        println!("rejected: {r}");
-    }
-    if errors.is_empty() && update.rejected.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!("{} errors", errors.len() + update.rejected.len())
+
+    /// The text `dsproxy check` prints.
+    fn text(&self) -> String {
+        let list = |spec: &FrontendSpec| {
+            let b: Vec<String> = spec.backends.iter().map(ToString::to_string).collect();
+            if b.is_empty() { spec.settings.when_empty.name().to_owned() } else { format!("[{}]", b.join(", ")) }
+        };
+        let mut lines = Vec::new();
+        for (f, spec, internal) in self.entries() {
+            let mut line = format!("{f} {} ({}) -> {}", spec.settings.kind.name(), spec.owner, list(spec));
+            if let Some(i) = internal {
+                line = format!("{line}; from this node -> {}", list(i));
+            }
+            lines.push(line);
+        }
+        for (port, h) in &self.desired.health_checks {
+            lines.push(format!("healthCheckNodePort {port} ({}): {} local endpoints", h.service, h.local_endpoints));
+        }
+        lines.extend(self.warnings.iter().map(|w| format!("warning: {w}")));
+        lines.extend(self.rejected.iter().map(|(object, reason)| format!("rejected: {object}: {reason}")));
+        lines.push(String::new());
+        lines.join("\n")
     }
 }
 
@@ -405,6 +558,34 @@ mod tests {
     }
 
     #[test]
+    fn address_policy_settings_reach_the_model_config() {
+        let file = "nodePortAddresses: [198.18.0.0/16]\n\
+                    dsproxy: {serviceClusterIPRange: '10.96.0.0/12,fd00:96::/108', externalIPCIDRs: [203.0.113.0/24]}\n";
+        let (a, _, _) =
+            run_args(file, &["--attach", "x", "--service-node-port-range", "20000-20999", "--node-name", "n1"]);
+        let m = run_config(a).expect("valid").model;
+        assert_eq!(m.node_name.as_deref(), Some("n1"));
+        assert_eq!(m.nodeport_addresses, "198.18.0.0/16".parse().expect("cidrs"));
+        assert_eq!(m.service_cidrs, model::parse_service_cidrs("10.96.0.0/12,fd00:96::/108").expect("cidrs"));
+        assert_eq!(m.external_ip_cidrs, Some(model::parse_cidrs("203.0.113.0/24").expect("cidrs")));
+        assert_eq!(m.node_port_range, "20000-20999".parse().expect("range"));
+        let (a, _, _) = run_args("", &["--attach", "x"]);
+        let m = run_config(a).expect("valid").model;
+        assert_eq!(
+            (m.nodeport_addresses, m.service_cidrs.len(), m.external_ip_cidrs, m.node_port_range),
+            (model::NodePortAddresses::All, 0, None, model::PortRange::default()),
+            "defaults: every node address, unchecked, no allow-list, 30000-32767"
+        );
+        for bad in [
+            "dsproxy: {serviceClusterIPRange: '10.96.0.0/12,10.100.0.0/16'}\n",
+            "dsproxy: {serviceNodePortRange: '32767-30000'}\n",
+            "nodePortAddresses: [primary, 10.0.0.0/8]\n",
+        ] {
+            assert!(parse_with(bad, &["--attach", "x"]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_config_file_values_are_refused_by_name() {
         let e = parse_with("dsproxy: {capacities: {svc: many}}\n", &[]).err().expect("bad capacity").to_string();
         assert!(e.contains("line 1"), "{e}");
@@ -440,5 +621,137 @@ mod tests {
         assert_eq!(d.tcp_close_ns, 3 * s);
         assert_eq!(d.tcp_syn_ns, 7 * s);
         assert_eq!(d.udp_ns, proxy_common::DatapathConfig::DEFAULT.udp_ns, "0 keeps the built-in timeout");
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use std::path::PathBuf;
+
+    use serde_json::json;
+
+    use super::check;
+
+    struct TmpDir(PathBuf);
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A manifest directory with this document set: a dual-stack
+    /// LoadBalancer Service with externalTrafficPolicy Local (one endpoint
+    /// here, one on node-b, one terminating), this node's Node object, and
+    /// a Service claiming cloud metadata.
+    fn manifests() -> TmpDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("dsproxy-check-unit-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Node",
+             "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+             "status": {"addresses": [{"type": "InternalIP", "address": "198.18.250.1"}]}},
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"},
+             "status": {"addresses": [{"type": "InternalIP", "address": "198.18.250.2"}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+             "spec": {"type": "LoadBalancer", "clusterIP": "198.19.0.1", "clusterIPs": ["198.19.0.1"], "ipFamilies": ["IPv4"],
+                      "externalTrafficPolicy": "Local", "healthCheckNodePort": 30100, "sessionAffinity": "ClientIP",
+                      "loadBalancerSourceRanges": ["203.0.113.0/24", "2001:db8::/32"],
+                      "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]},
+             "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "web-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+             "endpoints": [
+                {"addresses": ["198.18.2.2"], "nodeName": "node-a"},
+                {"addresses": ["198.18.3.2"], "nodeName": "node-b"},
+                {"addresses": ["198.18.4.2"], "nodeName": "node-b",
+                 "conditions": {"ready": false, "serving": true, "terminating": true}}]},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "meta", "namespace": "evil"},
+             "spec": {"clusterIP": "169.254.169.254", "ports": [{"name": "http", "port": 80}]}},
+        ]});
+        std::fs::write(dir.join("objects.json"), objects.to_string()).expect("write");
+        TmpDir(dir)
+    }
+
+    fn backend(addr: &str, node: &str) -> serde_json::Value {
+        json!({"address": addr, "port": 8080, "node": node, "terminating": false})
+    }
+
+    fn frontend(kind: &str, address: &str, port: u16, backends: &serde_json::Value) -> serde_json::Value {
+        json!({"service": "shop/web", "port_name": "http", "family": "IPv4", "kind": kind, "address": address,
+               "port": port, "protocol": "TCP", "backends": backends, "when_empty": null, "affinity_timeout_s": 10800})
+    }
+
+    /// The document issue 10 specifies, golden, with `--node-name node-a`:
+    /// ClusterIP traffic from this node goes cluster-wide; external
+    /// clients of the node port and the LB IP meet only node-a's endpoint
+    /// (with the cluster-wide set beside, for pods on this node).
+    #[test]
+    fn check_json_is_the_documented_document() {
+        let dir = manifests();
+        let report = check(&dir.0, Some("node-a".into())).expect("check");
+        let mut doc = report.json();
+        // Fields beyond the documented ones, checked here and set aside.
+        let frontends = doc["frontends"].as_array_mut().expect("frontends");
+        let extras: Vec<(bool, serde_json::Value, Option<serde_json::Value>)> = frontends
+            .iter_mut()
+            .map(|f| {
+                let o = f.as_object_mut().expect("object");
+                let local = o.remove("external_local").and_then(|v| v.as_bool()).expect("external_local");
+                (local, o.remove("source_ranges").expect("source_ranges"), o.remove("internal_backends"))
+            })
+            .collect();
+        let cluster = json!([backend("198.18.2.2", "node-a"), backend("198.18.3.2", "node-b")]);
+        let local = json!([backend("198.18.2.2", "node-a")]);
+        assert_eq!(
+            doc,
+            json!({
+                "frontends": [
+                    frontend("NodePort", "node", 30080, &local),
+                    frontend("ClusterIP", "198.19.0.1", 80, &cluster),
+                    frontend("LoadBalancer", "198.51.100.7", 80, &local),
+                ],
+                "rejected": [{"object": "Service evil/meta",
+                              "reason": "clusterIPs[0] 169.254.169.254 is link-local (cloud metadata services live there)"}],
+                "warnings": [{"object": "Service shop/web",
+                              "message": "loadBalancerSourceRanges 2001:db8::/32 is ignored: the Service has no ClusterIP of its family"}],
+                "nodeport_addresses": ["198.18.250.1"],
+                "health_checks": [{"port": 30100, "service": "shop/web", "local_endpoints": 1}],
+            })
+        );
+        assert_eq!(
+            extras,
+            vec![
+                (true, json!([]), Some(cluster.clone())),
+                (false, json!([]), None),
+                (true, json!(["203.0.113.0/24"]), Some(cluster)),
+            ]
+        );
+    }
+
+    /// Without `--node-name` there is no node context: no endpoint is
+    /// local, so external clients of a Local Service meet a drop, and the
+    /// Node objects are not read.
+    #[test]
+    fn check_without_a_node_name_has_no_local_endpoints() {
+        let dir = manifests();
+        let doc = check(&dir.0, None).expect("check").json();
+        let kinds: Vec<(&str, &serde_json::Value, &serde_json::Value)> = doc["frontends"]
+            .as_array()
+            .expect("frontends")
+            .iter()
+            .map(|f| (f["kind"].as_str().expect("kind"), &f["when_empty"], &f["backends"]))
+            .collect();
+        assert_eq!(kinds[0], ("NodePort", &json!("drop"), &json!([])));
+        assert_eq!(kinds[1].0, "ClusterIP");
+        assert_eq!(kinds[1].2.as_array().map(Vec::len), Some(2));
+        assert_eq!(kinds[2], ("LoadBalancer", &json!("drop"), &json!([])));
+        assert_eq!(doc["nodeport_addresses"], json!([]), "no Node object read");
+        let text = check(&dir.0, None).expect("check").text();
+        assert!(text.contains("198.51.100.7:80/TCP LoadBalancer (shop/web:http) -> drop; from this node -> [198.18.2.2:8080/TCP, 198.18.3.2:8080/TCP]"), "{text}");
+        assert!(text.contains("rejected: Service evil/meta: clusterIPs[0] 169.254.169.254 is link-local"), "{text}");
     }
 }

@@ -193,6 +193,14 @@ struct Own {
     pin_dir: Option<String>,
     poll_interval: Option<GoDuration>,
     service_proxy_name: Option<String>,
+    /// The API server's `--service-cluster-ip-range` (one CIDR per family).
+    #[serde(rename = "serviceClusterIPRange")]
+    service_cluster_ip_range: Option<String>,
+    /// Allowed external and load-balancer IPs (CIDRs).
+    #[serde(rename = "externalIPCIDRs")]
+    external_ip_cidrs: Option<Vec<String>>,
+    /// The API server's `--service-node-port-range`.
+    service_node_port_range: Option<String>,
     capacities: Option<Capacities>,
     conntrack: Option<OwnConntrack>,
 }
@@ -340,6 +348,10 @@ fn file_flags(file: &File) -> FileFlags {
     flag("--pin-dir", own.and_then(|o| o.pin_dir.clone()));
     flag("--poll-interval", dur(own.and_then(|o| o.poll_interval)));
     flag("--service-proxy-name", own.and_then(|o| o.service_proxy_name.clone()));
+    flag("--nodeport-addresses", file.node_port_addresses.as_ref().map(|a| a.join(",")));
+    flag("--service-cluster-ip-range", own.and_then(|o| o.service_cluster_ip_range.clone()));
+    flag("--external-ip-cidrs", own.and_then(|o| o.external_ip_cidrs.as_ref().map(|c| c.join(","))));
+    flag("--service-node-port-range", own.and_then(|o| o.service_node_port_range.clone()));
     flag("--svc-capacity", caps.and_then(|c| c.svc).map(|n| n.to_string()));
     flag("--backend-capacity", caps.and_then(|c| c.backend).map(|n| n.to_string()));
     flag("--revnat-capacity", caps.and_then(|c| c.revnat).map(|n| n.to_string()));
@@ -367,11 +379,6 @@ fn ignored_fields(file: &File) -> Vec<String> {
             ignored(&format!("{name}.{{{}}}", keys.join(",")), true, no_rules);
         }
     }
-    ignored(
-        "nodePortAddresses",
-        file.node_port_addresses.is_some(),
-        "not taken from the file yet; use --nodeport-addresses",
-    );
     ignored("clusterCIDR", file.cluster_cidr.is_some(), "dsproxy tells pods from external clients by interface");
     if let Some(c) = conntrack {
         let size = "dsproxy's conntrack is its own map: size it with dsproxy.capacities.ct (--ct-capacity)";
@@ -478,9 +485,13 @@ conntrack:
   tcpEstablishedTimeout: 24h0m0s
   tcpCloseWaitTimeout: 1h0m0s
   udpTimeout: 30s
+nodePortAddresses: [primary]
 dsproxy:
   attach: veth*,eth0
   pinDir: /sys/fs/bpf/dsproxy
+  serviceClusterIPRange: 10.96.0.0/12,fd00:96::/108
+  externalIPCIDRs: [203.0.113.0/24, 2001:db8::/48]
+  serviceNodePortRange: 30000-32767
   capacities: {ct: 1048576}
 ";
         let out = parse("kube-proxy.yaml", text).expect("parses");
@@ -498,6 +509,10 @@ dsproxy:
             ("--conntrack-udp-timeout", "30s"),
             ("--attach", "veth*,eth0"),
             ("--pin-dir", "/sys/fs/bpf/dsproxy"),
+            ("--nodeport-addresses", "primary"),
+            ("--service-cluster-ip-range", "10.96.0.0/12,fd00:96::/108"),
+            ("--external-ip-cidrs", "203.0.113.0/24,2001:db8::/48"),
+            ("--service-node-port-range", "30000-32767"),
             ("--ct-capacity", "1048576"),
         ];
         let got: Vec<(&str, &str)> = out.flags.iter().map(|(f, v)| (*f, v.as_str())).collect();

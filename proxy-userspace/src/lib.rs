@@ -10,6 +10,7 @@
 //! - `sync`: applies the operations, step by step, with roll-back;
 //! - `maps`: the only code that touches the BPF maps;
 //! - `attach`: loading, TCX attachment, pinning, clean-up;
+//! - `host`: this host's interface addresses (for the address policy);
 //! - `agent`: the run loop tying them together;
 //! - `config`: the configuration file, as flags;
 //! - `privileges`: the capabilities each command needs, checked first;
@@ -27,6 +28,7 @@ pub mod diff;
 #[cfg(any(test, feature = "test-helpers"))]
 pub mod frames;
 pub mod health;
+pub mod host;
 pub mod http;
 pub mod inspect;
 pub mod maps;

@@ -167,12 +167,12 @@ mod tests {
             body("ns/web", 2, true),
             "{\n\t\"service\": {\n\t\t\"namespace\": \"ns\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
         );
-        let r = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 0 }, true);
+        let r = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 0, by_family: vec![] }, true);
         assert_eq!(r.status, 503);
         assert_eq!(r.headers, vec![("X-Load-Balancing-Endpoint-Weight", "0".to_owned())]);
-        let ok = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 3 }, true);
+        let ok = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 3, by_family: vec![] }, true);
         assert_eq!(ok.status, 200);
-        let sick = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 3 }, false);
+        let sick = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 3, by_family: vec![] }, false);
         assert_eq!(sick.status, 503, "an unhealthy proxy fails every service");
     }
 }

@@ -590,7 +590,7 @@ fn health_check_node_ports_come_and_go_with_the_desired_state() {
     let ns = NetNs::new("hcnp");
     let port_a = 30_210;
     let port_b = 30_211;
-    let check = |n| HealthCheck { service: "shop/front".into(), local_endpoints: n };
+    let check = |n| HealthCheck { service: "shop/front".into(), local_endpoints: n, by_family: vec![] };
     // The servers run on a runtime whose thread lives in the namespace.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BTreeMap<u16, HealthCheck>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<u16>>();

@@ -102,14 +102,14 @@ pub fn refused(addr: IpAddr, node: &NodeContext, config: &Config) -> Option<Stri
     if let Some(class) = refused_class(addr) {
         return Some(format!("is {class}"));
     }
-    if config.host.broadcasts.contains(&addr) {
-        return Some("is the broadcast address of one of this node's subnets".into());
-    }
     if node.addresses.iter().any(|(a, _)| *a == addr) {
         return Some("is an address of this node (its Node object); only node ports may use it".into());
     }
     if config.host.interfaces.contains(&addr) {
         return Some("is an address of this node (an interface); only node ports may use it".into());
+    }
+    if config.host.broadcasts.contains(&addr) {
+        return Some("is the broadcast address of one of this node's subnets".into());
     }
     if config.host.api_servers.contains(&addr) {
         return Some("is the API server's address".into());

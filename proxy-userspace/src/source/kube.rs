@@ -258,18 +258,45 @@ where
     })
 }
 
+/// The client configuration `opts` describes.
+async fn config(opts: &Options) -> Result<Config> {
+    match &opts.kubeconfig {
+        Some(path) => {
+            let err = |source| Error::Kubeconfig { path: path.clone(), source };
+            let kc = Kubeconfig::read_from(path).map_err(err)?;
+            Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(err)?)
+        }
+        None => Ok(Config::incluster()?),
+    }
+}
+
+/// The addresses of the API server the agent talks to (its URL's host,
+/// resolved when it is a name): no Service may capture them. Empty when
+/// the name does not resolve (yet); the watchers report that themselves.
+pub async fn api_server_addresses(opts: &Options) -> Result<Vec<std::net::IpAddr>> {
+    let url = config(opts).await?.cluster_url;
+    let Some(host) = url.host() else { return Ok(Vec::new()) };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse() {
+        return Ok(vec![ip]);
+    }
+    let port = url.port_u16().unwrap_or(443);
+    let mut out: Vec<std::net::IpAddr> = match tokio::net::lookup_host((host, port)).await {
+        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+        Err(e) => {
+            log::warn!("resolving the API server's name {host}: {e}");
+            Vec::new()
+        }
+    };
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 impl KubeSource {
     /// Connect and start the watchers; events go to `tx`.
     pub async fn start(opts: &Options, tx: Sender) -> Result<Self> {
-        let config = match &opts.kubeconfig {
-            Some(path) => {
-                let err = |source| Error::Kubeconfig { path: path.clone(), source };
-                let kc = Kubeconfig::read_from(path).map_err(err)?;
-                Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(err)?
-            }
-            None => Config::incluster()?,
-        };
-        let client = Client::try_from(config)?;
+        let client = Client::try_from(config(opts).await?)?;
         let labels = label_selector(opts.service_proxy_name.as_deref());
         let cfg = watcher::Config::default().labels(&labels);
         let slice_cfg = cfg.clone().labels(&format!("{labels},{LABEL_SERVICE_NAME}"));
