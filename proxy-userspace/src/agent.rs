@@ -165,15 +165,29 @@ impl Agent {
     }
 }
 
-/// The host facts the model needs: interface addresses, and the API
-/// server's address when the agent follows the API.
-async fn host_addresses(source: &SourceConfig) -> anyhow::Result<model::HostAddresses> {
+/// The model's settings with the host facts it needs (interface
+/// addresses, and the API server's address when the agent follows the
+/// API); the flags left unset are named once.
+async fn model_config(cfg: &RunConfig) -> anyhow::Result<model::Config> {
+    for w in model::startup_warnings(&cfg.model) {
+        log::warn!("{w}");
+    }
     let ifs = host::interface_addresses()?;
-    let api_servers = match source {
+    let api_servers = match &cfg.source {
         SourceConfig::Kube(opts) => source::kube::api_server_addresses(opts).await?,
         SourceConfig::Manifests(_) => Vec::new(),
     };
-    Ok(model::HostAddresses { interfaces: ifs.addresses, broadcasts: ifs.broadcasts, api_servers })
+    let host = model::HostAddresses { interfaces: ifs.addresses, broadcasts: ifs.broadcasts, api_servers };
+    log::info!(
+        "no Service may claim this node's {} interface addresses{}",
+        host.interfaces.len(),
+        if host.api_servers.is_empty() {
+            String::new()
+        } else {
+            format!(" or the API server's {:?}", host.api_servers)
+        }
+    );
+    Ok(model::Config { host, ..cfg.model.clone() })
 }
 
 /// Re-read the interface addresses; true when they changed (every
@@ -201,20 +215,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     privileges::check("dsproxy run", &privileges::RUN)?;
     attach::check_bpffs(&cfg.pin_dir)?;
     let listeners = Listeners::bind(cfg.healthz_bind, cfg.metrics_bind).await?;
-    for w in model::startup_warnings(&cfg.model) {
-        log::warn!("{w}");
-    }
-    let mut model_cfg = cfg.model.clone();
-    model_cfg.host = host_addresses(&cfg.source).await?;
-    log::info!(
-        "no Service may claim this node's {} interface addresses{}",
-        model_cfg.host.interfaces.len(),
-        if model_cfg.host.api_servers.is_empty() {
-            String::new()
-        } else {
-            format!(" or the API server's {:?}", model_cfg.host.api_servers)
-        }
-    );
+    let mut model_cfg = model_config(&cfg).await?;
     let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
     maps.set_config(&cfg.datapath)?;
     let programmed = maps.read_back().context("reading pinned state back")?;
