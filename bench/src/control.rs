@@ -105,8 +105,13 @@ pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize)
     }
     let total = u32::try_from(n * per).expect("fits");
     let slots = u32::try_from(n * (per + 1) * 2 + 1024).expect("fits");
-    let caps =
-        Capacities { svc: slots, backend: total + 1024, revnat: u32::try_from(n).expect("fits") + 16, ct: 65_536 };
+    let caps = Capacities {
+        svc: slots,
+        backend: total + 1024,
+        revnat: u32::try_from(n).expect("fits") + 16,
+        ct: 65_536,
+        ..Capacities::default()
+    };
 
     // In-process: cold programming, then single endpoint changes.
     let bpf = BpfFs::new();

@@ -75,12 +75,13 @@ fn load(services: usize, samples: usize) -> Loaded {
         backend: 1024,
         revnat: n + 16,
         ct: u32::try_from(samples * 4 + 1024).expect("fits"),
+        ..Capacities::default()
     };
     let (mut ebpf, maps) = attach::load(&mount.pin_dir(), &caps).expect("load datapath");
     let floor: &mut SchedClassifier =
-        ebpf.program_mut("dsproxy_floor").expect("floor program").try_into().expect("classifier");
+        ebpf.program_mut(proxy_common::programs::FLOOR).expect("floor program").try_into().expect("classifier");
     floor.load().expect("load floor program");
-    for name in [proxy_common::PROGRAM_NAME, "dsproxy_floor"] {
+    for name in [proxy_common::programs::FROM_POD, proxy_common::programs::FLOOR] {
         let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("classifier");
         if let Ok(info) = p.info() {
             eprintln!(
@@ -129,8 +130,8 @@ pub fn measure(services: usize, samples: usize) -> Vec<Row> {
             let sport = 1024 + u16::try_from(i % 60_000).expect("port");
             let dst = vip(spread(i, services), v6);
             let syn = frame((c, sport), dst, TCP, SYN);
-            t_floor.push(run(&mut l.ebpf, "dsproxy_floor", &syn).duration_ns);
-            let out = run(&mut l.ebpf, proxy_common::PROGRAM_NAME, &syn);
+            t_floor.push(run(&mut l.ebpf, proxy_common::programs::FLOOR, &syn).duration_ns);
+            let out = run(&mut l.ebpf, proxy_common::programs::FROM_POD, &syn);
             t_new.push(out.duration_ns);
             flows.push(((c, sport), dst, inspect(&out.frame).dst));
         }
@@ -139,10 +140,10 @@ pub fn measure(services: usize, samples: usize) -> Vec<Row> {
         let mut t_none = Vec::with_capacity(samples);
         for i in 0..flows.len() {
             let (src_j, dst_j, be_j) = flows[spread(i, flows.len())];
-            t_est.push(run(&mut l.ebpf, proxy_common::PROGRAM_NAME, &frame(src_j, dst_j, TCP, ACK)).duration_ns);
-            t_reply.push(run(&mut l.ebpf, proxy_common::PROGRAM_NAME, &frame(be_j, src_j, TCP, ACK)).duration_ns);
+            t_est.push(run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(src_j, dst_j, TCP, ACK)).duration_ns);
+            t_reply.push(run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(be_j, src_j, TCP, ACK)).duration_ns);
             let other = (if v6 { "fd00:0:0:9::9".parse().expect("v6") } else { "198.18.9.9".parse().expect("v4") }, 80);
-            t_none.push(run(&mut l.ebpf, proxy_common::PROGRAM_NAME, &frame(src_j, other, TCP, ACK)).duration_ns);
+            t_none.push(run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(src_j, other, TCP, ACK)).duration_ns);
         }
         rows.push(Row {
             family: if v6 { "IPv6" } else { "IPv4" },

@@ -1,10 +1,7 @@
-//! Connection tracking: state machine, timeouts and flow creation.
-//!
-//! A flow has two entries in the family's LRU map: the forward entry, keyed
-//! by the client's packet (client -> VIP), which holds the backend, state and
-//! expiry; and the reverse entry, keyed by the backend's reply (backend ->
-//! client), which holds the reverse-NAT id. The forward entry is the one
-//! source of state: replies update it too.
+//! Connection tracking: state machine, timeouts, flow creation, and the
+//! rule that keeps entries flow-scoped: a reverse entry translates only
+//! while the forward entry of its flow lives and still names the same
+//! backend and source. Anything else is stale and is removed on sight.
 //!
 //! Races between CPUs: two CPUs may see the first packets of one flow (a
 //! retransmitted SYN) at once. The forward entry is inserted with
@@ -13,21 +10,28 @@
 //! one packet's worth of freshness.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
-use proxy_common::{CT_DIR_FORWARD, CT_DIR_REVERSE, Stat, ct_state, ct_timeout};
+use proxy_common::{CtKey, DatapathConfig, Stat, ct_state, ct_timeout};
 
 use crate::{
-    family::{CtRef, Family},
+    family::{Back, Family},
     maps::CONFIG_V1,
-    parse::{L4, Pkt, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
+    parse::{L4, TCP_FLAG_FIN, TCP_FLAG_RST},
     stats,
+    work::Work,
 };
 
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: helper without arguments or side effects.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The agent's runtime settings (all zero before it wrote them).
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    CONFIG_V1.get(0).copied().unwrap_or_default()
 }
 
 /// State after a packet with these TCP flags, sent by the client
@@ -56,11 +60,11 @@ fn or_default(configured: u64, default: u64) -> u64 {
 }
 
 /// Lifetime of an entry in `state`, one named timeout per state, from the
-/// agent's configuration (`CONFIG`).
+/// agent's configuration.
 #[inline(always)]
 pub fn timeout(state: u8, l4: &L4) -> u64 {
     const BOTH_FIN: u8 = ct_state::FIN_FWD | ct_state::FIN_REV;
-    let cfg = CONFIG_V1.get(0).copied().unwrap_or_default();
+    let cfg = config();
     if !l4.is_tcp() {
         or_default(cfg.udp_ns, ct_timeout::UDP)
     } else if state & ct_state::RST != 0 || state & BOTH_FIN == BOTH_FIN {
@@ -72,88 +76,168 @@ pub fn timeout(state: u8, l4: &L4) -> u64 {
     }
 }
 
-/// Record a packet on a forward entry: advance the state, push the expiry.
-#[inline(always)]
-pub fn touch<A>(ct: &mut CtRef<'_, A>, l4: &L4, reply: bool, now: u64) {
-    let state = next_state(*ct.state, l4, reply);
-    *ct.state = state;
-    *ct.expires = now + timeout(state, l4);
-}
-
 /// A bare SYN on an entry whose connection closed is a new connection
 /// reusing the port: it gets a fresh backend choice.
 #[inline(always)]
 fn is_reopen(state: u8, l4: &L4) -> bool {
-    l4.is_tcp()
-        && l4.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
-        && state & (ct_state::RST | ct_state::FIN_FWD | ct_state::FIN_REV) != 0
+    l4.is_syn() && state & (ct_state::RST | ct_state::FIN_FWD | ct_state::FIN_REV) != 0
 }
 
 /// Outcome of a forward lookup.
-pub enum Forward<A> {
-    /// A live flow: its backend.
-    Hit((A, u16)),
+pub enum Fwd {
+    /// A live flow, now in `w.flow`.
+    Hit,
     /// No usable entry. `stale` is true when an expired or closed one is in
     /// the way and must be overwritten.
     Miss { stale: bool },
 }
 
-/// Look up the forward entry of the client's packet and, when it is live,
-/// record the packet on it.
+/// Look up the forward entry of the packet in `w.pkt` and, when it is live,
+/// record the packet on it and copy it to `w.flow`. Leaves the forward key
+/// in `w.key`.
 #[inline(always)]
-pub fn lookup_forward<F: Family>(pkt: &Pkt<F::Addr>, now: u64) -> Forward<F::Addr> {
-    let key = F::ct_key(pkt.src(), pkt.dst(), pkt.l4.proto, CT_DIR_FORWARD);
-    let Some(ptr) = F::ct_get(&key) else {
-        return Forward::Miss { stale: false };
+pub fn lookup_fwd<F: Family>(w: &mut Work<F>, now: u64) -> Fwd {
+    let pkt = &w.pkt;
+    w.key = CtKey::new(pkt.src(), pkt.dst(), pkt.l4.proto);
+    let Some(ptr) = F::fwd_get(&w.key) else {
+        return Fwd::Miss { stale: false };
     };
     // SAFETY: pointer from a successful lookup, valid for this run (RCU).
-    let mut ct = F::ct_ref(unsafe { &mut *ptr });
-    if *ct.expires <= now || is_reopen(*ct.state, &pkt.l4) {
-        return Forward::Miss { stale: true };
+    let entry = unsafe { &mut *ptr };
+    if entry.expires <= now || is_reopen(entry.state, &pkt.l4) {
+        return Fwd::Miss { stale: true };
     }
     // A UDP flow has no end: when its backend is removed, the next datagram
     // moves to a live one instead of following the old entry into a black
     // hole (kube-proxy clears such entries; kubernetes#19029). TCP flows
     // keep their backend until they end.
-    if !pkt.l4.is_tcp() && F::backend(ct.backend_id) != Some(ct.backend) {
-        stats::count(Stat::UdpRepick);
-        return Forward::Miss { stale: true };
+    if !pkt.l4.is_tcp() && F::backend(entry.backend_id) != Some((entry.backend, entry.backend_port)) {
+        stats::count(F::SLOT, Stat::UdpRepick);
+        return Fwd::Miss { stale: true };
     }
-    touch(&mut ct, &pkt.l4, false, now);
-    Forward::Hit(ct.backend)
+    let state = next_state(entry.state, &pkt.l4, false);
+    entry.state = state;
+    entry.expires = now + timeout(state, &pkt.l4);
+    w.flow = *entry;
+    Fwd::Hit
 }
 
-/// Create the forward and reverse entries of a new flow to `backend`.
-/// Returns the backend the flow ends up with: ours, or the one another CPU
-/// recorded first.
+/// Outcome of a reverse lookup.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Rev {
+    /// No reverse entry: not a reply of a flow of ours.
+    None,
+    /// A reverse entry whose flow is gone: removed, the packet is not ours.
+    Stale,
+    /// A reply of a live flow: the reverse entry is in `w.back`, the
+    /// forward entry in `w.flow`.
+    Hit,
+}
+
+/// Look up the reverse entry keyed by `w.key` (a reply: backend -> the
+/// source it saw) and check it against its flow's forward entry; with
+/// `record`, record the reply in `w.pkt` on the flow.
+#[inline(never)]
+pub fn lookup_rev<F: Family>(w: &mut Work<F>, record: bool) -> Rev {
+    let now = now();
+    let Some(back) = F::rev_get(&w.key) else {
+        return Rev::None;
+    };
+    // SAFETY: pointer from a successful lookup, valid for this run (RCU).
+    w.back = unsafe { *back };
+    let (src, dst) = ((w.key.saddr, w.key.sport), (w.key.daddr, w.key.dport));
+    w.key2 = CtKey::new((w.back.client, w.back.client_port), (w.back.frontend, w.back.frontend_port), w.key.proto);
+    let Some(ptr) = F::fwd_get(&w.key2) else {
+        F::rev_remove(&w.key);
+        return Rev::Stale;
+    };
+    // SAFETY: as above.
+    let entry = unsafe { &mut *ptr };
+    // The forward entry must be this flow's: alive, same backend, same
+    // source towards it. A later flow that reused the client's tuple has
+    // another backend or source.
+    if entry.expires <= now || (entry.backend, entry.backend_port) != src || (entry.nat, entry.nat_port) != dst {
+        F::rev_remove(&w.key);
+        return Rev::Stale;
+    }
+    if record {
+        // The forward entry holds the flow's state: a reply refreshes it,
+        // so a flow where only the backend talks stays alive.
+        let state = next_state(entry.state, &w.pkt.l4, true);
+        entry.state = state;
+        entry.expires = now + timeout(state, &w.pkt.l4);
+    }
+    w.flow = *entry;
+    Rev::Hit
+}
+
+/// The live forward entry keyed by `w.key2`, copied to `w.flow`, without
+/// recording anything on it.
 #[inline(always)]
-pub fn create<F: Family>(
-    pkt: &Pkt<F::Addr>,
-    backend_id: u32,
-    backend: (F::Addr, u16),
-    rev_nat_id: u32,
-    stale: bool,
-    now: u64,
-) -> (F::Addr, u16) {
-    let l4 = &pkt.l4;
-    let fkey = F::ct_key(pkt.src(), pkt.dst(), l4.proto, CT_DIR_FORWARD);
-    let state = next_state(0, l4, false);
-    let fval = F::ct_value(now + timeout(state, l4), backend_id, rev_nat_id, backend, state);
+pub fn peek_fwd<F: Family>(w: &mut Work<F>, now: u64) -> bool {
+    let Some(ptr) = F::fwd_get(&w.key2) else { return false };
+    // SAFETY: pointer from a successful lookup, valid for this run.
+    let entry = unsafe { &*ptr };
+    if entry.expires <= now {
+        return false;
+    }
+    w.flow = *entry;
+    true
+}
+
+/// Create the entries of the new flow in `w.flow` (backend, ids, source
+/// and flags filled in) for the packet in `w.pkt`, whose forward key is in
+/// `w.key`. On return `w.flow` is the flow as recorded: ours, or the one
+/// another CPU recorded first.
+#[inline(always)]
+pub fn create<F: Family>(w: &mut Work<F>, stale: bool, now: u64) {
+    let l4 = &w.pkt.l4;
+    let tcp_state = next_state(0, l4, false);
+    w.flow.state = tcp_state;
+    w.flow.expires = now + timeout(tcp_state, l4);
     let flags = if stale { BPF_ANY } else { BPF_NOEXIST };
-    if F::ct_insert(&fkey, &fval, u64::from(flags)).is_err() {
-        if let Some(ptr) = F::ct_get(&fkey) {
+    if F::fwd_insert(&w.key, &w.flow, u64::from(flags)).is_err() {
+        if let Some(ptr) = F::fwd_get(&w.key) {
             // Another CPU created the flow first: follow its choice.
             // SAFETY: pointer from a successful lookup, valid for this run.
-            return F::ct_ref(unsafe { &mut *ptr }).backend;
+            w.flow = unsafe { *ptr };
+            return;
         }
         // LRU insert failures are transient; translate this packet anyway,
         // the next one retries.
-        stats::count(Stat::CtInsertFailed);
+        stats::count(F::SLOT, Stat::CtInsertFailed);
     }
-    let rkey = F::ct_key(backend, pkt.src(), l4.proto, CT_DIR_REVERSE);
-    let rval = F::ct_value(0, 0, rev_nat_id, backend, 0);
-    if F::ct_insert(&rkey, &rval, u64::from(BPF_ANY)).is_err() {
-        stats::count(Stat::CtInsertFailed);
+    let pkt = &w.pkt;
+    w.key2 = CtKey::new((w.flow.backend, w.flow.backend_port), (w.flow.nat, w.flow.nat_port), l4.proto);
+    w.back = Back {
+        client: pkt.saddr,
+        client_port: pkt.l4.sport,
+        frontend: pkt.daddr,
+        frontend_port: pkt.l4.dport,
+        flags: w.flow.flags,
+        _pad: [0; 3],
+    };
+    if F::rev_insert(&w.key2, &w.back, u64::from(BPF_ANY)).is_err() {
+        stats::count(F::SLOT, Stat::CtInsertFailed);
     }
-    backend
+}
+
+/// A source port on `addr` towards `backend` that no live flow uses:
+/// `preferred` when free, else one of a few random ports above 32768.
+/// Uses `w.key`, `w.key2`, `w.back` and `w.flow`.
+#[inline(always)]
+pub fn snat_port<F: Family>(w: &mut Work<F>, backend: (F::Addr, u16), addr: F::Addr, preferred: u16) -> Option<u16> {
+    let proto = w.pkt.l4.proto;
+    let mut port = preferred;
+    for _ in 0..4 {
+        w.key = CtKey::new(backend, (addr, port), proto);
+        if lookup_rev::<F>(w, false) != Rev::Hit {
+            return Some(port);
+        }
+        // SAFETY: helper without arguments or side effects.
+        let r = unsafe { bpf_get_prandom_u32() };
+        // 32768..=65535, network byte order.
+        port = (u16::try_from(r >> 17).unwrap_or(0) | 0x8000).to_be();
+    }
+    None
 }

@@ -1,63 +1,90 @@
 //! The one place where IPv4 and IPv6 differ: which maps, which key types,
-//! which rewrite. Every stage is written once, generic over `Family`, and
-//! monomorphised into a v4 and a v6 copy. (Cilium writes `lb4_*`/`lb6_*`
-//! pairs by hand; a trait gives the same code without the twin bodies.)
+//! which header rewrite. Every stage is written once, generic over
+//! `Family`, and monomorphised into a v4 and a v6 copy. (Cilium writes
+//! `lb4_*`/`lb6_*` pairs by hand; a trait gives the same code without the
+//! twin bodies.)
 //!
-//! The maps of one family are only ever reached through that family's impl,
-//! so an IPv6 VIP can never be translated to an IPv4 backend.
-use aya_ebpf::programs::TcContext;
-use proxy_common::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, Svc4Key, Svc6Key, SvcValue};
-
-use crate::{
-    maps::{BACKEND4_V1, BACKEND6_V1, CT4_V1, CT6_V1, REVNAT4_V1, REVNAT6_V1, SVC4_V1, SVC6_V1},
-    nat::{self, End},
-    parse::{L4, Pkt, Verdict},
-    reject,
+//! The maps of one family are only ever reached through that family's
+//! impl, so an IPv6 address can never be translated to an IPv4 one.
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use proxy_common::{
+    AffMatchKey, CtFwd, CtKey, CtRev, DatapathConfig, FragKey4, FragKey6, FragPorts, SrcRange4, SrcRange6, StatSlot,
+    Svc4Key, Svc6Key, SvcValue,
 };
 
-/// Mutable view of a conntrack value.
-pub struct CtRef<'a, A> {
-    pub expires: &'a mut u64,
-    pub state: &'a mut u8,
-    pub backend_id: u32,
-    pub rev_nat_id: u32,
-    /// Backend address and port, network byte order.
-    pub backend: (A, u16),
-}
+use crate::{
+    maps::{
+        AFFMATCH4_V1, AFFMATCH6_V1, BACKEND4_V1, BACKEND6_V1, CT4_FWD_V2, CT4_REV_V2, CT6_FWD_V2, CT6_REV_V2, FRAG4_V1,
+        FRAG6_V1, NODEPORT4_V1, NODEPORT6_V1, SRCRANGE4_V1, SRCRANGE6_V1, SVC4_V1, SVC6_V1,
+    },
+    nat::{self, End, Ends},
+    parse::{L4, Verdict},
+    reject, route,
+    work::{WORK4_V1, WORK6_V1, Work},
+};
 
-pub trait Family {
+/// A flow, as its forward entry holds it.
+pub type Flow<A> = CtFwd<A>;
+/// Where a reply goes back to, as the reverse entry holds it.
+pub type Back<A> = CtRev<A>;
+
+pub trait Family: Sized {
     /// Address bytes, network byte order.
-    type Addr: Copy + PartialEq;
-    type SvcKey: Copy;
-    type CtKey: Copy;
-    type CtValue: Copy;
+    type Addr: Copy + PartialEq + AsRef<[u8]>;
+    /// Counters of this family.
+    const SLOT: StatSlot;
+    /// 4 or 6.
+    const NUMBER: u8;
+    /// The unspecified address: the address of NodePort frontends.
+    const UNSPECIFIED: Self::Addr;
+    /// Offsets of the source and destination addresses in the IP header.
+    const IP_SADDR: usize;
+    const IP_DADDR: usize;
+    /// Offset of the header checksum in the IP header (IPv4 only).
+    const IP_CSUM: Option<usize>;
 
-    /// `port` in network byte order.
-    fn svc_key(addr: Self::Addr, port: u16, proto: u8, slot: u16) -> Self::SvcKey;
-    fn svc_get(key: &Self::SvcKey) -> Option<SvcValue>;
+    /// This CPU's working state for a packet of this family.
+    fn work() -> Option<&'static mut Work<Self>>;
+
+    /// A frontend (slot 0) or one of its backend slots; `port` in network
+    /// byte order.
+    fn svc(addr: Self::Addr, port: u16, proto: u8, scope: u8, slot: u16) -> Option<SvcValue>;
     /// Backend address and port (network byte order) of backend `id`.
     fn backend(id: u32) -> Option<(Self::Addr, u16)>;
-    /// Service address and port (network byte order) of reverse-NAT `id`.
-    fn revnat(id: u32) -> Option<(Self::Addr, u16)>;
+    /// Is `addr` a node address NodePorts answer on?
+    fn is_nodeport_addr(addr: &Self::Addr) -> bool;
+    /// Is `addr` inside one of the source ranges of frontend `id`?
+    fn in_source_range(frontend_id: u32, addr: Self::Addr) -> bool;
+    /// Is backend `backend_id` in frontend `frontend_id`'s active set?
+    fn affinity_match(frontend_id: u32, backend_id: u32) -> bool;
+    /// The address as an affinity client id (zero-padded to 16 bytes).
+    fn client_id(addr: Self::Addr) -> [u8; 16];
+    /// This node's address for masquerading, if configured.
+    fn node_addr(cfg: &DatapathConfig) -> Option<Self::Addr>;
 
-    fn ct_key(src: (Self::Addr, u16), dst: (Self::Addr, u16), proto: u8, dir: u8) -> Self::CtKey;
-    fn ct_get(key: &Self::CtKey) -> Option<*mut Self::CtValue>;
-    fn ct_insert(key: &Self::CtKey, value: &Self::CtValue, flags: u64) -> Result<(), i32>;
-    fn ct_value(expires: u64, backend_id: u32, rev_nat_id: u32, backend: (Self::Addr, u16), state: u8)
-    -> Self::CtValue;
-    fn ct_ref(value: &mut Self::CtValue) -> CtRef<'_, Self::Addr>;
+    fn fwd_get(key: &CtKey<Self::Addr>) -> Option<*mut Flow<Self::Addr>>;
+    fn fwd_insert(key: &CtKey<Self::Addr>, flow: &Flow<Self::Addr>, flags: u64) -> Result<(), i32>;
+    fn rev_get(key: &CtKey<Self::Addr>) -> Option<*const Back<Self::Addr>>;
+    fn rev_insert(key: &CtKey<Self::Addr>, back: &Back<Self::Addr>, flags: u64) -> Result<(), i32>;
+    fn rev_remove(key: &CtKey<Self::Addr>);
 
+    /// Ports of a fragmented datagram, from its first fragment.
+    fn frag_ports(saddr: Self::Addr, daddr: Self::Addr, id: [u8; 4], proto: u8) -> Option<FragPorts>;
+    fn frag_record(saddr: Self::Addr, daddr: Self::Addr, id: [u8; 4], proto: u8, ports: FragPorts);
+
+    /// Rewrite address and port at `end` from `old` to `new`, fixing
+    /// checksums (the port only when the transport header is present).
+    /// Addresses by reference: they usually live in the `Work`, and a copy
+    /// of an IPv6 address costs stack the verifier counts.
+    fn rewrite(ctx: &TcContext, l4: &L4, end: End, old: Ends<'_, Self::Addr>) -> Result<(), Verdict>;
+    /// Decrement the TTL / hop limit as a router does; `false` when it
+    /// would reach zero (the host stack must answer with time exceeded).
+    fn decrement_ttl(ctx: &TcContext) -> Result<bool, Verdict>;
+    /// FIB lookup for forwarding `src -> dst` in from `ifindex`; the result
+    /// is left in `w.fib` / `w.nh`.
+    fn fib(ctx: &TcContext, w: &mut Work<Self>, src: Self::Addr, dst: Self::Addr, ifindex: u32) -> route::Fib;
     /// Refuse a new connection to a frontend without backends.
-    fn reject(ctx: &TcContext, pkt: &Pkt<Self::Addr>) -> Verdict;
-
-    /// Rewrite address and port at `end` from `old` to `new`, fixing checksums.
-    fn rewrite(
-        ctx: &TcContext,
-        l4: &L4,
-        end: End,
-        old: (Self::Addr, u16),
-        new: (Self::Addr, u16),
-    ) -> Result<(), Verdict>;
+    fn reject(ctx: &TcContext, w: &Work<Self>) -> Verdict;
 }
 
 pub struct V4;
@@ -73,23 +100,65 @@ fn copy<T: Copy>(ptr: Option<*const T>) -> Option<T> {
     ptr.map(|p| unsafe { *p })
 }
 
+/// Fragment keys from the packet's fields.
+trait FragKeyNew<A> {
+    fn new(saddr: A, daddr: A, id: [u8; 4], proto: u8) -> Self;
+}
+
+impl FragKeyNew<[u8; 4]> for FragKey4 {
+    #[inline(always)]
+    fn new(saddr: [u8; 4], daddr: [u8; 4], id: [u8; 4], proto: u8) -> Self {
+        Self { saddr, daddr, id: [id[0], id[1]], proto, _pad: 0 }
+    }
+}
+
+impl FragKeyNew<[u8; 16]> for FragKey6 {
+    #[inline(always)]
+    fn new(saddr: [u8; 16], daddr: [u8; 16], id: [u8; 4], proto: u8) -> Self {
+        Self { saddr, daddr, id, proto, _pad: [0; 3] }
+    }
+}
+
 macro_rules! family_impl {
-    ($fam:ty, $addr:ty, $svc_key:ty, $ct_key:ty, $ct_value:ty,
-     $svc:ident, $backend:ident, $revnat:ident, $ct:ident, $rewrite:path, $reject:path) => {
+    (
+        family: $fam:ty,
+        addr: ($addr:ty, $addr_len:expr),
+        number: $number:expr,
+        slot: $slot:expr,
+        work: $work:ident,
+        svc: ($svc_key:ty, $svc:ident),
+        backend_map: $backend:ident,
+        nodeport_map: $nodeport:ident,
+        src_range: ($range_ty:ident, $range_map:ident),
+        affinity_match_map: $affmatch:ident,
+        ct_maps: ($fwd_map:ident, $rev_map:ident),
+        frag: ($frag_key:ident, $frag_map:ident),
+        node_addr: $node_addr:ident,
+        ip_offsets: ($ip_saddr:expr, $ip_daddr:expr, $ip_csum:expr),
+        rewrite: $rewrite:path,
+        ttl: $ttl:path,
+        fib: $fib:path,
+        reject: $reject:path $(,)?
+    ) => {
         impl Family for $fam {
             type Addr = $addr;
-            type SvcKey = $svc_key;
-            type CtKey = $ct_key;
-            type CtValue = $ct_value;
+            const SLOT: StatSlot = $slot;
+            const NUMBER: u8 = $number;
+            const UNSPECIFIED: $addr = [0; core::mem::size_of::<$addr>()];
+            const IP_SADDR: usize = $ip_saddr;
+            const IP_DADDR: usize = $ip_daddr;
+            const IP_CSUM: Option<usize> = $ip_csum;
 
             #[inline(always)]
-            fn svc_key(addr: $addr, port: u16, proto: u8, slot: u16) -> $svc_key {
-                <$svc_key>::from_wire(addr, port, proto, slot)
+            fn work() -> Option<&'static mut Work<Self>> {
+                // SAFETY: per-CPU slot; a run has its CPU's entry to itself
+                // (see `work`).
+                $work.get_ptr_mut(0).map(|p| unsafe { &mut *p })
             }
 
             #[inline(always)]
-            fn svc_get(key: &$svc_key) -> Option<SvcValue> {
-                copy($svc.get_ptr(key))
+            fn svc(addr: $addr, port: u16, proto: u8, scope: u8, slot: u16) -> Option<SvcValue> {
+                copy($svc.get_ptr(&<$svc_key>::from_wire(addr, port, proto, scope, slot)))
             }
 
             #[inline(always)]
@@ -98,92 +167,134 @@ macro_rules! family_impl {
             }
 
             #[inline(always)]
-            fn revnat(id: u32) -> Option<($addr, u16)> {
-                // A cleared entry (port 0) belongs to a removed frontend.
-                copy($revnat.get_ptr(id)).filter(|r| r.port != 0).map(|r| (r.addr, r.port))
+            fn is_nodeport_addr(addr: &$addr) -> bool {
+                $nodeport.get_ptr(addr).is_some()
             }
 
             #[inline(always)]
-            fn ct_key(src: ($addr, u16), dst: ($addr, u16), proto: u8, dir: u8) -> $ct_key {
-                <$ct_key>::from_wire(src, dst, proto, dir)
+            fn in_source_range(frontend_id: u32, addr: $addr) -> bool {
+                let data = $range_ty { frontend_id: frontend_id.to_be_bytes(), addr };
+                // A lookup matches the whole key: the id and every address bit.
+                let bits = $range_ty::ID_BITS + 8 * $addr_len;
+                $range_map.get(Key::new(bits, data)).is_some()
             }
 
             #[inline(always)]
-            fn ct_get(key: &$ct_key) -> Option<*mut $ct_value> {
-                $ct.get_ptr_mut(key)
+            fn affinity_match(frontend_id: u32, backend_id: u32) -> bool {
+                $affmatch.get_ptr(&AffMatchKey { frontend_id, backend_id }).is_some()
             }
 
             #[inline(always)]
-            fn ct_insert(key: &$ct_key, value: &$ct_value, flags: u64) -> Result<(), i32> {
-                $ct.insert(key, value, flags).map_err(|e| e as i32)
+            fn client_id(addr: $addr) -> [u8; 16] {
+                let mut id = [0u8; 16];
+                id[..addr.len()].copy_from_slice(&addr);
+                id
             }
 
             #[inline(always)]
-            fn ct_value(expires: u64, backend_id: u32, rev_nat_id: u32, backend: ($addr, u16), state: u8) -> $ct_value {
-                Self::CtValue {
-                    expires,
-                    backend_id,
-                    rev_nat_id,
-                    backend_addr: backend.0,
-                    backend_port: backend.1,
-                    state,
-                    ..Default::default()
-                }
+            fn node_addr(cfg: &DatapathConfig) -> Option<$addr> {
+                let a = cfg.$node_addr;
+                (a != Self::UNSPECIFIED).then_some(a)
             }
 
             #[inline(always)]
-            fn ct_ref(v: &mut $ct_value) -> CtRef<'_, $addr> {
-                CtRef {
-                    backend_id: v.backend_id,
-                    rev_nat_id: v.rev_nat_id,
-                    backend: (v.backend_addr, v.backend_port),
-                    expires: &mut v.expires,
-                    state: &mut v.state,
-                }
+            fn fwd_get(key: &CtKey<$addr>) -> Option<*mut Flow<$addr>> {
+                $fwd_map.get_ptr_mut(key)
             }
 
             #[inline(always)]
-            fn reject(ctx: &TcContext, pkt: &Pkt<$addr>) -> Verdict {
-                $reject(ctx.skb.skb, pkt)
+            fn fwd_insert(key: &CtKey<$addr>, flow: &Flow<$addr>, flags: u64) -> Result<(), i32> {
+                $fwd_map.insert(key, flow, flags).map_err(|e| e as i32)
             }
 
             #[inline(always)]
-            fn rewrite(
-                ctx: &TcContext,
-                l4: &L4,
-                end: End,
-                old: ($addr, u16),
-                new: ($addr, u16),
-            ) -> Result<(), Verdict> {
-                $rewrite(ctx, l4, end, old, new)
+            fn rev_get(key: &CtKey<$addr>) -> Option<*const Back<$addr>> {
+                $rev_map.get_ptr(key)
+            }
+
+            #[inline(always)]
+            fn rev_insert(key: &CtKey<$addr>, back: &Back<$addr>, flags: u64) -> Result<(), i32> {
+                $rev_map.insert(key, back, flags).map_err(|e| e as i32)
+            }
+
+            #[inline(always)]
+            fn rev_remove(key: &CtKey<$addr>) {
+                // Already gone (another CPU, LRU eviction) is fine.
+                let _ = $rev_map.remove(key);
+            }
+
+            #[inline(always)]
+            fn frag_ports(saddr: $addr, daddr: $addr, id: [u8; 4], proto: u8) -> Option<FragPorts> {
+                copy($frag_map.get_ptr(&$frag_key::new(saddr, daddr, id, proto)))
+            }
+
+            #[inline(always)]
+            fn frag_record(saddr: $addr, daddr: $addr, id: [u8; 4], proto: u8, ports: FragPorts) {
+                // A lost record costs the later fragments their translation
+                // (they pass untouched, counted); nothing else.
+                let _ = $frag_map.insert(&$frag_key::new(saddr, daddr, id, proto), &ports, 0);
+            }
+
+            #[inline(always)]
+            fn rewrite(ctx: &TcContext, l4: &L4, end: End, ends: Ends<'_, $addr>) -> Result<(), Verdict> {
+                $rewrite(ctx, l4, end, ends)
+            }
+
+            #[inline(always)]
+            fn decrement_ttl(ctx: &TcContext) -> Result<bool, Verdict> {
+                $ttl(ctx)
+            }
+
+            #[inline(always)]
+            fn fib(ctx: &TcContext, w: &mut Work<Self>, src: $addr, dst: $addr, ifindex: u32) -> route::Fib {
+                $fib(ctx, w, src, dst, ifindex)
+            }
+
+            #[inline(always)]
+            fn reject(ctx: &TcContext, w: &Work<Self>) -> Verdict {
+                $reject(ctx.skb.skb, &w.pkt)
             }
         }
     };
 }
 
 family_impl!(
-    V4,
-    [u8; 4],
-    Svc4Key,
-    Ct4Key,
-    Ct4Value,
-    SVC4_V1,
-    BACKEND4_V1,
-    REVNAT4_V1,
-    CT4_V1,
-    nat::rewrite_v4,
-    reject::reject_v4
+    family: V4,
+    addr: ([u8; 4], 4),
+    number: 4,
+    slot: StatSlot::V4,
+    work: WORK4_V1,
+    svc: (Svc4Key, SVC4_V1),
+    backend_map: BACKEND4_V1,
+    nodeport_map: NODEPORT4_V1,
+    src_range: (SrcRange4, SRCRANGE4_V1),
+    affinity_match_map: AFFMATCH4_V1,
+    ct_maps: (CT4_FWD_V2, CT4_REV_V2),
+    frag: (FragKey4, FRAG4_V1),
+    node_addr: node_ip4,
+    ip_offsets: (12, 16, Some(10)),
+    rewrite: nat::rewrite_v4,
+    ttl: nat::decrement_ttl_v4,
+    fib: route::fib_v4,
+    reject: reject::reject_v4,
 );
 family_impl!(
-    V6,
-    [u8; 16],
-    Svc6Key,
-    Ct6Key,
-    Ct6Value,
-    SVC6_V1,
-    BACKEND6_V1,
-    REVNAT6_V1,
-    CT6_V1,
-    nat::rewrite_v6,
-    reject::reject_v6
+    family: V6,
+    addr: ([u8; 16], 16),
+    number: 6,
+    slot: StatSlot::V6,
+    work: WORK6_V1,
+    svc: (Svc6Key, SVC6_V1),
+    backend_map: BACKEND6_V1,
+    nodeport_map: NODEPORT6_V1,
+    src_range: (SrcRange6, SRCRANGE6_V1),
+    affinity_match_map: AFFMATCH6_V1,
+    ct_maps: (CT6_FWD_V2, CT6_REV_V2),
+    frag: (FragKey6, FRAG6_V1),
+    node_addr: node_ip6,
+    ip_offsets: (8, 24, None),
+    rewrite: nat::rewrite_v6,
+    ttl: nat::decrement_ttl_v6,
+    fib: route::fib_v6,
+    reject: reject::reject_v6,
 );

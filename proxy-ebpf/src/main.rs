@@ -1,107 +1,151 @@
-//! dsproxy datapath: one TC program, attached at ingress of every pod-facing
-//! interface of the node. Packets to a service address are DNATed to a
-//! backend of the same family; replies from that backend are rewritten back
-//! to the service address. Everything else passes untouched.
+//! dsproxy datapath. Entry points only; the stages live in modules:
 //!
-//! Stages, one module each: `parse` (headers), `service` (frontend lookup),
-//! `backend` (slot selection), `conntrack` (flow table and state), `nat`
-//! (rewrites and checksums), `revnat` (reply translation), `stats`
-//! (per-CPU counters). This file holds only the entry point.
+//! - `parse` (headers, extension headers, fragments, ICMP errors),
+//!   `frag` (ports of later fragments);
+//! - `lb` (frontend lookup with NodePorts and scopes, backend selection
+//!   with session affinity), shared with the socket hooks (`sock`);
+//! - `conntrack` (flow-scoped state), `service` (forward path),
+//!   `revnat` (reply path), `icmp` (errors about service flows),
+//!   `reject` (refusals);
+//! - `nat` (rewrites and checksums), `route` (FIB lookup and redirect past
+//!   the host stack), `stats` (per-CPU counters per family), `csum`,
+//!   `family` (the IPv4/IPv6 split), `maps`.
+//!
+//! Programs:
+//! - `dsproxy_from_pod`: TC ingress of pod-facing interfaces (clients on
+//!   this node);
+//! - `dsproxy_from_device`: TC ingress of node devices (external clients,
+//!   replies from other nodes);
+//! - `dsproxy_egress`: TC egress of both (replies of flows the host stack
+//!   forwards, and ICMP errors about them).
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "the TC context travels by value to BPF subprograms: it is one pointer"
+)]
 
-mod backend;
 mod conntrack;
+mod csum;
 mod family;
+mod floor;
+mod frag;
+mod icmp;
+mod lb;
 mod maps;
 mod nat;
 mod parse;
 mod reject;
 mod revnat;
+mod route;
 mod service;
 mod stats;
+mod work;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use proxy_common::Stat;
+use proxy_common::{Stat, StatSlot};
 
 use crate::{
     family::{Family, V4, V6},
-    parse::{ETH_P_IP, ETH_P_IPV6, Pkt, Verdict},
+    parse::{ETH_P_IP, ETH_P_IPV6, Parsed, Verdict},
+    work::Work,
 };
 
 #[classifier]
-pub fn dsproxy_tc(ctx: TcContext) -> i32 {
-    match try_dsproxy_tc(&ctx) {
-        Ok(v) | Err(v) => v,
-    }
+pub fn dsproxy_from_pod(ctx: TcContext) -> i32 {
+    ingress::<false>(&ctx)
 }
 
-#[inline(always)]
-fn try_dsproxy_tc(ctx: &TcContext) -> Result<i32, i32> {
-    match parse::ethertype(ctx)? {
-        ETH_P_IP => Ok(handle_v4(TcContext::new(ctx.skb.skb))),
-        ETH_P_IPV6 => Ok(handle_v6(TcContext::new(ctx.skb.skb))),
-        _ => Err(pass(Stat::PassNotIp)),
-    }
-}
-
-// One BPF subprogram per family (`inline(never)`): the IPv4 and IPv6 paths
-// get stack frames of their own instead of adding up in the 512 bytes of
-// one. The context travels by value (it is one pointer).
-
-#[inline(never)]
-fn handle_v4(ctx: TcContext) -> i32 {
-    match parse::parse_v4(&ctx).and_then(|pkt| handle::<V4>(&ctx, &pkt)) {
-        Ok(v) | Err(v) => v,
-    }
-}
-
-#[inline(never)]
-fn handle_v6(ctx: TcContext) -> i32 {
-    match parse::parse_v6(&ctx).and_then(|pkt| handle::<V6>(&ctx, &pkt)) {
-        Ok(v) | Err(v) => v,
-    }
-}
-
-/// A packet to a frontend takes the forward path; anything else may be a
-/// reply of a tracked flow.
-#[inline(always)]
-fn handle<F: Family>(ctx: &TcContext, pkt: &Pkt<F::Addr>) -> Result<i32, i32> {
-    match service::lookup::<F>(pkt) {
-        Some(svc) => service::forward::<F>(ctx, pkt, &svc),
-        None => revnat::reverse::<F>(ctx, pkt),
-    }
-}
-
-/// Benchmark floor: parse the headers as `dsproxy_tc` does and make one
-/// hash lookup (the service map), nothing else. Never attached; `cargo
-/// xtask bench` reports the datapath's cost as a ratio to this.
 #[classifier]
-pub fn dsproxy_floor(ctx: TcContext) -> i32 {
+pub fn dsproxy_from_device(ctx: TcContext) -> i32 {
+    ingress::<true>(&ctx)
+}
+
+#[classifier]
+pub fn dsproxy_egress(ctx: TcContext) -> i32 {
     match parse::ethertype(&ctx) {
-        Ok(ETH_P_IP) => floor::<V4>(&ctx, parse::parse_v4(&ctx)),
-        Ok(ETH_P_IPV6) => floor::<V6>(&ctx, parse::parse_v6(&ctx)),
+        Ok(ETH_P_IP) => egress_v4(TcContext::new(ctx.skb.skb)),
+        Ok(ETH_P_IPV6) => egress_v6(TcContext::new(ctx.skb.skb)),
         Ok(_) | Err(_) => TC_ACT_OK,
     }
 }
 
 #[inline(always)]
-fn floor<F: Family>(_ctx: &TcContext, pkt: Result<Pkt<F::Addr>, i32>) -> i32 {
-    match pkt {
-        Ok(pkt) => match service::lookup::<F>(&pkt) {
-            // Use the result so the lookup is not optimised away.
-            Some(svc) if svc.count == u16::MAX => aya_ebpf::bindings::TC_ACT_SHOT,
-            _ => TC_ACT_OK,
-        },
-        Err(v) => v,
+fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Verdict {
+    match parse::ethertype(ctx) {
+        Ok(ETH_P_IP) => ingress_v4::<EXTERNAL>(TcContext::new(ctx.skb.skb)),
+        Ok(ETH_P_IPV6) => ingress_v6::<EXTERNAL>(TcContext::new(ctx.skb.skb)),
+        Ok(_) => stats::pass(StatSlot::Other, Stat::PassNotIp),
+        Err(stat) => stats::pass(StatSlot::Other, stat),
     }
 }
 
-/// Count `stat` and let the packet through untouched.
+// One BPF subprogram per family and hook (`inline(never)`); the packet's
+// working state lives in a per-CPU map (`work`), so frames stay small.
+
+#[inline(never)]
+fn ingress_v4<const EXTERNAL: bool>(ctx: TcContext) -> Verdict {
+    let Some(w) = V4::work() else { return TC_ACT_OK };
+    match parse::parse_v4(&ctx, w) {
+        Ok(p) => ingress_parsed::<V4, EXTERNAL>(ctx, w, p),
+        Err(stat) => stats::pass(StatSlot::V4, stat),
+    }
+}
+
+#[inline(never)]
+fn ingress_v6<const EXTERNAL: bool>(ctx: TcContext) -> Verdict {
+    let Some(w) = V6::work() else { return TC_ACT_OK };
+    match parse::parse_v6(&ctx, w) {
+        Ok(p) => ingress_parsed::<V6, EXTERNAL>(ctx, w, p),
+        Err(stat) => stats::pass(StatSlot::V6, stat),
+    }
+}
+
+/// A packet to a frontend takes the forward path; anything else may be a
+/// reply of a tracked flow, or an ICMP error about one.
 #[inline(always)]
-pub(crate) fn pass(stat: Stat) -> Verdict {
-    stats::count(stat);
-    TC_ACT_OK
+fn ingress_parsed<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, parsed: Parsed) -> Verdict {
+    if parsed == Parsed::IcmpErr {
+        return icmp::handle::<F, false>(ctx, w);
+    }
+    if let Err(stat) = frag::ports::<F>(&mut w.pkt) {
+        return stats::pass(F::SLOT, stat);
+    }
+    let (pkt, fe) = (&w.pkt, &mut w.fe);
+    if lb::lookup::<F>(fe, &pkt.daddr, pkt.l4.dport, pkt.l4.proto, !EXTERNAL) {
+        service::forward::<F, EXTERNAL>(ctx, w)
+    } else {
+        revnat::ingress::<F>(ctx, w)
+    }
+}
+
+#[inline(never)]
+fn egress_v4(ctx: TcContext) -> Verdict {
+    let Some(w) = V4::work() else { return TC_ACT_OK };
+    match parse::parse_v4(&ctx, w) {
+        Ok(p) => egress_parsed::<V4>(ctx, w, p),
+        Err(_) => TC_ACT_OK,
+    }
+}
+
+#[inline(never)]
+fn egress_v6(ctx: TcContext) -> Verdict {
+    let Some(w) = V6::work() else { return TC_ACT_OK };
+    match parse::parse_v6(&ctx, w) {
+        Ok(p) => egress_parsed::<V6>(ctx, w, p),
+        Err(_) => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn egress_parsed<F: Family>(ctx: TcContext, w: &mut Work<F>, parsed: Parsed) -> Verdict {
+    if parsed == Parsed::IcmpErr {
+        return icmp::handle::<F, true>(ctx, w);
+    }
+    if frag::ports::<F>(&mut w.pkt).is_err() {
+        return TC_ACT_OK;
+    }
+    revnat::egress::<F>(ctx, w)
 }
 
 #[cfg(not(test))]

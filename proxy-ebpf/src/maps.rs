@@ -1,13 +1,16 @@
 //! The datapath's maps. Names match `proxy_common::names` and are pinned by
 //! name under the agent's pin directory; capacities here are defaults that
-//! the agent overrides at load time.
+//! the agent overrides at load time (the table is `proxy_common::maps`).
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, FrontendName, RevNat4, RevNat6, Stat,
-    Svc4Key, Svc6Key, SvcValue, capacity,
+    AffMatchKey, AffinityKey, AffinityValue, Backend4, Backend6, CtFwd4, CtFwd6, CtKey4, CtKey6, CtRev4, CtRev6,
+    DatapathConfig, FragKey4, FragKey6, FragPorts, FrontendName, IfaceInfo, RevNat4, RevNat6, SockFwd4, SockFwd6,
+    SockKey4, SockKey6, SockRev4, SockRev6, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, StatSlot, Svc4Key, Svc6Key,
+    SvcValue, capacity,
 };
 
 // Service and backend tables are preallocated: an insert then takes an
@@ -22,31 +25,58 @@ pub static SVC6_V1: HashMap<Svc6Key, SvcValue> = HashMap::pinned(capacity::SVC, 
 pub static BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKEND, 0);
 #[map]
 pub static BACKEND6_V1: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKEND, 0);
-// Indexed by reverse-NAT id: an array lookup is inlined by the verifier.
+// Frontend by id: the agent's bookkeeping and `inspect`; no program reads it.
 #[map]
 pub static REVNAT4_V1: Array<RevNat4> = Array::pinned(capacity::REVNAT, 0);
 #[map]
 pub static REVNAT6_V1: Array<RevNat6> = Array::pinned(capacity::REVNAT, 0);
 // Conntrack is written per packet, so it is preallocated (LRU maps must be).
 #[map]
-pub static CT4_V1: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(capacity::CT, 0);
+pub static CT4_FWD_V2: LruHashMap<CtKey4, CtFwd4> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
-pub static CT6_V1: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(capacity::CT, 0);
+pub static CT4_REV_V2: LruHashMap<CtKey4, CtRev4> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
-pub static STATS_V1: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
-// Runtime settings (conntrack timeouts), written by the agent.
+pub static CT6_FWD_V2: LruHashMap<CtKey6, CtFwd6> = LruHashMap::pinned(capacity::CT, 0);
+#[map]
+pub static CT6_REV_V2: LruHashMap<CtKey6, CtRev6> = LruHashMap::pinned(capacity::CT, 0);
+// Ports of fragmented datagrams, from their first fragment.
+#[map]
+pub static FRAG4_V1: LruHashMap<FragKey4, FragPorts> = LruHashMap::pinned(capacity::FRAG, 0);
+#[map]
+pub static FRAG6_V1: LruHashMap<FragKey6, FragPorts> = LruHashMap::pinned(capacity::FRAG, 0);
+#[map]
+pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
+#[map]
+pub static AFFMATCH4_V1: HashMap<AffMatchKey, u8> = HashMap::pinned(capacity::BACKEND, 0);
+#[map]
+pub static AFFMATCH6_V1: HashMap<AffMatchKey, u8> = HashMap::pinned(capacity::BACKEND, 0);
+#[map]
+pub static SRCRANGE4_V1: LpmTrie<SrcRange4, u8> = LpmTrie::pinned(capacity::SRCRANGE, 0);
+#[map]
+pub static SRCRANGE6_V1: LpmTrie<SrcRange6, u8> = LpmTrie::pinned(capacity::SRCRANGE, 0);
+#[map]
+pub static NODEPORT4_V1: HashMap<[u8; 4], u8> = HashMap::pinned(capacity::NODEPORT, 0);
+#[map]
+pub static NODEPORT6_V1: HashMap<[u8; 16], u8> = HashMap::pinned(capacity::NODEPORT, 0);
+#[map]
+pub static SOCK4_FWD_V1: LruHashMap<SockKey4, SockFwd4> = LruHashMap::pinned(capacity::SOCK, 0);
+#[map]
+pub static SOCK4_REV_V1: LruHashMap<SockRevKey4, SockRev4> = LruHashMap::pinned(capacity::SOCK, 0);
+#[map]
+pub static SOCK6_FWD_V1: LruHashMap<SockKey6, SockFwd6> = LruHashMap::pinned(capacity::SOCK, 0);
+#[map]
+pub static SOCK6_REV_V1: LruHashMap<SockRevKey6, SockRev6> = LruHashMap::pinned(capacity::SOCK, 0);
+#[map]
+pub static IFACES_V1: HashMap<u32, IfaceInfo> = HashMap::pinned(capacity::IFACES, 0);
+#[map]
+pub static STATS_V2: PerCpuArray<u64> = PerCpuArray::pinned(StatSlot::ENTRIES, 0);
+// Runtime settings (conntrack timeouts, masquerade addresses), written by the agent.
 #[map]
 pub static CONFIG_V1: Array<DatapathConfig> = Array::pinned(1, 0);
 // Service port names by reverse-NAT id, for the agent's restart and
 // `dsproxy inspect`; no program reads them. Not preallocated: they take
 // memory for the frontends that exist only (BPF_F_NO_PREALLOC).
 #[map]
-pub static NAMES4_V1: HashMap<u32, FrontendName> =
-    HashMap::pinned(capacity::REVNAT, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+pub static NAMES4_V1: HashMap<u32, FrontendName> = HashMap::pinned(capacity::REVNAT, BPF_F_NO_PREALLOC);
 #[map]
-pub static NAMES6_V1: HashMap<u32, FrontendName> =
-    HashMap::pinned(capacity::REVNAT, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
-// Per-CPU scratch space for composing TCP RST and ICMP answers
-// (`reject.rs`); not pinned, it holds no state between packets.
-#[map]
-pub static SCRATCH_V1: PerCpuArray<crate::reject::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static NAMES6_V1: HashMap<u32, FrontendName> = HashMap::pinned(capacity::REVNAT, BPF_F_NO_PREALLOC);

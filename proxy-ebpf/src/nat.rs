@@ -1,31 +1,56 @@
-//! Address and port rewrites with incremental checksum updates, only through
-//! the kernel helpers: they also handle `CHECKSUM_PARTIAL` skbs from local
-//! sockets, where the TCP/UDP checksum field holds only the pseudo-header sum.
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
-    programs::TcContext,
-};
-use proxy_common::{IPPROTO_UDP, Stat};
+//! Address and port rewrites with incremental checksum updates through the
+//! kernel helpers: they also handle `CHECKSUM_PARTIAL` skbs from local
+//! sockets (the TCP/UDP checksum field then holds only the pseudo-header
+//! sum) and keep `skb->csum` right for `CHECKSUM_COMPLETE` ones.
+use aya_ebpf::programs::TcContext;
+use proxy_common::{IPPROTO_UDP, StatSlot};
 
 use crate::{
-    parse::{IP4_CSUM_OFF, IP4_DADDR_OFF, IP4_SADDR_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF, L4, Verdict},
-    stats,
+    csum,
+    parse::{
+        IP4_CSUM_OFF, IP4_DADDR_OFF, IP4_SADDR_OFF, IP4_TTL_OFF, IP6_DADDR_OFF, IP6_HOP_LIMIT_OFF, IP6_SADDR_OFF, L4,
+        Verdict, read,
+    },
+    stats::{drop_rewrite, passing},
 };
 
+/// Flags of `bpf_l3_csum_replace` / `bpf_l4_csum_replace`. The low four
+/// bits give the size of the field replaced (2 or 4 bytes), or 0 when `to`
+/// is a checksum difference.
+mod csum_flags {
+    pub const DIFF: u64 = 0;
+    pub const SIZE_2: u64 = 2;
+    pub const SIZE_4: u64 = 4;
+    /// The field is part of the pseudo-header (an IP address).
+    pub const PSEUDO_HDR: u64 = 1 << 4;
+    /// UDP over IPv4: a checksum of 0 means none and stays 0; a computed
+    /// 0 becomes 0xffff.
+    pub const MARK_MANGLED_0: u64 = 1 << 5;
+    /// The pseudo-header is IPv6's: `skb->csum` of a `CHECKSUM_COMPLETE`
+    /// skb needs no adjustment (Linux 6.16).
+    pub const IPV6: u64 = 1 << 7;
+}
+
 /// Which end of the packet to rewrite.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum End {
     Src,
     Dst,
 }
 
-/// Flags for `l4_csum_replace`, computed once per protocol. A UDP checksum
-/// of 0 means "none" on IPv4: `BPF_F_MARK_MANGLED_0` leaves it at 0 and
-/// turns a computed 0 into 0xffff.
+/// A rewrite: the address and port there now, and what replaces them
+/// (addresses by reference, ports in network byte order).
+pub struct Ends<'a, A> {
+    pub old: &'a A,
+    pub old_port: u16,
+    pub new: &'a A,
+    pub new_port: u16,
+}
+
+/// Flags for `l4_csum_replace`, by protocol.
 #[inline(always)]
 fn l4_flags(l4: &L4) -> u64 {
-    if l4.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 }
+    if l4.proto == IPPROTO_UDP { csum_flags::MARK_MANGLED_0 } else { 0 }
 }
 
 #[inline(always)]
@@ -36,78 +61,93 @@ fn port_off(l4: &L4, end: End) -> usize {
     }
 }
 
-/// A helper failed: the packet may be half rewritten, so it must not leave.
-#[inline(always)]
-fn drop_rewrite<E>(_: E) -> Verdict {
-    stats::count(Stat::DropRewrite);
-    aya_ebpf::bindings::TC_ACT_SHOT
-}
-
 /// Rewrite the port at `end`, fixing the L4 checksum.
 #[inline(always)]
-fn rewrite_port(ctx: &TcContext, l4: &L4, end: End, old: u16, new: u16) -> Result<(), Verdict> {
-    if old == new {
+fn rewrite_port(ctx: &TcContext, l4: &L4, end: End, old: u16, new: u16, slot: StatSlot) -> Result<(), Verdict> {
+    if old == new || !l4.has_hdr {
         return Ok(());
     }
-    ctx.l4_csum_replace(l4.csum_off, u64::from(old), u64::from(new), l4_flags(l4) | 2).map_err(drop_rewrite)?;
-    ctx.store(port_off(l4, end), &new, 0).map_err(drop_rewrite)
+    ctx.l4_csum_replace(l4.csum_off, u64::from(old), u64::from(new), l4_flags(l4) | csum_flags::SIZE_2)
+        .map_err(drop_rewrite(slot))?;
+    ctx.store(port_off(l4, end), &new, 0).map_err(drop_rewrite(slot))
 }
 
-/// Rewrite the IPv4 address and port at `end`.
+/// Rewrite the IPv4 address and port at `end`. A later fragment has no
+/// transport header: only the address and the IP checksum change.
 #[inline(always)]
-pub fn rewrite_v4(ctx: &TcContext, l4: &L4, end: End, old: ([u8; 4], u16), new: ([u8; 4], u16)) -> Result<(), Verdict> {
-    let (old_addr, new_addr) = (u32::from_ne_bytes(old.0), u32::from_ne_bytes(new.0));
+pub fn rewrite_v4(ctx: &TcContext, l4: &L4, end: End, e: Ends<'_, [u8; 4]>) -> Result<(), Verdict> {
+    const SLOT: StatSlot = StatSlot::V4;
+    let (old_addr, new_addr) = (u32::from_ne_bytes(*e.old), u32::from_ne_bytes(*e.new));
     let addr_off = match end {
         End::Src => IP4_SADDR_OFF,
         End::Dst => IP4_DADDR_OFF,
     };
-    ctx.l4_csum_replace(
-        l4.csum_off,
-        u64::from(old_addr),
-        u64::from(new_addr),
-        l4_flags(l4) | u64::from(BPF_F_PSEUDO_HDR) | 4,
-    )
-    .map_err(drop_rewrite)?;
-    rewrite_port(ctx, l4, end, old.1, new.1)?;
-    ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4).map_err(drop_rewrite)?;
-    ctx.store(addr_off, &new.0, 0).map_err(drop_rewrite)
+    if old_addr != new_addr {
+        if l4.has_hdr {
+            let flags = l4_flags(l4) | csum_flags::PSEUDO_HDR | csum_flags::SIZE_4;
+            ctx.l4_csum_replace(l4.csum_off, u64::from(old_addr), u64::from(new_addr), flags)
+                .map_err(drop_rewrite(SLOT))?;
+        }
+        ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), csum_flags::SIZE_4)
+            .map_err(drop_rewrite(SLOT))?;
+        ctx.store(addr_off, e.new, 0).map_err(drop_rewrite(SLOT))?;
+    }
+    rewrite_port(ctx, l4, end, e.old_port, e.new_port, SLOT)
 }
 
-/// Rewrite the IPv6 address and port at `end`. IPv6 has no header checksum;
-/// the address change enters the L4 checksum through the pseudo-header.
+/// Rewrite the IPv6 address and port at `end`. IPv6 has no header
+/// checksum; the address change enters the L4 checksum through the
+/// pseudo-header.
 #[inline(always)]
-pub fn rewrite_v6(
-    ctx: &TcContext,
-    l4: &L4,
-    end: End,
-    old: ([u8; 16], u16),
-    new: ([u8; 16], u16),
-) -> Result<(), Verdict> {
+pub fn rewrite_v6(ctx: &TcContext, l4: &L4, end: End, e: Ends<'_, [u8; 16]>) -> Result<(), Verdict> {
+    const SLOT: StatSlot = StatSlot::V6;
     let addr_off = match end {
         End::Src => IP6_SADDR_OFF,
         End::Dst => IP6_DADDR_OFF,
     };
-    // bpf_csum_diff wants 4-byte words on the stack.
-    let mut from: [u32; 4] = words(&old.0);
-    let mut to: [u32; 4] = words(&new.0);
-    // SAFETY: both buffers are 16 bytes on this stack frame, as the sizes say.
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
-    if diff < 0 {
-        return Err(drop_rewrite(diff));
+    if e.old != e.new {
+        if l4.has_hdr {
+            let mut diff = csum::Sum::default();
+            diff.replace(e.old, e.new).map_err(drop_rewrite(SLOT))?;
+            let flags = l4_flags(l4) | csum_flags::PSEUDO_HDR | csum_flags::DIFF;
+            if ctx.l4_csum_replace(l4.csum_off, 0, diff.as_diff(), flags | csum_flags::IPV6).is_err() {
+                // Kernels before 6.16 refuse BPF_F_IPV6; there the
+                // pseudo-header flag alone is right for every skb but
+                // CHECKSUM_COMPLETE ones, which veth does not produce.
+                ctx.l4_csum_replace(l4.csum_off, 0, diff.as_diff(), flags).map_err(drop_rewrite(SLOT))?;
+            }
+        }
+        ctx.store(addr_off, e.new, 0).map_err(drop_rewrite(SLOT))?;
     }
-    // size 0: `to` is a checksum difference, not a value.
-    ctx.l4_csum_replace(l4.csum_off, 0, diff as u64, l4_flags(l4) | u64::from(BPF_F_PSEUDO_HDR))
-        .map_err(drop_rewrite)?;
-    rewrite_port(ctx, l4, end, old.1, new.1)?;
-    ctx.store(addr_off, &new.0, 0).map_err(drop_rewrite)
+    rewrite_port(ctx, l4, end, e.old_port, e.new_port, SLOT)
 }
 
+/// Decrement the IPv4 TTL and fix the header checksum; `false` when the
+/// packet must not be forwarded (TTL 1 or 0: the host stack answers).
 #[inline(always)]
-fn words(addr: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
-        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
-        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
-        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
-    ]
+pub fn decrement_ttl_v4(ctx: &TcContext) -> Result<bool, Verdict> {
+    const SLOT: StatSlot = StatSlot::V4;
+    // TTL and protocol form one 16-bit word of the header checksum.
+    let word = read::<[u8; 2]>(ctx, IP4_TTL_OFF).map_err(passing(SLOT))?;
+    if word[0] <= 1 {
+        return Ok(false);
+    }
+    let new = [word[0] - 1, word[1]];
+    let (from, to) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
+    ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(from), u64::from(to), csum_flags::SIZE_2)
+        .map_err(drop_rewrite(SLOT))?;
+    ctx.store(IP4_TTL_OFF, &new[0], 0).map_err(drop_rewrite(SLOT))?;
+    Ok(true)
+}
+
+/// Decrement the IPv6 hop limit; `false` when it would reach zero.
+#[inline(always)]
+pub fn decrement_ttl_v6(ctx: &TcContext) -> Result<bool, Verdict> {
+    const SLOT: StatSlot = StatSlot::V6;
+    let hops = read::<u8>(ctx, IP6_HOP_LIMIT_OFF).map_err(passing(SLOT))?;
+    if hops <= 1 {
+        return Ok(false);
+    }
+    ctx.store(IP6_HOP_LIMIT_OFF, &(hops - 1), 0).map_err(drop_rewrite(SLOT))?;
+    Ok(true)
 }

@@ -1,37 +1,74 @@
-//! Reverse path: replies from a backend are rewritten back to the service
-//! address and port the client connected to.
+//! The reply path: packets from a backend back to its client are rewritten
+//! to come from the address the client connected to (and to go to the
+//! client again when its source was translated).
+//!
+//! Where it happens depends on how the flow travels (`ct_flags::BYPASS`):
+//! - a flow redirected past the host stack is translated at TC ingress of
+//!   the backend's interface and redirected to the client;
+//! - a flow the host stack forwards is translated at TC egress towards the
+//!   client, after netfilter, reverse-path filtering and any masquerade
+//!   saw one consistent tuple both ways (client <-> backend).
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use proxy_common::{CT_DIR_FORWARD, CT_DIR_REVERSE, Stat};
+use proxy_common::{CtKey, Stat, ct_flags};
 
 use crate::{
-    conntrack,
+    conntrack::{self, Rev},
     family::Family,
-    nat::End,
-    parse::{Pkt, Verdict},
-    pass, stats,
+    nat::{End, Ends},
+    parse::Verdict,
+    route, stats,
+    work::Work,
 };
 
-#[inline(always)]
-pub fn reverse<F: Family>(ctx: &TcContext, pkt: &Pkt<F::Addr>) -> Result<Verdict, Verdict> {
-    let l4 = &pkt.l4;
-    let rkey = F::ct_key(pkt.src(), pkt.dst(), l4.proto, CT_DIR_REVERSE);
-    let Some(rptr) = F::ct_get(&rkey) else {
-        return Ok(pass(Stat::PassNoService));
-    };
-    // SAFETY: pointer from a successful lookup, valid for this run (RCU).
-    let rev_nat_id = F::ct_ref(unsafe { &mut *rptr }).rev_nat_id;
-    let Some(vip) = F::revnat(rev_nat_id) else {
-        return Ok(pass(Stat::PassStaleRevNat));
-    };
-    // The forward entry holds the flow's state: a reply refreshes it, so a
-    // flow where only the backend talks stays on its backend.
-    let fkey = F::ct_key(pkt.dst(), vip, l4.proto, CT_DIR_FORWARD);
-    if let Some(fptr) = F::ct_get(&fkey) {
-        // SAFETY: as above.
-        let mut ct = F::ct_ref(unsafe { &mut *fptr });
-        conntrack::touch(&mut ct, l4, true, conntrack::now());
+/// Reply translation at TC ingress: flows that bypass the host stack.
+#[inline(never)]
+pub fn ingress<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
+    let ctx = &ctx;
+    w.key = CtKey::new(w.pkt.src(), w.pkt.dst(), w.pkt.l4.proto);
+    match conntrack::lookup_rev::<F>(w, true) {
+        Rev::None => stats::pass(F::SLOT, Stat::PassNoService),
+        Rev::Stale => stats::pass(F::SLOT, Stat::PassStaleRevNat),
+        Rev::Hit => {
+            if w.flow.flags & ct_flags::BYPASS == 0 {
+                // The host stack forwards this flow: egress translates.
+                return stats::pass(F::SLOT, Stat::Stack);
+            }
+            if let Err(v) = translate::<F>(ctx, w) {
+                return v;
+            }
+            stats::count(F::SLOT, Stat::RevNat);
+            let (src, dst) = (w.back.frontend, w.back.client);
+            let fib = F::fib(ctx, w, src, dst, route::ingress_ifindex(ctx));
+            route::deliver::<F>(ctx, w, fib)
+        }
     }
-    F::rewrite(ctx, l4, End::Src, pkt.src(), vip)?;
-    stats::count(Stat::RevNat);
-    Ok(TC_ACT_OK)
+}
+
+/// Reply translation at TC egress: flows the host stack forwards.
+#[inline(never)]
+pub fn egress<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
+    w.key = CtKey::new(w.pkt.src(), w.pkt.dst(), w.pkt.l4.proto);
+    if conntrack::lookup_rev::<F>(w, true) == Rev::Hit && w.flow.flags & ct_flags::BYPASS == 0 {
+        if let Err(v) = translate::<F>(&ctx, w) {
+            return v;
+        }
+        stats::count(F::SLOT, Stat::RevNat);
+    }
+    // Everything else on its way out is not ours to touch (and not counted:
+    // egress sees every packet the node sends).
+    TC_ACT_OK
+}
+
+/// Rewrite the reply in `w.pkt` to what the client of `w.back` expects.
+#[inline(always)]
+fn translate<F: Family>(ctx: &TcContext, w: &Work<F>) -> Result<(), Verdict> {
+    let (pkt, back) = (&w.pkt, &w.back);
+    let l4 = &pkt.l4;
+    let src = Ends { old: &pkt.saddr, old_port: l4.sport, new: &back.frontend, new_port: back.frontend_port };
+    F::rewrite(ctx, l4, End::Src, src)?;
+    if w.flow.flags & ct_flags::SNAT != 0 {
+        let dst = Ends { old: &pkt.daddr, old_port: l4.dport, new: &back.client, new_port: back.client_port };
+        F::rewrite(ctx, l4, End::Dst, dst)?;
+    }
+    Ok(())
 }

@@ -1,40 +1,163 @@
-//! Service lookup and the forward path: packets addressed to a frontend.
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use proxy_common::{Stat, SvcValue};
+//! The forward path: packets addressed to a frontend, from a client on this
+//! node (`EXTERNAL == false`: a pod interface) or from outside (a node
+//! device).
+//!
+//! A live flow keeps its backend. A new one gets a backend (session
+//! affinity first), a source translation when the backend would otherwise
+//! not answer through us (a pod reaching its own Service: hairpin; an
+//! external client of an externalTrafficPolicy Cluster frontend:
+//! masquerade to the node's address), its conntrack entries, and a delivery
+//! mode: past the host stack when the route to the backend leaves by one
+//! of our interfaces, through it otherwise.
+use aya_ebpf::programs::TcContext;
+use proxy_common::{CtKey, Stat, ct_flags, svc_flags};
 
 use crate::{
-    backend,
-    conntrack::{self, Forward},
-    family::Family,
-    nat::End,
-    parse::{Pkt, Verdict},
-    stats,
+    conntrack::{self, Fwd},
+    family::{Family, Flow},
+    lb::{self, Client},
+    nat::{End, Ends},
+    parse::Verdict,
+    route, stats,
+    work::Work,
 };
 
-/// The frontend (slot 0) the packet is addressed to, if any.
+/// DNAT (and SNAT) the packet in `w.pkt`, addressed to frontend `w.fe`.
+/// The established and the new-flow paths are subprograms of their own,
+/// side by side: their stack frames never add up.
 #[inline(always)]
-pub fn lookup<F: Family>(pkt: &Pkt<F::Addr>) -> Option<SvcValue> {
-    F::svc_get(&F::svc_key(pkt.daddr, pkt.l4.dport, pkt.l4.proto, 0))
+pub fn forward<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
+    match conntrack::lookup_fwd::<F>(w, conntrack::now()) {
+        Fwd::Hit => established::<F>(ctx, w),
+        Fwd::Miss { stale } => new_flow::<F, EXTERNAL>(ctx, w, stale),
+    }
 }
 
-/// DNAT a packet addressed to frontend `svc` to the flow's backend, picking
-/// one for a new flow.
-#[inline(always)]
-pub fn forward<F: Family>(ctx: &TcContext, pkt: &Pkt<F::Addr>, svc: &SvcValue) -> Result<Verdict, Verdict> {
+/// A packet of a live flow (in `w.flow`).
+#[inline(never)]
+fn established<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
+    if let Err(v) = translate::<F>(&ctx, w) {
+        return v;
+    }
+    stats::count(F::SLOT, Stat::DnatEstablished);
+    send::<F>(&ctx, w)
+}
+
+#[inline(never)]
+fn new_flow<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, stale: bool) -> Verdict {
+    let ctx = &ctx;
     let now = conntrack::now();
-    let (backend, stat) = match conntrack::lookup_forward::<F>(pkt, now) {
-        Forward::Hit(backend) => (backend, Stat::DnatEstablished),
-        Forward::Miss { stale } => {
-            let Some((id, backend)) = backend::select::<F>(pkt.dst(), pkt.l4.proto, svc) else {
-                // No backend of this family (never borrow one of the
-                // other): refuse, as kube-proxy's REJECT rules do.
-                return Ok(F::reject(ctx, pkt));
-            };
-            let backend = conntrack::create::<F>(pkt, id, backend, svc.rev_nat_id, stale, now);
-            (backend, Stat::DnatNew)
-        }
+    let l4 = w.pkt.l4;
+    if !l4.has_hdr {
+        // A later fragment cannot open a flow.
+        return stats::pass(F::SLOT, Stat::PassFragment);
+    }
+    if l4.is_tcp() && !l4.is_syn() {
+        // Not an opening segment and no flow of ours: a connection another
+        // proxy (kube-proxy's netfilter DNAT) set up before dsproxy. The
+        // host stack still knows it; leave it alone so it keeps working.
+        return stats::pass(F::SLOT, Stat::PassTakeover);
+    }
+    let svc = w.fe.svc;
+    if svc.flags & svc_flags::SOURCE_RANGES != 0 && !F::in_source_range(svc.rev_nat_id, w.pkt.saddr) {
+        return stats::drop(F::SLOT, Stat::DropSourceRange);
+    }
+    let Some(chosen) = lb::select::<F>(&w.fe, Client::Addr(w.pkt.saddr), now) else {
+        return empty::<F>(ctx, w);
     };
-    F::rewrite(ctx, &pkt.l4, End::Dst, pkt.dst(), backend)?;
-    stats::count(stat);
-    Ok(TC_ACT_OK)
+    let mut flags = if EXTERNAL { ct_flags::EXTERNAL } else { 0 };
+    let mut nat = w.pkt.src();
+    if chosen.backend.0 == w.pkt.saddr {
+        // A pod reaching its own Service: a packet from its own address
+        // would be dropped as martian, so it comes from the address it
+        // connected to (kube-proxy masquerades hairpin traffic; Cilium uses
+        // a loopback address).
+        flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
+        nat.0 = w.pkt.daddr;
+    } else if EXTERNAL
+        && svc.flags & svc_flags::EXTERNAL_LOCAL == 0
+        && let Some(node) = F::node_addr(&conntrack::config())
+    {
+        // externalTrafficPolicy Cluster: the backend answers the node,
+        // which answers the client.
+        flags |= ct_flags::SNAT;
+        nat.0 = node;
+    }
+    if flags & ct_flags::SNAT != 0 {
+        match conntrack::snat_port::<F>(w, chosen.backend, nat.0, nat.1) {
+            Some(port) => nat.1 = port,
+            None => return stats::drop(F::SLOT, Stat::SnatNoPort),
+        }
+    }
+    let fib = F::fib(ctx, w, nat.0, chosen.backend.0, route::ingress_ifindex(ctx));
+    if fib.ours().is_some() {
+        flags |= ct_flags::BYPASS;
+    }
+    w.flow = Flow {
+        expires: 0,
+        backend_id: chosen.id,
+        frontend_id: svc.rev_nat_id,
+        backend: chosen.backend.0,
+        backend_port: chosen.backend.1,
+        nat: nat.0,
+        nat_port: nat.1,
+        state: 0,
+        flags,
+        _pad: [0; 2],
+    };
+    w.key = CtKey::new(w.pkt.src(), w.pkt.dst(), l4.proto);
+    conntrack::create::<F>(w, stale, now);
+    if let Err(v) = translate::<F>(ctx, w) {
+        return v;
+    }
+    stats::count(F::SLOT, Stat::DnatNew);
+    if w.flow.flags & ct_flags::HAIRPIN != 0 {
+        stats::count(F::SLOT, Stat::Hairpin);
+    }
+    let ours = w.flow.flags == flags && w.flow.backend == chosen.backend.0 && w.flow.nat == nat.0;
+    if ours && flags & ct_flags::BYPASS != 0 {
+        // The route found above still holds.
+        route::deliver::<F>(ctx, w, fib)
+    } else {
+        send::<F>(ctx, w)
+    }
+}
+
+/// Rewrite the client's packet in `w.pkt` to what the backend of `w.flow`
+/// must see.
+#[inline(always)]
+fn translate<F: Family>(ctx: &TcContext, w: &Work<F>) -> Result<(), Verdict> {
+    let (pkt, flow) = (&w.pkt, &w.flow);
+    let l4 = &pkt.l4;
+    let dst = Ends { old: &pkt.daddr, old_port: l4.dport, new: &flow.backend, new_port: flow.backend_port };
+    F::rewrite(ctx, l4, End::Dst, dst)?;
+    if flow.flags & ct_flags::SNAT != 0 {
+        let src = Ends { old: &pkt.saddr, old_port: l4.sport, new: &flow.nat, new_port: flow.nat_port };
+        F::rewrite(ctx, l4, End::Src, src)?;
+    }
+    Ok(())
+}
+
+/// Deliver a translated packet of `w.flow` the way the flow travels.
+#[inline(always)]
+fn send<F: Family>(ctx: &TcContext, w: &mut Work<F>) -> Verdict {
+    if w.flow.flags & ct_flags::BYPASS == 0 {
+        return stats::pass(F::SLOT, Stat::Stack);
+    }
+    let (src, dst) = (w.flow.nat, w.flow.backend);
+    let fib = F::fib(ctx, w, src, dst, route::ingress_ifindex(ctx));
+    route::deliver::<F>(ctx, w, fib)
+}
+
+/// A frontend without a usable backend: refuse (no endpoint anywhere), or
+/// drop (a Local policy and none on this node, so a load balancer retries
+/// elsewhere).
+#[inline(always)]
+fn empty<F: Family>(ctx: &TcContext, w: &Work<F>) -> Verdict {
+    if w.fe.svc.flags & svc_flags::DROP_WHEN_EMPTY != 0 {
+        return stats::drop(F::SLOT, Stat::DropNoLocalBackend);
+    }
+    // No backend of this family (never borrow one of the other): refuse,
+    // as kube-proxy's REJECT rules do.
+    F::reject(ctx, w)
 }

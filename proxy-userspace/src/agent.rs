@@ -31,7 +31,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub source: SourceConfig,
-    pub attach: String,
+    /// Interfaces to attach to, and their roles.
+    pub attach: attach::Selection,
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
     /// Where /healthz and /livez are served (`None`: nowhere).
@@ -208,6 +209,23 @@ fn refresh_interfaces(host: &mut model::HostAddresses) -> bool {
     }
 }
 
+/// Load (or reuse) the pinned datapath, write its settings, read back what
+/// a previous run programmed.
+fn load_datapath(cfg: &RunConfig) -> anyhow::Result<(aya::Ebpf, Maps, Programmed)> {
+    let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
+    maps.set_config(&cfg.datapath)?;
+    let programmed = maps.read_back().context("reading pinned state back")?;
+    for (name, verified, xlated) in attach::program_sizes(&mut ebpf)? {
+        log::info!("program {name}: {verified} instructions verified, {xlated} after translation");
+    }
+    log::info!(
+        "datapath loaded, pins at {}; restored {} frontends from pinned maps",
+        cfg.pin_dir.display(),
+        programmed.frontends.len()
+    );
+    Ok((ebpf, maps, programmed))
+}
+
 /// `dsproxy run`.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // What can fail without touching the kernel fails first.
@@ -216,16 +234,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     attach::check_bpffs(&cfg.pin_dir)?;
     let listeners = Listeners::bind(cfg.healthz_bind, cfg.metrics_bind).await?;
     let mut model_cfg = model_config(&cfg).await?;
-    let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
-    maps.set_config(&cfg.datapath)?;
-    let programmed = maps.read_back().context("reading pinned state back")?;
-    let (verified, xlated) = attach::program_size(&mut ebpf)?;
-    log::info!("program {}: {verified} instructions verified, {xlated} after translation", proxy_common::PROGRAM_NAME);
-    log::info!(
-        "datapath loaded, pins at {}; restored {} frontends from pinned maps",
-        cfg.pin_dir.display(),
-        programmed.frontends.len()
-    );
+    let (mut ebpf, maps, programmed) = load_datapath(&cfg)?;
     // /metrics reads the kernel's counters through a handle of its own.
     let scrape = match cfg.metrics_bind {
         Some(_) => Some(Maps::open_pinned(&cfg.pin_dir.join("maps"))?),
@@ -262,7 +271,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let first = agent.sync(&model_cfg);
 
     let mut attached = Vec::new();
-    attach_new(&mut ebpf, &cfg, &mut attached).context("attaching the datapath")?;
+    reattach(&mut ebpf, &mut agent.maps, &cfg, &mut attached).context("attaching the datapath")?;
+    if attached.is_empty() {
+        // Not an error: a node without pods yet. The interfaces are watched.
+        log::info!("no interface matches ({}) yet; waiting for one", cfg.attach.describe());
+    }
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -290,7 +303,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 pending = true;
             }
             _ = tick.tick() => {
-                if let Err(e) = attach_new(&mut ebpf, &cfg, &mut attached) {
+                if let Err(e) = reattach(&mut ebpf, &mut agent.maps, &cfg, &mut attached) {
                     log::error!("attaching: {e}");
                 }
                 if refresh_interfaces(&mut model_cfg.host) {
@@ -327,16 +340,22 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Attach to interfaces matching the glob that appeared since last time.
-fn attach_new(ebpf: &mut aya::Ebpf, cfg: &RunConfig, attached: &mut Vec<String>) -> attach::Result<()> {
-    // Forget interfaces that are gone, so a recreated one is attached again.
-    let present = attach::interfaces()?;
-    attached.retain(|i| present.contains(i));
-    let (new, errors) = attach::attach_matching(ebpf, &cfg.pin_dir, &cfg.attach, attached)?;
-    for iface in new {
-        log::info!("attached to {iface} (tcx ingress)");
+/// Attach to interfaces that appeared since last time, let go of the ones
+/// that are gone; log every change.
+fn reattach(
+    ebpf: &mut aya::Ebpf,
+    maps: &mut Maps,
+    cfg: &RunConfig,
+    attached: &mut Vec<attach::Attached>,
+) -> attach::Result<()> {
+    let changes = attach::reconcile(ebpf, maps, &cfg.pin_dir, &cfg.attach, attached)?;
+    for a in &changes.attached {
+        log::info!("attached to {} (ifindex {}, {}; tcx ingress and egress)", a.name, a.ifindex, a.role.name());
     }
-    for e in errors {
+    for a in &changes.gone {
+        log::info!("interface {} (ifindex {}) is gone; its links and pins are removed", a.name, a.ifindex);
+    }
+    for e in changes.errors {
         log::error!("{e}");
     }
     Ok(())

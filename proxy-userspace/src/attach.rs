@@ -3,10 +3,17 @@
 //! Layout under the pin directory (a bpffs):
 //! - `maps/<NAME>`: every map, pinned by name; a new agent reuses them, so
 //!   conntrack and service state survive restarts;
-//! - `links/<ifname>`: one TCX ingress link per interface; it keeps the
-//!   program attached after the agent exits. A restarted agent swaps its
-//!   freshly loaded program into the existing link atomically
-//!   (`BPF_LINK_UPDATE`), so no packet sees a detached interface.
+//! - `links/ingress/<ifname>`, `links/egress/<ifname>`: the TCX links of
+//!   each attached interface (a `.` in the name is written `%2e`: bpffs
+//!   refuses dots); they keep the programs attached after the agent exits. A restarted agent swaps its freshly loaded programs into
+//!   the existing links atomically (`BPF_LINK_UPDATE`), so no packet sees a
+//!   detached interface. Pins follow interfaces: an interface that goes
+//!   away takes its pins (and its `IFACES` entry) with it.
+//!
+//! Interfaces come in two roles: pod-facing ones (`--attach`), whose
+//! clients are on this node, and node devices (`--devices`), the uplinks to
+//! other nodes and external clients. Each gets the ingress program of its
+//! role and the common egress program.
 use std::{
     ffi::CStr,
     fs, io,
@@ -21,7 +28,7 @@ use aya::{
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use proxy_common::{PROGRAM_NAME, Sizing, maps as spec};
+use proxy_common::{Sizing, iface_role, maps as spec, programs};
 
 use crate::maps::{self, Maps};
 
@@ -46,8 +53,8 @@ pub enum Error {
     Io { op: &'static str, path: PathBuf, source: io::Error },
     #[error("loading the datapath: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("program {PROGRAM_NAME}: {op}: {source}")]
-    Program { op: &'static str, source: aya::programs::ProgramError },
+    #[error("program {name}: {op}: {source}")]
+    Program { name: &'static str, op: &'static str, source: aya::programs::ProgramError },
     #[error("interface {iface}: {op}: {source}")]
     Attach { iface: String, op: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
     #[error("no interface matches {glob:?} in this network namespace")]
@@ -65,12 +72,21 @@ pub struct Capacities {
     pub backend: u32,
     pub revnat: u32,
     pub ct: u32,
+    pub affinity: u32,
+    pub sock: u32,
 }
 
 impl Default for Capacities {
     fn default() -> Self {
         let d = Sizing::default_capacity;
-        Self { svc: d(Sizing::Svc), backend: d(Sizing::Backend), revnat: d(Sizing::RevNat), ct: d(Sizing::Ct) }
+        Self {
+            svc: d(Sizing::Svc),
+            backend: d(Sizing::Backend),
+            revnat: d(Sizing::RevNat),
+            ct: d(Sizing::Ct),
+            affinity: d(Sizing::Affinity),
+            sock: d(Sizing::Sock),
+        }
     }
 }
 
@@ -82,6 +98,8 @@ impl Capacities {
             Sizing::Backend => Some(self.backend),
             Sizing::RevNat => Some(self.revnat),
             Sizing::Ct => Some(self.ct),
+            Sizing::Affinity => Some(self.affinity),
+            Sizing::Sock => Some(self.sock),
             Sizing::Fixed => None,
         }
     }
@@ -120,8 +138,76 @@ fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
 }
 
+/// What an attached interface faces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The host side of a pod's interface: clients here are on this node.
+    Pod,
+    /// A node device (uplink): other nodes and external clients.
+    Device,
+}
+
+impl Role {
+    /// The TC ingress program of this role.
+    pub const fn program(self) -> &'static str {
+        match self {
+            Role::Pod => programs::FROM_POD,
+            Role::Device => programs::FROM_DEVICE,
+        }
+    }
+
+    /// The datapath's `iface_role` number.
+    pub const fn number(self) -> u32 {
+        match self {
+            Role::Pod => iface_role::POD,
+            Role::Device => iface_role::DEVICE,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Role::Pod => "pod",
+            Role::Device => "device",
+        }
+    }
+}
+
+/// Which interfaces to attach to, by name (shell globs, commas separate
+/// alternatives).
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// Pod-facing interfaces.
+    pub pods: String,
+    /// Node devices.
+    pub devices: Option<String>,
+}
+
+impl Selection {
+    /// The role of interface `name`, if it is selected (pods win a tie).
+    pub fn role(&self, name: &str) -> Option<Role> {
+        if glob_match(&self.pods, name) {
+            Some(Role::Pod)
+        } else if self.devices.as_deref().is_some_and(|d| glob_match(d, name)) {
+            Some(Role::Device)
+        } else {
+            None
+        }
+    }
+
+    /// The globs, for messages.
+    pub fn describe(&self) -> String {
+        match &self.devices {
+            Some(d) => format!("pods {:?}, devices {d:?}", self.pods),
+            None => format!("pods {:?}", self.pods),
+        }
+    }
+}
+
+/// The TC programs, by name.
+const TC_PROGRAMS: [&str; 3] = [programs::FROM_POD, programs::FROM_DEVICE, programs::EGRESS];
+
 /// Load the datapath with its maps pinned under `pin_dir` (reusing maps
-/// already pinned there) and the program loaded into the kernel.
+/// already pinned there) and its programs loaded into the kernel.
 pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<(Ebpf, Maps)> {
     check_bpffs(pin_dir)?;
     let maps = maps_dir(pin_dir);
@@ -134,28 +220,36 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<(Ebpf, Maps)> {
         }
     }
     let mut ebpf = loader.load(DATAPATH)?;
-    program(&mut ebpf)?.load().map_err(|source| Error::Program { op: "load", source })?;
+    for name in TC_PROGRAMS {
+        program(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, op: "load", source })?;
+    }
     let maps = Maps::take(&mut ebpf)?;
     Ok((ebpf, maps))
 }
 
-/// The TC program of a loaded object.
-pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    let prog = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or(Error::Program { op: "find", source: aya::programs::ProgramError::NotLoaded })?;
-    prog.try_into().map_err(|source| Error::Program { op: "type", source })
+/// A TC program of a loaded object.
+pub fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let prog = ebpf.program_mut(name).ok_or(Error::Program {
+        name,
+        op: "find",
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    prog.try_into().map_err(|source| Error::Program { name, op: "type", source })
 }
 
-/// The loaded program's size: instructions the verifier processed, and
+/// Each loaded TC program's size: instructions the verifier processed, and
 /// instructions after the kernel's translation.
-pub fn program_size(ebpf: &mut Ebpf) -> Result<(u32, u32)> {
-    let info = program(ebpf)?.info().map_err(|source| Error::Program { op: "info", source })?;
-    Ok((info.verified_instruction_count().unwrap_or(0), info.size_translated().unwrap_or(0) / 8))
+pub fn program_sizes(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, u32, u32)>> {
+    let mut out = Vec::new();
+    for name in TC_PROGRAMS {
+        let info = program(ebpf, name)?.info().map_err(|source| Error::Program { name, op: "info", source })?;
+        out.push((name, info.verified_instruction_count().unwrap_or(0), info.size_translated().unwrap_or(0) / 8));
+    }
+    Ok(out)
 }
 
-/// Interfaces of the current network namespace.
-pub fn interfaces() -> Result<Vec<String>> {
+/// Interfaces of the current network namespace: name and index.
+pub fn interfaces() -> Result<Vec<(String, u32)>> {
     // SAFETY: if_nameindex returns a heap array terminated by a zero entry,
     // freed below with if_freenameindex; names are valid C strings. It asks
     // the kernel over netlink, so it sees this network namespace even where
@@ -168,7 +262,7 @@ pub fn interfaces() -> Result<Vec<String>> {
         let mut out = Vec::new();
         let mut p = head;
         while (*p).if_index != 0 {
-            out.push(CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            out.push((CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(), (*p).if_index));
             p = p.add(1);
         }
         libc::if_freenameindex(head);
@@ -188,43 +282,108 @@ pub fn glob_match(glob: &str, name: &str) -> bool {
             _ => false,
         }
     }
-    glob.split(',').any(|g| one(g.trim().as_bytes(), name.as_bytes()))
+    glob.split(',').any(|g| !g.trim().is_empty() && one(g.trim().as_bytes(), name.as_bytes()))
 }
 
-/// Attach the loaded program at ingress of every interface matching `glob`
-/// that is not attached by this object yet, pinning each link. Returns the
-/// interfaces newly attached. An interface that vanishes meanwhile is
-/// reported and skipped.
-pub fn attach_matching(
+/// An interface the datapath is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub name: String,
+    pub ifindex: u32,
+    pub role: Role,
+}
+
+/// What changed in one pass over the interfaces.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub attached: Vec<Attached>,
+    pub gone: Vec<Attached>,
+    pub errors: Vec<Error>,
+}
+
+/// Bring the attachments in line with the interfaces present: attach the
+/// programs of its role to every selected interface not attached yet
+/// (pinning the links and recording it in `IFACES`), and forget the ones
+/// that are gone (their pins and entries go with them). An interface that
+/// vanishes meanwhile is reported and skipped.
+pub fn reconcile(
     ebpf: &mut Ebpf,
+    maps: &mut Maps,
     pin_dir: &Path,
-    glob: &str,
-    attached: &mut Vec<String>,
-) -> Result<(Vec<String>, Vec<Error>)> {
+    sel: &Selection,
+    attached: &mut Vec<Attached>,
+) -> Result<Changes> {
     let links = links_dir(pin_dir);
     fs::create_dir_all(&links).map_err(io_err("create", &links))?;
-    let prog = program(ebpf)?;
-    let mut new = Vec::new();
-    let mut errors = Vec::new();
-    for iface in interfaces()? {
-        if !glob_match(glob, &iface) || attached.contains(&iface) {
+    let present = interfaces()?;
+    let mut changes = Changes::default();
+    // Gone, or recreated under the same name with another index.
+    let (keep, gone): (Vec<Attached>, Vec<Attached>) = std::mem::take(attached)
+        .into_iter()
+        .partition(|a| present.iter().any(|(n, i)| *n == a.name && *i == a.ifindex));
+    *attached = keep;
+    for a in gone {
+        for dir in ["ingress", "egress"] {
+            let pin = link_pin(&links, dir, &a.name);
+            // The link died with its interface; its pin is all that is left.
+            if let Err(e) = fs::remove_file(&pin)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                changes.errors.push(io_err("unpin", &pin)(e));
+            }
+        }
+        if let Err(e) = maps.remove_iface(a.ifindex) {
+            changes.errors.push(e.into());
+        }
+        changes.gone.push(a);
+    }
+    for (name, ifindex) in present {
+        let Some(role) = sel.role(&name) else { continue };
+        if attached.iter().any(|a| a.name == name) {
             continue;
         }
-        match attach_one(prog, &links.join(&iface), &iface) {
+        let a = Attached { name, ifindex, role };
+        match attach_one(ebpf, &links, &a) {
             Ok(()) => {
-                attached.push(iface.clone());
-                new.push(iface);
+                if let Err(e) = maps.set_iface(ifindex, role.number()) {
+                    changes.errors.push(e.into());
+                    continue;
+                }
+                attached.push(a.clone());
+                changes.attached.push(a);
             }
-            Err(e) => errors.push(e),
+            Err(e) => changes.errors.push(e),
         }
     }
-    if attached.is_empty() && errors.is_empty() {
-        return Err(Error::NoInterface { glob: glob.to_owned() });
-    }
-    Ok((new, errors))
+    Ok(changes)
 }
 
-fn attach_one(prog: &mut SchedClassifier, pin: &Path, iface: &str) -> Result<()> {
+/// Where the link of interface `name` at hook `dir` is pinned.
+fn link_pin(links: &Path, dir: &str, name: &str) -> PathBuf {
+    links.join(dir).join(name.replace('%', "%25").replace('.', "%2e"))
+}
+
+fn attach_one(ebpf: &mut Ebpf, links: &Path, a: &Attached) -> Result<()> {
+    for dir in ["ingress", "egress"] {
+        let d = links.join(dir);
+        fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+    }
+    // A link pinned by an agent from before ingress and egress were apart.
+    let legacy = links.join(&a.name);
+    if legacy.is_file() {
+        let ingress = link_pin(links, "ingress", &a.name);
+        fs::rename(&legacy, &ingress).map_err(io_err("rename", &legacy))?;
+    }
+    for (dir, attach_type, name) in
+        [("ingress", TcAttachType::Ingress, a.role.program()), ("egress", TcAttachType::Egress, programs::EGRESS)]
+    {
+        let prog = program(ebpf, name)?;
+        attach_link(prog, &link_pin(links, dir, &a.name), &a.name, attach_type)?;
+    }
+    Ok(())
+}
+
+fn attach_link(prog: &mut SchedClassifier, pin: &Path, iface: &str, attach_type: TcAttachType) -> Result<()> {
     let err = |op: &'static str| {
         move |e: Box<dyn std::error::Error + Send + Sync>| Error::Attach { iface: iface.to_owned(), op, source: e }
     };
@@ -241,9 +400,13 @@ fn attach_one(prog: &mut SchedClassifier, pin: &Path, iface: &str) -> Result<()>
             }
         }
     }
+    let op = match attach_type {
+        TcAttachType::Egress => "attach tcx egress",
+        _ => "attach tcx ingress",
+    };
     let id = prog
-        .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-        .map_err(|e| err("attach tcx ingress")(e.into()))?;
+        .attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .map_err(|e| err(op)(e.into()))?;
     let link = prog.take_link(id).map_err(|e| err("take link")(e.into()))?;
     let fd = FdLink::try_from(link).map_err(|e| err("convert link")(e.into()))?;
     fd.pin(pin).map_err(|e| err("pin link")(e.into()))?;
@@ -267,10 +430,14 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(removed);
     }
     check_bpffs(pin_dir)?;
-    for dir in [links_dir(pin_dir), maps_dir(pin_dir)] {
+    let links = links_dir(pin_dir);
+    for dir in [links.join("ingress"), links.join("egress"), links, maps_dir(pin_dir)] {
         let Ok(entries) = fs::read_dir(&dir) else { continue };
         for entry in entries {
             let path = entry.map_err(io_err("read", &dir))?.path();
+            if path.is_dir() {
+                continue; // emptied on its own turn
+            }
             // Removing a link's pin drops its last reference: the kernel
             // detaches it. Removing a map's pin frees it once unused.
             fs::remove_file(&path).map_err(io_err("unpin", &path))?;

@@ -63,10 +63,16 @@ struct RunArgs {
     /// This node's name (default: the hostname).
     #[arg(long, visible_alias = "node-name")]
     hostname_override: Option<String>,
-    /// Interfaces to attach to (shell glob; commas separate alternatives).
-    /// Required, here or as dsproxy.attach in the config file.
+    /// Pod-facing interfaces to attach to (shell glob; commas separate
+    /// alternatives), e.g. the host side of pods' veths. Required, here or
+    /// as dsproxy.attach in the config file.
     #[arg(long)]
     attach: Option<String>,
+    /// Node devices to attach to (shell glob): the uplinks that carry
+    /// NodePort and external traffic and the replies of backends on other
+    /// nodes.
+    #[arg(long)]
+    devices: Option<String>,
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -136,9 +142,15 @@ struct RunArgs {
     /// Frontends (reverse-NAT entries) per family.
     #[arg(long, default_value_t = capacity::REVNAT)]
     revnat_capacity: u32,
-    /// Conntrack entries per family (two per connection).
+    /// Conntrack flows per family.
     #[arg(long, default_value_t = capacity::CT)]
     ct_capacity: u32,
+    /// Session-affinity clients (both families).
+    #[arg(long, default_value_t = capacity::AFFINITY)]
+    affinity_capacity: u32,
+    /// Socket-level translations per family.
+    #[arg(long, default_value_t = capacity::SOCK)]
+    sock_capacity: u32,
 }
 
 #[derive(Subcommand)]
@@ -150,6 +162,8 @@ enum Command {
     Load {
         #[arg(long)]
         attach: String,
+        #[arg(long)]
+        devices: Option<String>,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
@@ -221,20 +235,9 @@ pub fn main() -> anyhow::Result<()> {
             let cfg = run_config(*args)?;
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(cfg))
         }
-        Command::Load { attach, pin_dir } => {
+        Command::Load { attach, devices, pin_dir } => {
             privileges::check("dsproxy load", &privileges::RUN)?;
-            let (mut ebpf, _maps) = attach::load(&pin_dir, &Capacities::default())?;
-            let (verified, xlated) = attach::program_size(&mut ebpf)?;
-            println!(
-                "program {}: {verified} instructions verified, {xlated} instructions after translation",
-                proxy_common::PROGRAM_NAME
-            );
-            let (new, errors) = attach::attach_matching(&mut ebpf, &pin_dir, &attach, &mut Vec::new())?;
-            for e in &errors {
-                eprintln!("error: {e}");
-            }
-            println!("attached to {} (tcx ingress); maps and links pinned under {}", new.join(", "), pin_dir.display());
-            if errors.is_empty() { Ok(()) } else { anyhow::bail!("{} interfaces failed", errors.len()) }
+            load(&pin_dir, &attach::Selection { pods: attach, devices })
         }
         Command::Cleanup { pin_dir } => {
             let removed = attach::cleanup(&pin_dir)?;
@@ -339,13 +342,15 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
     let or = |v: u64, d: u64| if v == 0 { d } else { v };
     Ok(RunConfig {
         source,
-        attach,
+        attach: attach::Selection { pods: attach, devices: a.devices },
         pin_dir: a.pin_dir,
         capacities: Capacities {
             svc: a.svc_capacity,
             backend: a.backend_capacity,
             revnat: a.revnat_capacity,
             ct: a.ct_capacity,
+            affinity: a.affinity_capacity,
+            sock: a.sock_capacity,
         },
         healthz_bind: config::bind_address(healthz, 10_256).map_err(|e| anyhow!("--healthz-bind-address: {e}"))?,
         metrics_bind: config::bind_address(metrics, 10_249).map_err(|e| anyhow!("--metrics-bind-address: {e}"))?,
@@ -366,6 +371,7 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
             tcp_established_ns: or(ns(a.conntrack_tcp_timeout_established), defaults.tcp_established_ns),
             tcp_close_ns: or(ns(a.conntrack_tcp_timeout_close), defaults.tcp_close_ns),
             udp_ns: or(ns(a.conntrack_udp_timeout), defaults.udp_ns),
+            ..defaults
         },
     })
 }
@@ -373,6 +379,39 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
 /// The kernel's hostname: kube-proxy's default node name.
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+}
+
+/// `dsproxy load`: load, attach, print the verifier's figures, exit. When
+/// nothing could be attached, nothing is left behind.
+fn load(pin_dir: &std::path::Path, sel: &attach::Selection) -> anyhow::Result<()> {
+    let fresh = !pin_dir.exists();
+    let result = (|| -> anyhow::Result<()> {
+        let (mut ebpf, mut maps) = attach::load(pin_dir, &Capacities::default())?;
+        maps.set_config(&proxy_common::DatapathConfig::DEFAULT)?;
+        for (name, verified, xlated) in attach::program_sizes(&mut ebpf)? {
+            println!("program {name}: {verified} instructions verified, {xlated} instructions after translation");
+        }
+        let mut attached = Vec::new();
+        let changes = attach::reconcile(&mut ebpf, &mut maps, pin_dir, sel, &mut attached)?;
+        for e in &changes.errors {
+            eprintln!("error: {e}");
+        }
+        if attached.is_empty() {
+            anyhow::bail!("no interface matches ({}) in this network namespace", sel.describe());
+        }
+        let names: Vec<String> = attached.iter().map(|a| format!("{} ({})", a.name, a.role.name())).collect();
+        println!(
+            "attached to {} (tcx ingress and egress); maps and links pinned under {}",
+            names.join(", "),
+            pin_dir.display()
+        );
+        if changes.errors.is_empty() { Ok(()) } else { anyhow::bail!("{} interfaces failed", changes.errors.len()) }
+    })();
+    if result.is_err() && fresh {
+        // A failed load leaves nothing behind.
+        attach::cleanup(pin_dir)?;
+    }
+    result
 }
 
 fn status(pin_dir: &std::path::Path) -> anyhow::Result<()> {

@@ -136,7 +136,14 @@ pub fn inspect(f: &[u8]) -> Seen {
     } else {
         let s = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&f[22..38]).expect("16")));
         let d = IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&f[38..54]).expect("16")));
-        (s, d, f[20], 54, usize::from(u16::from_be_bytes([f[18], f[19]])))
+        let (mut next, mut off) = (f[20], 54);
+        let end = 54 + usize::from(u16::from_be_bytes([f[18], f[19]]));
+        // Hop-by-hop and destination options headers before the transport.
+        while next == 0 || next == 60 {
+            next = f[off];
+            off += (usize::from(f[off + 1]) + 1) * 8;
+        }
+        (s, d, next, off, end - off)
     };
     let seg = &f[l4_off..l4_off + l4_len];
     let csum_at = if proto == TCP { 16 } else { 6 };

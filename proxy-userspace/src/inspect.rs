@@ -190,7 +190,7 @@ pub fn stats(maps: &Maps) -> Result<(Vec<Counter>, Vec<MapFill>)> {
     let counters = maps
         .stats()?
         .into_iter()
-        .map(|(stat, packets)| Counter { family: "any", reason: stat.name(), packets })
+        .map(|(slot, stat, packets)| Counter { family: slot.name(), reason: stat.name(), packets })
         .collect();
     let mut fill = Vec::new();
     for m in &proxy_common::maps::ALL {

@@ -5,10 +5,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use proxy_common::{
-    Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, FrontendName, MapSpec, RevNat4, RevNat6,
-    Stat, Svc4Key, Svc6Key, SvcValue, maps as spec,
+    AffMatchKey, AffinityKey, AffinityValue, Backend4, Backend6, CtFwd4, CtFwd6, CtKey4, CtKey6, CtRev4, CtRev6,
+    DatapathConfig, FragKey4, FragKey6, FragPorts, FrontendName, IfaceInfo, MapSpec, RevNat4, RevNat6, SockFwd4,
+    SockFwd6, SockKey4, SockKey6, SockRev4, SockRev6, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, Stat, StatSlot,
+    Svc4Key, Svc6Key, SvcValue, maps as spec,
 };
 
 use crate::{
@@ -43,8 +45,24 @@ pub struct Maps {
     pub backend6: HashMap<MapData, u32, Backend6>,
     pub revnat4: Array<MapData, RevNat4>,
     pub revnat6: Array<MapData, RevNat6>,
-    pub ct4: HashMap<MapData, Ct4Key, Ct4Value>,
-    pub ct6: HashMap<MapData, Ct6Key, Ct6Value>,
+    pub ct4_fwd: HashMap<MapData, CtKey4, CtFwd4>,
+    pub ct4_rev: HashMap<MapData, CtKey4, CtRev4>,
+    pub ct6_fwd: HashMap<MapData, CtKey6, CtFwd6>,
+    pub ct6_rev: HashMap<MapData, CtKey6, CtRev6>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub affmatch4: HashMap<MapData, AffMatchKey, u8>,
+    pub affmatch6: HashMap<MapData, AffMatchKey, u8>,
+    pub srcrange4: LpmTrie<MapData, SrcRange4, u8>,
+    pub srcrange6: LpmTrie<MapData, SrcRange6, u8>,
+    pub nodeport4: HashMap<MapData, [u8; 4], u8>,
+    pub nodeport6: HashMap<MapData, [u8; 16], u8>,
+    pub frag4: HashMap<MapData, FragKey4, FragPorts>,
+    pub frag6: HashMap<MapData, FragKey6, FragPorts>,
+    pub sock4_fwd: HashMap<MapData, SockKey4, SockFwd4>,
+    pub sock4_rev: HashMap<MapData, SockRevKey4, SockRev4>,
+    pub sock6_fwd: HashMap<MapData, SockKey6, SockFwd6>,
+    pub sock6_rev: HashMap<MapData, SockRevKey6, SockRev6>,
+    pub ifaces: HashMap<MapData, u32, IfaceInfo>,
     pub stats: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfig>,
     /// Service port names by reverse-NAT id (`inspect`, restarts).
@@ -69,8 +87,24 @@ impl Maps {
             backend6: typed(&spec::BACKEND6, &mut get)?,
             revnat4: typed(&spec::REVNAT4, &mut get)?,
             revnat6: typed(&spec::REVNAT6, &mut get)?,
-            ct4: typed(&spec::CT4, &mut get)?,
-            ct6: typed(&spec::CT6, &mut get)?,
+            ct4_fwd: typed(&spec::CT4_FWD, &mut get)?,
+            ct4_rev: typed(&spec::CT4_REV, &mut get)?,
+            ct6_fwd: typed(&spec::CT6_FWD, &mut get)?,
+            ct6_rev: typed(&spec::CT6_REV, &mut get)?,
+            affinity: typed(&spec::AFFINITY, &mut get)?,
+            affmatch4: typed(&spec::AFFMATCH4, &mut get)?,
+            affmatch6: typed(&spec::AFFMATCH6, &mut get)?,
+            srcrange4: typed(&spec::SRCRANGE4, &mut get)?,
+            srcrange6: typed(&spec::SRCRANGE6, &mut get)?,
+            nodeport4: typed(&spec::NODEPORT4, &mut get)?,
+            nodeport6: typed(&spec::NODEPORT6, &mut get)?,
+            frag4: typed(&spec::FRAG4, &mut get)?,
+            frag6: typed(&spec::FRAG6, &mut get)?,
+            sock4_fwd: typed(&spec::SOCK4_FWD, &mut get)?,
+            sock4_rev: typed(&spec::SOCK4_REV, &mut get)?,
+            sock6_fwd: typed(&spec::SOCK6_FWD, &mut get)?,
+            sock6_rev: typed(&spec::SOCK6_REV, &mut get)?,
+            ifaces: typed(&spec::IFACES, &mut get)?,
             stats: typed(&spec::STATS, &mut get)?,
             config: typed(&spec::CONFIG, &mut get)?,
             names4: typed(&spec::NAMES4, &mut get)?,
@@ -102,16 +136,35 @@ impl Maps {
         self.config.get(&0, 0).map_err(|source| Error::Read { map: spec::CONFIG.name, source })
     }
 
-    /// Sum of each counter over all CPUs.
-    pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
-        Stat::ALL
-            .iter()
-            .map(|s| {
-                let v =
-                    self.stats.get(&(*s as u32), 0).map_err(|source| Error::Read { map: spec::STATS.name, source })?;
-                Ok((*s, v.iter().sum()))
-            })
-            .collect()
+    /// Sum of each counter over all CPUs, by family and reason.
+    pub fn stats(&self) -> Result<Vec<(StatSlot, Stat, u64)>> {
+        let mut out = Vec::with_capacity(StatSlot::ENTRIES as usize);
+        for slot in StatSlot::ALL {
+            for stat in Stat::ALL {
+                let v = self
+                    .stats
+                    .get(&slot.index(stat), 0)
+                    .map_err(|source| Error::Read { map: spec::STATS.name, source })?;
+                out.push((slot, stat, v.iter().sum()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sum of one counter over both families.
+    pub fn stat(&self, stat: Stat) -> Result<u64> {
+        Ok(self.stats()?.iter().filter(|(_, s, _)| *s == stat).map(|(_, _, n)| n).sum())
+    }
+
+    /// Record an attached interface and what it faces, so the datapath
+    /// may deliver flows to it directly.
+    pub fn set_iface(&mut self, ifindex: u32, role: u32) -> Result<()> {
+        write(&spec::IFACES, "insert", &ifindex, self.ifaces.insert(ifindex, IfaceInfo { role }, 0))
+    }
+
+    /// Forget an interface that is gone.
+    pub fn remove_iface(&mut self, ifindex: u32) -> Result<()> {
+        delete(&spec::IFACES, &ifindex, self.ifaces.remove(&ifindex))
     }
 
     /// Entries in use and capacity of the map `m` of the table (arrays:
@@ -142,13 +195,34 @@ impl Maps {
             }
             Ok((n, capacity(m, map)?))
         }
+        fn trie<K: aya::Pod>(m: &'static MapSpec, map: &LpmTrie<MapData, K, u8>) -> Result<(u32, u32)> {
+            let max = capacity(m, map)?;
+            let n = map.keys().take(max as usize).flatten().count();
+            Ok((u32::try_from(n).unwrap_or(max), max))
+        }
         match m.name {
             names::SVC4 => keys(m, &self.svc4),
             names::SVC6 => keys(m, &self.svc6),
             names::BACKEND4 => keys(m, &self.backend4),
             names::BACKEND6 => keys(m, &self.backend6),
-            names::CT4 => keys(m, &self.ct4),
-            names::CT6 => keys(m, &self.ct6),
+            names::CT4_FWD => keys(m, &self.ct4_fwd),
+            names::CT4_REV => keys(m, &self.ct4_rev),
+            names::CT6_FWD => keys(m, &self.ct6_fwd),
+            names::CT6_REV => keys(m, &self.ct6_rev),
+            names::FRAG4 => keys(m, &self.frag4),
+            names::FRAG6 => keys(m, &self.frag6),
+            names::AFFINITY => keys(m, &self.affinity),
+            names::AFFMATCH4 => keys(m, &self.affmatch4),
+            names::AFFMATCH6 => keys(m, &self.affmatch6),
+            names::SRCRANGE4 => trie(m, &self.srcrange4),
+            names::SRCRANGE6 => trie(m, &self.srcrange6),
+            names::NODEPORT4 => keys(m, &self.nodeport4),
+            names::NODEPORT6 => keys(m, &self.nodeport6),
+            names::SOCK4_FWD => keys(m, &self.sock4_fwd),
+            names::SOCK4_REV => keys(m, &self.sock4_rev),
+            names::SOCK6_FWD => keys(m, &self.sock6_fwd),
+            names::SOCK6_REV => keys(m, &self.sock6_rev),
+            names::IFACES => keys(m, &self.ifaces),
             names::NAMES4 => keys(m, &self.names4),
             names::NAMES6 => keys(m, &self.names6),
             names::REVNAT4 => in_use(m, &self.revnat4),

@@ -356,9 +356,8 @@ impl Collector for Datapath {
         let packets: Family<Labels2, Counter> = Family::default();
         match maps.stats() {
             Ok(stats) => {
-                // The STATS map is not split by family yet: "any".
-                for (stat, n) in stats {
-                    packets.get_or_create(&[("family", "any"), ("reason", stat.name())]).inc_by(n);
+                for (slot, stat, n) in stats {
+                    packets.get_or_create(&[("family", slot.name()), ("reason", stat.name())]).inc_by(n);
                 }
             }
             Err(e) => log::warn!("metrics: {e}"),
@@ -372,7 +371,7 @@ impl Collector for Datapath {
                     entries.get_or_create(&[("map", m.name)]).set(i64::from(n));
                     capacity.get_or_create(&[("map", m.name)]).set(i64::from(max));
                     if let Some(f) = ct_family(m) {
-                        conntrack.get_or_create(&[("ip_family", f.k8s_name())]).set(i64::from(n));
+                        conntrack.get_or_create(&[("ip_family", f.k8s_name())]).inc_by(i64::from(n));
                     }
                 }
                 Err(e) => log::warn!("metrics: {e}"),
@@ -387,7 +386,7 @@ impl Collector for Datapath {
             ),
             ("bpf_map_entries", "Entries in use in each pinned BPF map (arrays: entries in use)", &entries),
             ("bpf_map_capacity", "Most entries each pinned BPF map holds", &capacity),
-            ("conntrack_entries", "Conntrack entries, two per tracked flow (forward and reverse)", &conntrack),
+            ("conntrack_entries", "Conntrack entries, two per tracked flow (forward and reverse map)", &conntrack),
         ];
         for (name, help, metric) in describe {
             let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
@@ -399,8 +398,8 @@ impl Collector for Datapath {
 
 fn ct_family(m: &MapSpec) -> Option<IpFamily> {
     match m.name {
-        n if n == spec::CT4.name => Some(IpFamily::V4),
-        n if n == spec::CT6.name => Some(IpFamily::V6),
+        n if n == spec::CT4_FWD.name || n == spec::CT4_REV.name => Some(IpFamily::V4),
+        n if n == spec::CT6_FWD.name || n == spec::CT6_REV.name => Some(IpFamily::V6),
         _ => None,
     }
 }

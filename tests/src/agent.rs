@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{netns::NetNs, topo::ATTACH_GLOB};
+use crate::{
+    netns::NetNs,
+    topo::{ATTACH_GLOB, DEVICES_GLOB},
+};
 
 /// Lines the agent printed, shared with the reader thread.
 #[derive(Default)]
@@ -79,7 +82,8 @@ impl Agent {
             .args(["netns", "exec", &node.name])
             .args(wrapper)
             .arg(bin)
-            .args(["run", "--attach", ATTACH_GLOB, "--min-sync-period", "50ms", "--poll-interval", "50ms"])
+            .args(["run", "--attach", ATTACH_GLOB, "--devices", DEVICES_GLOB])
+            .args(["--min-sync-period", "50ms", "--poll-interval", "50ms"])
             .args(source)
             .arg("--pin-dir")
             .arg(pin_dir)
@@ -99,7 +103,7 @@ impl Agent {
             }
         });
         let agent = Self { child, log, pin_dir: pin_dir.to_owned(), bin: bin.to_owned(), cleanup_on_drop: true };
-        agent.wait_for_line(|l| l.contains("attached to"), Duration::from_secs(20));
+        agent.wait_for_line(|l| l.contains("attached to") || l.contains("waiting for one"), Duration::from_secs(20));
         agent
     }
 

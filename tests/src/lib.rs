@@ -55,13 +55,18 @@ pub struct Cluster {
 impl Cluster {
     /// `bin` is the dsproxy binary to run.
     pub fn new(bin: &Path) -> Self {
+        Self::with_profile(bin, topo::Profile::Clean)
+    }
+
+    /// A node dressed as `profile` says.
+    pub fn with_profile(bin: &Path, profile: topo::Profile) -> Self {
         netns::require_root();
         assert!(bin.exists(), "agent binary {} does not exist", bin.display());
         Self {
             agent: None,
             servers: Vec::new(),
             bpf: BpfFs::new(),
-            topo: Topology::new(),
+            topo: Topology::with_profile(profile),
             manifests: TempDir::new("dsproxy-manifests-"),
             bin: bin.to_owned(),
         }
@@ -144,6 +149,13 @@ impl Cluster {
         let g = self.agent().generation();
         change();
         self.agent().wait_for_sync_after(g, Duration::from_secs(10))
+    }
+
+    /// A datapath counter, summed over families and CPUs, read from the
+    /// agent's pinned maps.
+    pub fn stat(&self, stat: proxy_common::Stat) -> u64 {
+        let maps = dsproxy::maps::Maps::open_pinned(&self.bpf.pin_dir().join("maps")).expect("open pinned maps");
+        maps.stat(stat).expect("read counters")
     }
 
     /// Run `f` in the namespace of pod `i`.

@@ -69,6 +69,13 @@ impl NetNs {
         sh(&cmd)
     }
 
+    /// Run a command inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(cmd);
+        sh(&full)
+    }
+
     /// Set a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) {
         sh(&["ip", "netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")]);

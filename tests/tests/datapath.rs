@@ -11,8 +11,9 @@ use dsproxy_tests::{
     Cluster,
     echo::{Conn, Reply, tcp_request, udp_request},
     manifests::{Port, READY, documents, service, slice},
-    topo::{vip4, vip6},
+    topo::{Profile, vip4, vip6},
 };
+use proxy_common::Stat;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dsproxy-under-test");
 const SVC_PORT: u16 = 80;
@@ -48,7 +49,12 @@ fn web_manifests(s: &Setup, backends: &[usize], families: &[bool]) -> String {
 /// A node with one client and `n` backends (the last `remote` of them
 /// behind a second node), and Service `web` over all of them.
 fn setup(n: usize, remote: usize, families: &[bool]) -> Setup {
-    let mut c = Cluster::new(Path::new(BIN));
+    setup_on(Profile::Clean, n, remote, families)
+}
+
+/// `setup` on a node dressed as `profile`.
+fn setup_on(profile: Profile, n: usize, remote: usize, families: &[bool]) -> Setup {
+    let mut c = Cluster::with_profile(Path::new(BIN), profile);
     let client = c.client();
     let backends: Vec<usize> = (0..n).map(|i| c.backend(&format!("be{i}"), TARGET_PORT, i >= n - remote)).collect();
     let mut s = Setup { c, client, backends, vip4: IpAddr::V4(vip4(10)), vip6: IpAddr::V6(vip6(10)) };
@@ -282,5 +288,29 @@ fn should_follow_a_scale_up_and_keep_established_flows() {
     }
     for (conn, backend) in &mut conns {
         assert_eq!(&conn.request().expect("request after scale-up").backend, backend);
+    }
+}
+
+/// The datapath holds on every node profile a real node carries: kube-
+/// proxy's INVALID drop (iptables-legacy, iptables-nft, nftables), strict
+/// reverse-path filtering, a masquerade towards the other node; both
+/// families, TCP and UDP, backends on this node and behind another one.
+#[test]
+fn should_serve_every_node_profile_on_both_families() {
+    for profile in Profile::ALL {
+        // be0 on this node, be1 behind the second node.
+        let s = setup_on(profile, 2, 1, &[false, true]);
+        for v6 in [false, true] {
+            for udp in [false, true] {
+                let replies = requests(&s, vip(&s, v6), udp, 40);
+                assert_same_family(&s, &replies, v6);
+                let m = spread(&replies);
+                assert_eq!(m.len(), 2, "{profile:?}, v6={v6}, udp={udp}: both backends answer: {m:?}");
+            }
+        }
+        // The host stack never saw these flows: they were delivered straight
+        // into the backend pods and back into the client.
+        let (peer, stack) = (s.c.stat(Stat::RedirectPeer), s.c.stat(Stat::Stack));
+        assert!(peer > 0 && stack == 0, "{profile:?}: redirected {peer}, through the host stack {stack}");
     }
 }

@@ -473,8 +473,12 @@ fn metrics_move_when_services_change_and_packets_flow() {
     }
 
     // Packets: new flows are translated, both families tracked.
-    let packets =
-        |m: &str, reason: &str| v(m, "dsproxy_datapath_packets_total", &format!("family=\"any\",reason=\"{reason}\""));
+    let packets = |m: &str, reason: &str| {
+        ["IPv4", "IPv6"]
+            .iter()
+            .map(|f| v(m, "dsproxy_datapath_packets_total", &format!("family=\"{f}\",reason=\"{reason}\"")))
+            .sum::<u64>()
+    };
     let before = packets(&m1, "dnat_new");
     for v6 in [false, true] {
         let vip = SocketAddr::new(if v6 { IpAddr::V6(vip6(50)) } else { IpAddr::V4(vip4(50)) }, 80);

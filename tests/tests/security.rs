@@ -112,7 +112,7 @@ struct Env {
 
 impl Env {
     fn run(&mut self, f: &[u8]) -> testrun::Outcome {
-        let prog = attach::program(&mut self.ebpf).expect("program");
+        let prog = attach::program(&mut self.ebpf, proxy_common::programs::FROM_POD).expect("program");
         let fd = prog.fd().expect("loaded");
         testrun::run(&fd.as_fd(), f, 1).expect("BPF_PROG_TEST_RUN")
     }
@@ -145,7 +145,7 @@ fn should_pass_frames_to_cloud_metadata_untouched_when_a_service_claims_it() {
     assert!(rejected[0].reason.contains("169.254.169.254 is link-local"), "{}", rejected[0]);
 
     let bpf = BpfFs::new();
-    let caps = Capacities { svc: 1024, backend: 256, revnat: 256, ct: 1024 };
+    let caps = Capacities { svc: 1024, backend: 256, revnat: 256, ct: 1024, ..Capacities::default() };
     let (ebpf, mut maps) = attach::load(&bpf.pin_dir(), &caps).expect("load datapath");
     let report = sync::sync(&mut maps, &mut Programmed::default(), &desired);
     assert!(report.errors.is_empty(), "{:?}", report.errors);

@@ -1,0 +1,182 @@
+//! Delivery past the host stack ("BPF host routing", as Cilium's
+//! `fib_redirect`): a translated packet is routed by a FIB lookup and
+//! redirected to its next interface, so the host's netfilter, conntrack,
+//! reverse-path filter and masquerade never see half a translation. A flow
+//! is delivered this way only when the interface it leaves by is one of
+//! ours (`IFACES`): its replies then come back through our TC ingress too.
+//! Everything else (a local destination, a route the FIB will not give, a
+//! packet too big for the next link, a TTL about to expire) goes to the host
+//! stack, which forwards it or answers with the right ICMP error.
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh,
+    },
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+use proxy_common::{Stat, iface_role};
+
+use crate::{
+    family::{Family, V4, V6},
+    maps::IFACES_V1,
+    parse::Verdict,
+    stats::{self, drop_rewrite},
+    work::Work,
+};
+
+/// Sizes of the helpers' parameter blocks (64 and 20 bytes).
+#[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "a 64-byte struct")]
+const FIB_LEN: i32 = size_of::<FibParams>() as i32;
+#[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "a 20-byte struct")]
+const NH_LEN: i32 = size_of::<bpf_redir_neigh>() as i32;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// What the FIB says about a destination (the MACs and the next hop stay in
+/// the `Work`'s `fib` and `nh`).
+#[derive(Clone, Copy)]
+pub enum Fib {
+    /// Out of this interface, with the MACs the lookup found.
+    Out(u32),
+    /// Out of this interface to the next hop in `nh`, whose MAC the kernel
+    /// resolves.
+    Neigh(u32),
+    /// The host stack's business.
+    Stack,
+}
+
+impl Fib {
+    /// The interface, when it is one of ours: then the flow's replies come
+    /// back through our ingress and it may bypass the host stack.
+    #[inline(always)]
+    pub fn ours(self) -> Option<u32> {
+        let ifindex = match self {
+            Fib::Out(i) | Fib::Neigh(i) => i,
+            Fib::Stack => return None,
+        };
+        IFACES_V1.get_ptr(ifindex).map(|_| ifindex)
+    }
+}
+
+/// The FIB lookup proper, in a BPF subprogram of its own.
+#[inline(never)]
+fn lookup(ctx: &TcContext, p: &mut FibParams, nh: &mut bpf_redir_neigh) -> Fib {
+    // SAFETY: `p` is a valid, initialised bpf_fib_lookup in map memory.
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut *p, FIB_LEN, 0) };
+    match u32::try_from(rc) {
+        Ok(BPF_FIB_LKUP_RET_SUCCESS) => Fib::Out(p.ifindex),
+        Ok(BPF_FIB_LKUP_RET_NO_NEIGH) => {
+            // After a lookup the destination field holds the next hop
+            // (gateway or destination).
+            nh.nh_family = u32::from(p.family);
+            // SAFETY: plain-data unions; both members are plain integers.
+            unsafe { nh.__bindgen_anon_1.ipv6_nh = p.__bindgen_anon_4.ipv6_dst };
+            Fib::Neigh(p.ifindex)
+        }
+        _ => Fib::Stack,
+    }
+}
+
+/// FIB lookup for forwarding `src -> dst` in from `ifindex`, IPv4.
+#[inline(always)]
+pub fn fib_v4(ctx: &TcContext, w: &mut Work<V4>, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> Fib {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
+    w.fib = unsafe { core::mem::zeroed() };
+    w.fib.family = AF_INET;
+    w.fib.ifindex = ifindex;
+    w.fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    w.fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    lookup(ctx, &mut w.fib, &mut w.nh)
+}
+
+/// FIB lookup for forwarding `src -> dst` in from `ifindex`, IPv6.
+#[inline(always)]
+pub fn fib_v6(ctx: &TcContext, w: &mut Work<V6>, src: [u8; 16], dst: [u8; 16], ifindex: u32) -> Fib {
+    // SAFETY: as in `fib_v4`.
+    w.fib = unsafe { core::mem::zeroed() };
+    w.fib.family = AF_INET6;
+    w.fib.ifindex = ifindex;
+    w.fib.__bindgen_anon_3.ipv6_src = words(&src);
+    w.fib.__bindgen_anon_4.ipv6_dst = words(&dst);
+    lookup(ctx, &mut w.fib, &mut w.nh)
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// The interface the packet came in on.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the program's own context.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Send a translated packet on its way: past the host stack when `fib`
+/// names one of our interfaces and the packet fits, to the host stack
+/// otherwise.
+#[inline(never)]
+pub fn deliver<F: Family>(ctx: &TcContext, w: &Work<F>, fib: Fib) -> Verdict {
+    let Some(ifindex) = fib.ours() else {
+        return stats::pass(F::SLOT, Stat::Stack);
+    };
+    // Owning forwarding means owning its duties: the MTU of the next link
+    // (segments of a GSO packet included) ...
+    let mut mtu = 0u32;
+    // SAFETY: helper on the program's own skb with a valid out-pointer.
+    let fits = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut mtu, 0, u64::from(BPF_MTU_CHK_SEGS)) } == 0;
+    if !fits {
+        // The host stack answers with fragmentation needed / packet too
+        // big, quoting the translated packet; egress translates it back.
+        return stats::pass(F::SLOT, Stat::Stack);
+    }
+    // ... and the TTL.
+    match F::decrement_ttl(ctx) {
+        Ok(true) => {}
+        Ok(false) => return stats::pass(F::SLOT, Stat::Stack),
+        Err(v) => return v,
+    }
+    match fib {
+        Fib::Out(_) => {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&w.fib.dmac);
+            macs[6..].copy_from_slice(&w.fib.smac);
+            if let Err(v) = ctx.store(0, &macs, 0).map_err(drop_rewrite(F::SLOT)) {
+                return v;
+            }
+            let pod = IFACES_V1.get_ptr(ifindex).is_some_and(|i| {
+                // SAFETY: pointer from a successful lookup, valid for this run.
+                unsafe { (*i).role == iface_role::POD }
+            });
+            if pod {
+                // Straight into the pod's namespace (TC ingress only, which
+                // is where every caller of `deliver` runs).
+                stats::count(F::SLOT, Stat::RedirectPeer);
+                // SAFETY: plain helper call; returns TC_ACT_REDIRECT or SHOT.
+                stats::redirected(unsafe { bpf_redirect_peer(ifindex, 0) })
+            } else {
+                stats::count(F::SLOT, Stat::Redirect);
+                // SAFETY: as above.
+                stats::redirected(unsafe { bpf_redirect(ifindex, 0) })
+            }
+        }
+        Fib::Neigh(_) => {
+            let mut nh = w.nh;
+            stats::count(F::SLOT, Stat::RedirectNeigh);
+            // SAFETY: `nh` is a valid bpf_redir_neigh on our stack.
+            stats::redirected(unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, NH_LEN, 0) })
+        }
+        Fib::Stack => TC_ACT_OK,
+    }
+}
