@@ -13,6 +13,7 @@
 pub mod control;
 pub mod datapath;
 pub mod e2e;
+pub mod reliability;
 pub mod svg;
 
 use std::{
@@ -113,6 +114,7 @@ pub struct Results {
     pub datapath: Vec<datapath::Row>,
     pub e2e: Vec<e2e::Row>,
     pub control: control::Result,
+    pub reliability: reliability::Result,
 }
 
 fn first_line(path: &str, key: &str) -> String {
@@ -159,7 +161,8 @@ pub fn run_part(plan: &Plan, agent: &Path, part: &str) -> anyhow::Result<()> {
             let c = control::measure(agent, plan, 0);
             println!("{c:?}");
         }
-        other => anyhow::bail!("unknown part {other}: datapath, e2e or control"),
+        "reliability" => println!("{:?}", reliability::measure(agent, plan.quick)),
+        other => anyhow::bail!("unknown part {other}: datapath, e2e, control or reliability"),
     }
     Ok(())
 }
@@ -183,7 +186,10 @@ pub fn run(plan: &Plan, agent: &Path) -> Results {
     eprintln!("control plane: {} Services x {} endpoints per family", plan.control_services, plan.control_endpoints);
     let control = control::measure(agent, plan, plan.nft_services);
     eprintln!("  {control:?}");
-    Results { quick: plan.quick, machine, datapath: dp, e2e, control }
+    eprintln!("reliability: API outage and recovery, pathological manifests");
+    let reliability = reliability::measure(agent, plan.quick);
+    eprintln!("  {reliability:?}");
+    Results { quick: plan.quick, machine, datapath: dp, e2e, control, reliability }
 }
 
 fn pct(a: f64, b: f64) -> f64 {
@@ -277,6 +283,27 @@ pub fn report(r: &Results) -> (String, Vec<(String, String)>) {
         c.change_p99_ms < 10.0,
         "single endpoint change programmed in under 10 ms p99",
         &format!("p50 {:.2} ms, p99 {:.2} ms", c.change_p50_ms, c.change_p99_ms),
+    );
+    let rel = &r.reliability;
+    t += &target(
+        rel.applied_after_restart_ms <= 2000.0 && rel.new_service_refused == 0,
+        &format!(
+            "changes made during a {:.0} s API outage applied <= 2 s after the server answers again ({} Services, \
+             history compacted), a new Service never programmed without its endpoints",
+            rel.outage_s, rel.services
+        ),
+        &format!(
+            "{:.0} ms; refused probes of the new Service: {}",
+            rel.applied_after_restart_ms, rel.new_service_refused
+        ),
+    );
+    t += &target(
+        rel.unrelated_change_ms < 100.0,
+        "manifests: an unrelated change under 100 ms beside a 50 MB and a 200 KB nested file",
+        &format!(
+            "{:.1} ms (the 50 MB file itself: {:.0} ms, agent peak RSS {:.0} MiB)",
+            rel.unrelated_change_ms, rel.huge_file_ms, rel.huge_file_peak_rss_mib
+        ),
     );
     let _ = writeln!(md, "## Targets\n\n{t}");
 

@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
             "--quick" => quick = true,
             "--agent" => agent = args.next().map(PathBuf::from),
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
-            // Run one part alone (datapath, e2e or control) and print it;
+            // Run one part alone (datapath, e2e, control or reliability) and print it;
             // no report is written.
             "--only" => only = args.next(),
             other => anyhow::bail!("unknown argument {other}; usage: dsproxy-bench --agent PATH [--quick] [--out DIR]"),

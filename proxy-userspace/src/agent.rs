@@ -53,6 +53,10 @@ pub struct RunConfig {
     pub datapath: proxy_common::DatapathConfig,
 }
 
+/// How long Services that appeared during an EndpointSlice relist are held
+/// back (see `store`) before they are programmed anyway.
+pub const RELIST_HOLD_LIMIT: Duration = Duration::from_secs(30);
+
 /// The agent's state between syncs.
 struct Agent {
     maps: Maps,
@@ -71,6 +75,8 @@ struct Agent {
     problems: BTreeMap<String, String>,
     /// Health, metrics, health-check node ports.
     observer: Observer,
+    /// When the relist gate started holding Services back.
+    holding_since: Option<Instant>,
 }
 
 impl Agent {
@@ -90,15 +96,50 @@ impl Agent {
             }
             Event::Relisting(kind) => {
                 log::info!("relisting {}s", kind.name());
-                false
+                self.store.apply(Event::Relisting(kind))
             }
             other => {
                 let change = Observer::before(&other);
                 let changed = self.store.apply(other);
                 self.observer.after(change, changed, &self.store);
+                self.watch_gate();
                 changed
             }
         }
+    }
+
+    /// Log the relist gate opening and closing; start its time limit.
+    fn watch_gate(&mut self) {
+        match (self.store.held(), self.holding_since) {
+            (0, Some(since)) => {
+                log::info!(
+                    "EndpointSlice relist complete after {} ms; held Services released",
+                    since.elapsed().as_millis()
+                );
+                self.holding_since = None;
+            }
+            (0, None) | (_, Some(_)) => {}
+            (n, None) => {
+                log::info!("holding {n} new Services until the EndpointSlice relist is complete");
+                self.holding_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// When held Services are let in whatever the slices' relist does.
+    fn hold_deadline(&self) -> Option<Instant> {
+        self.holding_since.map(|since| since + RELIST_HOLD_LIMIT)
+    }
+
+    /// The hold limit passed: program the held Services without waiting.
+    fn release_held(&mut self) -> bool {
+        let n = self.store.release_held();
+        log::warn!(
+            "the EndpointSlice relist did not complete within {} s; programming {n} held Services anyway",
+            RELIST_HOLD_LIMIT.as_secs()
+        );
+        self.holding_since = None;
+        n > 0
     }
 
     /// Model, diff and apply what changed; log what happened.
@@ -253,6 +294,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         warnings: BTreeSet::new(),
         problems: BTreeMap::new(),
         observer,
+        holding_since: None,
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -301,6 +343,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             () = sleep_until(retry), if retry.is_some() => {
                 retry = None;
                 pending = true;
+            }
+            () = sleep_until(agent.hold_deadline()), if agent.hold_deadline().is_some() => {
+                pending |= agent.release_held();
             }
             _ = tick.tick() => {
                 if let Err(e) = reattach(&mut ebpf, &mut agent.maps, &cfg, &mut attached) {

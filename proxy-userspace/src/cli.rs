@@ -121,6 +121,21 @@ struct RunArgs {
     /// rejected.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     service_node_port_range: model::PortRange,
+    /// A watch that delivers no event and no bookmark for this long is
+    /// dead and is resumed; API requests unanswered for this long fail. API
+    /// servers send a bookmark about once a minute.
+    #[arg(long, default_value = "2m", value_name = "DURATION")]
+    watch_idle_timeout: GoDuration,
+    /// Longest wait between two attempts while the API server fails (the
+    /// backoff starts at 200ms and doubles up to this, with jitter): after
+    /// an outage, changes reach the datapath about this long after the
+    /// server answers again.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    api_retry_max: GoDuration,
+    /// Use streaming lists (sendInitialEvents) for the initial state and
+    /// relists where the API server supports them; false: paged lists only.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    streaming_lists: bool,
     /// Idle timeout of established TCP flows (0: the datapath's 6h).
     #[arg(long, value_name = "DURATION")]
     conntrack_tcp_timeout_established: Option<GoDuration>,
@@ -302,6 +317,11 @@ fn init_logging(verbosity: u8, format: LogFormat) {
         _ => "debug,dsproxy=trace",
     };
     let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter));
+    // kube's client logs every failed request at error level; the watch
+    // loops log failures themselves, once per streak, with the next retry.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("kube_client")) {
+        builder.filter_module("kube_client::client::builder", log::LevelFilter::Off);
+    }
     if format == LogFormat::Json {
         builder.format(|buf, record| {
             let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -330,6 +350,12 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
             kubeconfig: a.kubeconfig,
             node_name: node_name.clone(),
             service_proxy_name: a.service_proxy_name.clone(),
+            watch: source::watch::Settings {
+                idle_timeout: a.watch_idle_timeout.0.max(Duration::from_millis(100)),
+                retry_max: a.api_retry_max.0,
+                streaming_lists: a.streaming_lists,
+                ..source::watch::Settings::default()
+            },
         }),
     };
     let v6 = a.bind_address.is_ipv6();

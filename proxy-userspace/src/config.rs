@@ -201,6 +201,9 @@ struct Own {
     external_ip_cidrs: Option<Vec<String>>,
     /// The API server's `--service-node-port-range`.
     service_node_port_range: Option<String>,
+    watch_idle_timeout: Option<GoDuration>,
+    api_retry_max: Option<GoDuration>,
+    streaming_lists: Option<bool>,
     capacities: Option<Capacities>,
     conntrack: Option<OwnConntrack>,
 }
@@ -352,6 +355,9 @@ fn file_flags(file: &File) -> FileFlags {
     flag("--service-cluster-ip-range", own.and_then(|o| o.service_cluster_ip_range.clone()));
     flag("--external-ip-cidrs", own.and_then(|o| o.external_ip_cidrs.as_ref().map(|c| c.join(","))));
     flag("--service-node-port-range", own.and_then(|o| o.service_node_port_range.clone()));
+    flag("--watch-idle-timeout", dur(own.and_then(|o| o.watch_idle_timeout)));
+    flag("--api-retry-max", dur(own.and_then(|o| o.api_retry_max)));
+    flag("--streaming-lists", own.and_then(|o| o.streaming_lists).map(|b| b.to_string()));
     flag("--svc-capacity", caps.and_then(|c| c.svc).map(|n| n.to_string()));
     flag("--backend-capacity", caps.and_then(|c| c.backend).map(|n| n.to_string()));
     flag("--revnat-capacity", caps.and_then(|c| c.revnat).map(|n| n.to_string()));

@@ -3,6 +3,15 @@
 //! trackers). Applying an event costs what the event holds, not what the
 //! store holds: EndpointSlices are indexed by the Service they feed, so a
 //! sync recomputes only the Services whose object or slices changed.
+//!
+//! **Relist gate.** While EndpointSlices are being relisted (from
+//! `Relisting(EndpointSlice)` to its `Replace`), a Service that appears
+//! (new by name, from a list or a watch event) is held back: the model does
+//! not see it until the slices' relist is complete, so it is never
+//! programmed without the endpoints the relist is about to bring (a
+//! Service without endpoints refuses connections). Services already known
+//! change as usual. The agent releases held Services after a time limit
+//! if the slices' relist does not end (`release_held`).
 use std::{
     collections::{BTreeSet, HashMap},
     sync::Arc,
@@ -60,6 +69,10 @@ pub struct Store {
     by_service: HashMap<ServiceName, BTreeSet<String>>,
     node: Option<Arc<Node>>,
     dirty: Dirty,
+    /// Kinds whose relist has started and not ended.
+    relisting: BTreeSet<ObjectKind>,
+    /// Services that appeared while EndpointSlices were relisting.
+    held: HashMap<ServiceName, Arc<Service>>,
 }
 
 /// `namespace/name` of an object (the namespace defaults to `default`, as
@@ -99,16 +112,46 @@ impl Store {
         match event {
             Event::Apply(obj) => self.upsert(obj),
             Event::Delete(key) => self.remove(&key),
-            Event::Replace(kind, objs) => self.replace(kind, objs),
-            Event::Problem { .. } | Event::Relisting(_) | Event::Synced => {}
+            Event::Replace(kind, objs) => {
+                self.replace(kind, objs);
+                self.relisting.remove(&kind);
+                if kind == ObjectKind::EndpointSlice {
+                    self.release_held();
+                }
+            }
+            Event::Relisting(kind) => {
+                self.relisting.insert(kind);
+            }
+            Event::Problem { .. } | Event::Synced => {}
         }
         self.dirty != before
+    }
+
+    /// Let every held Service in (the slices' relist ended, or took too
+    /// long); returns how many there were.
+    pub fn release_held(&mut self) -> usize {
+        let held = std::mem::take(&mut self.held);
+        let n = held.len();
+        for (name, svc) in held {
+            self.services.insert(name.clone(), svc);
+            self.dirty.add(name);
+        }
+        n
+    }
+
+    /// Services held back by the relist gate.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     fn upsert(&mut self, obj: Object) {
         match obj {
             Object::Service(svc) => {
                 let name = ns_name(&svc.metadata);
+                if self.relisting.contains(&ObjectKind::EndpointSlice) && !self.services.contains_key(&name) {
+                    self.held.insert(name, svc);
+                    return;
+                }
                 if self.services.get(&name).is_some_and(|old| !changed(&**old, &*svc)) {
                     return;
                 }
@@ -157,6 +200,7 @@ impl Store {
         let name = key.ns_name();
         match key.kind {
             ObjectKind::Service => {
+                self.held.remove(&name);
                 if self.services.remove(&name).is_some() {
                     self.dirty.add(name);
                 }
@@ -179,6 +223,9 @@ impl Store {
     /// `objs` is every object of `kind` now: apply them, drop the rest.
     fn replace(&mut self, kind: ObjectKind, objs: Vec<Object>) {
         let keep: BTreeSet<String> = objs.iter().map(|o| o.key().ns_name()).collect();
+        if kind == ObjectKind::Service {
+            self.held.retain(|name, _| keep.contains(name));
+        }
         let gone: Vec<ObjectKey> = match kind {
             ObjectKind::Service => self.services.keys().filter(|k| !keep.contains(*k)).map(|k| key(kind, k)).collect(),
             ObjectKind::EndpointSlice => {
@@ -297,5 +344,49 @@ mod tests {
         assert_eq!(s.take_dirty(), dirty(&["b"]));
         assert!(s.service("ns/b").is_none());
         assert_eq!(s.len(), (1, 1));
+    }
+
+    #[test]
+    fn a_service_new_during_a_slice_relist_waits_for_its_slices() {
+        let mut s = Store::default();
+        s.apply(Event::Replace(ObjectKind::Service, vec![svc("old", "1")]));
+        s.apply(Event::Replace(ObjectKind::EndpointSlice, vec![slice("old-1", "old", "1")]));
+        s.take_dirty();
+        // An outage: both kinds relist; the Services' list ends first.
+        s.apply(Event::Relisting(ObjectKind::Service));
+        s.apply(Event::Relisting(ObjectKind::EndpointSlice));
+        s.apply(Event::Replace(ObjectKind::Service, vec![svc("old", "2"), svc("new", "3"), svc("gone", "4")]));
+        assert!(s.service("ns/new").is_none(), "held: its slices are not listed yet");
+        assert_eq!(s.held(), 2);
+        assert_eq!(s.take_dirty(), dirty(&["old"]), "a known Service changes as usual");
+        // A watch event for another new Service, and a Service deleted
+        // while held.
+        s.apply(Event::Apply(svc("newer", "5")));
+        s.apply(Event::Delete(ObjectKey { kind: ObjectKind::Service, namespace: "ns".into(), name: "gone".into() }));
+        assert!(s.take_dirty().is_empty() && s.held() == 2);
+        // The slices' relist ends: held Services come in with their slices.
+        s.apply(Event::Replace(
+            ObjectKind::EndpointSlice,
+            vec![slice("old-1", "old", "1"), slice("new-1", "new", "6"), slice("newer-1", "newer", "7")],
+        ));
+        assert_eq!(s.held(), 0);
+        assert_eq!(s.slices_of("ns/new").len(), 1);
+        assert!(s.service("ns/new").is_some() && s.service("ns/newer").is_some() && s.service("ns/gone").is_none());
+        assert_eq!(s.take_dirty(), dirty(&["new", "newer"]));
+        // Outside a slice relist, a new Service comes in at once.
+        s.apply(Event::Apply(svc("later", "8")));
+        assert_eq!(s.take_dirty(), dirty(&["later"]));
+    }
+
+    #[test]
+    fn held_services_are_released_on_demand_and_a_service_relist_drops_vanished_ones() {
+        let mut s = Store::default();
+        s.apply(Event::Relisting(ObjectKind::EndpointSlice));
+        s.apply(Event::Replace(ObjectKind::Service, vec![svc("a", "1"), svc("b", "1")]));
+        s.apply(Event::Replace(ObjectKind::Service, vec![svc("a", "2")]));
+        assert_eq!(s.held(), 1, "b vanished from the second list");
+        assert_eq!(s.release_held(), 1);
+        assert_eq!(s.take_dirty(), dirty(&["a"]));
+        assert!(s.service("ns/a").is_some());
     }
 }

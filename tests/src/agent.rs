@@ -19,6 +19,8 @@ use crate::{
 #[derive(Default)]
 struct Log {
     lines: Mutex<Vec<String>>,
+    /// When each line arrived, in the same order.
+    times: Mutex<Vec<Instant>>,
     changed: Condvar,
 }
 
@@ -63,6 +65,7 @@ impl Agent {
         Self::start_kube_with(bin, node, kubeconfig, node_name, pin_dir, &[])
     }
 
+    /// `start_kube` with extra arguments for `run`.
     pub fn start_kube_with(
         bin: &Path,
         node: &NetNs,
@@ -78,12 +81,33 @@ impl Agent {
     }
 
     fn spawn(wrapper: &[&str], bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
+        let agent = Self::launch(wrapper, bin, node, pin_dir, source);
+        agent.wait_for_line(|l| l.contains("attached to") || l.contains("waiting for one"), Duration::from_secs(20));
+        agent
+    }
+
+    /// Start `bin run` on a manifest directory without waiting for anything
+    /// (to kill it in the middle of its work).
+    pub fn launch_manifests(bin: &Path, node: &NetNs, manifests: &Path, pin_dir: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<OsString> = vec!["--manifests".into(), manifests.into()];
+        args.extend(extra.iter().map(OsString::from));
+        Self::launch(&[], bin, node, pin_dir, &args)
+    }
+
+    fn launch(wrapper: &[&str], bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
+        // Test defaults, unless the caller sets them.
+        let mut defaults: Vec<&str> = Vec::new();
+        for (flag, value) in [("--min-sync-period", "50ms"), ("--poll-interval", "50ms")] {
+            if !source.iter().any(|a| a == flag) {
+                defaults.extend([flag, value]);
+            }
+        }
         let mut child = Command::new("ip")
             .args(["netns", "exec", &node.name])
             .args(wrapper)
             .arg(bin)
             .args(["run", "--attach", ATTACH_GLOB, "--devices", DEVICES_GLOB])
-            .args(["--min-sync-period", "50ms", "--poll-interval", "50ms"])
+            .args(defaults)
             .args(source)
             .arg("--pin-dir")
             .arg(pin_dir)
@@ -98,13 +122,29 @@ impl Agent {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("  [dsproxy] {line}");
-                sink.lines.lock().expect("log lock").push(line);
+                let mut lines = sink.lines.lock().expect("log lock");
+                sink.times.lock().expect("log lock").push(Instant::now());
+                lines.push(line);
                 sink.changed.notify_all();
             }
         });
-        let agent = Self { child, log, pin_dir: pin_dir.to_owned(), bin: bin.to_owned(), cleanup_on_drop: true };
-        agent.wait_for_line(|l| l.contains("attached to") || l.contains("waiting for one"), Duration::from_secs(20));
-        agent
+        Self { child, log, pin_dir: pin_dir.to_owned(), bin: bin.to_owned(), cleanup_on_drop: true }
+    }
+
+    /// SIGKILL and wait: a crash, pins left as they are.
+    pub fn kill(mut self) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = self.child.wait();
+        self.cleanup_on_drop = false;
+    }
+
+    /// When the first line satisfying `pred` arrived.
+    pub fn line_time(&self, pred: impl Fn(&str) -> bool) -> Option<Instant> {
+        let lines = self.log.lines.lock().expect("log lock");
+        let i = lines.iter().position(|l| pred(l))?;
+        self.log.times.lock().expect("log lock").get(i).copied()
     }
 
     /// Wait until a printed line satisfies `pred`; panic with the log if not.

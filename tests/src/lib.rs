@@ -11,6 +11,7 @@ pub mod fakeapi;
 pub mod http;
 pub mod manifests;
 pub mod netns;
+pub mod probe;
 pub mod topo;
 
 use std::{
@@ -128,8 +129,7 @@ impl Cluster {
     }
 
     pub fn start_agent_with(&mut self, extra: &[&str]) {
-        assert!(self.agent.is_none(), "agent already running");
-        self.agent = Some(Agent::start_with(&self.bin, &self.topo.node, &self.manifests.0, &self.bpf.pin_dir(), extra));
+        self.start_agent_wrapped(&[], extra);
     }
 
     /// Stop the agent as a restart would: SIGTERM, pins left in place.

@@ -14,7 +14,7 @@ use std::{
 use dsproxy_tests::{
     Cluster, TempDir,
     echo::{Conn, tcp_request, tcp_request_within, udp_request},
-    fakeapi::FakeApi,
+    fakeapi::{self, FakeApi},
     manifests::{Cond, Port, READY, TERMINATING, documents, service, slice},
     topo::{vip4, vip6},
 };
@@ -289,20 +289,10 @@ fn should_follow_the_kubernetes_api_within_a_second() {
         let b = c.request().expect("request").backend;
         (c, b)
     });
-    let lists_before =
-        api.api.requests().iter().filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch=")).count();
+    let lists_before = api.api.lists(fakeapi::SERVICES);
     api.api.compact_and_disconnect();
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let lists = api
-            .api
-            .requests()
-            .iter()
-            .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch="))
-            .count();
-        if lists > lists_before {
-            break;
-        }
+    while api.api.lists(fakeapi::SERVICES) == lists_before {
         assert!(Instant::now() < deadline, "the watcher did not relist after 410 Gone: {:?}", api.api.requests());
         assert_eq!(conn.request().expect("established connection while the watch is down").backend, first);
         std::thread::sleep(Duration::from_millis(50));

@@ -50,7 +50,7 @@ enum Cmd {
         /// A shorter run (under 3 minutes).
         #[arg(long)]
         quick: bool,
-        /// Run one part alone and print it: datapath, e2e or control.
+        /// Run one part alone and print it: datapath, e2e, control or reliability.
         #[arg(long)]
         only: Option<String>,
     },

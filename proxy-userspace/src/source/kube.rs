@@ -1,14 +1,15 @@
-//! The Kubernetes API source: kube-rs watchers for Services, EndpointSlices
-//! and this node's Node object, their events handed over as changes.
+//! The Kubernetes API source: list/watch loops (`watch`) for Services,
+//! EndpointSlices and this node's Node object, their events handed over as
+//! changes.
 //!
 //! - The list/watch calls carry kube-proxy's label selector: Services and
 //!   slices labelled `service.kubernetes.io/service-proxy-name` (another
 //!   proxy's) or `service.kubernetes.io/headless` are not even fetched.
 //! - A (re)list arrives as `Relisting(kind)` then one `Replace(kind, ...)`;
-//!   watch events as `Apply`/`Delete`. Watchers relist after errors and
-//!   `410 Gone` on their own, with backoff; the agent keeps the last
-//!   complete state meanwhile, so a connection problem never touches the
-//!   datapath.
+//!   watch events as `Apply`/`Delete`. The loops relist after `410 Gone`
+//!   and failed watches, resume dead watches, back off while the server
+//!   fails (see `watch`); the agent keeps the last complete state
+//!   meanwhile, so a connection problem never touches the datapath.
 //! - Objects that fail to deserialize are kept out by `DeserializeGuard` and
 //!   reported by name, without ending the stream; their last good version
 //!   stays.
@@ -17,13 +18,9 @@
 //!   they arrive.
 use std::{
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, atomic::AtomicUsize},
 };
 
-use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -32,15 +29,21 @@ use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
     core::{DeserializeGuard, Resource},
-    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::task::JoinHandle;
 
-use super::{Event, Object, ObjectKey, ObjectKind, Sender};
+use super::{
+    Object, ObjectKind, Sender,
+    watch::{self, Watched},
+};
 use crate::model::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 
 /// kube-proxy's label for headless Services' slices (`v1.IsHeadlessService`).
 const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+/// Longest wait for a TCP connection to the API server: a server that
+/// drops packets (rather than refusing) must not hold a retry for long.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Annotations the agent reads (the model's, and the trigger time the
 /// network programming latency is measured from); every other one is
@@ -81,6 +84,8 @@ pub struct Options {
     pub node_name: String,
     /// `--service-proxy-name`.
     pub service_proxy_name: Option<String>,
+    /// Liveness, backoff and list settings of the watch loops.
+    pub watch: watch::Settings,
 }
 
 /// Fail early on a configuration that cannot work: a kubeconfig that does
@@ -162,100 +167,18 @@ fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
     });
 }
 
-/// An object that could not be read, by name.
-fn problem<K: Resource<DynamicType = ()>>(invalid: &kube::core::error_boundary::InvalidObject) -> Event {
-    let ns = invalid.metadata.namespace.as_deref().unwrap_or("");
-    let name = invalid.metadata.name.as_deref().unwrap_or("");
-    let what = if ns.is_empty() { format!("{} {name}", K::kind(&())) } else { format!("{} {ns}/{name}", K::kind(&())) };
-    Event::Problem { what, reason: Some(format!("unreadable, its last good version stays: {}", invalid.error)) }
-}
-
-/// One kind's watcher: what it is, how to wrap and slim its objects.
-struct Watched<K> {
-    kind: ObjectKind,
-    wrap: fn(K) -> Object,
-    slim: fn(&mut K),
-}
-
-impl<K> Clone for Watched<K> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<K> Copy for Watched<K> {}
-
-/// Run a watcher for `K`, sending its events; `synced` counts the kinds
-/// that have had their first complete list, and the last of them sends
-/// `Synced`.
+/// Run one kind's list/watch loop in the background.
 fn spawn_watch<K>(
     api: Api<DeserializeGuard<K>>,
-    config: watcher::Config,
-    tx: Sender,
     k: Watched<K>,
-    synced: Arc<AtomicUsize>,
+    settings: &watch::Settings,
+    tx: Sender,
+    synced: &Arc<AtomicUsize>,
 ) -> JoinHandle<()>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let stream = watcher(api, config).default_backoff();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        let mut listing: Vec<Object> = Vec::new();
-        let mut first = true;
-        let send = |e: Event| tx.send(e).is_ok();
-        while let Some(event) = stream.next().await {
-            use watcher::Event as W;
-            let ok = match event {
-                Ok(W::Init) => {
-                    listing.clear();
-                    send(Event::Relisting(k.kind))
-                }
-                Ok(W::InitApply(DeserializeGuard(Ok(mut obj)))) => {
-                    (k.slim)(&mut obj);
-                    listing.push((k.wrap)(obj));
-                    true
-                }
-                Ok(W::InitDone) => {
-                    let ok = send(Event::Replace(k.kind, std::mem::take(&mut listing)));
-                    if first {
-                        first = false;
-                        if synced.fetch_add(1, Ordering::SeqCst) + 1 == ObjectKind::ALL.len() {
-                            send(Event::Synced);
-                        }
-                    }
-                    ok
-                }
-                Ok(W::Apply(DeserializeGuard(Ok(mut obj)))) => {
-                    (k.slim)(&mut obj);
-                    send(Event::Apply((k.wrap)(obj)))
-                }
-                Ok(W::Delete(guard)) => {
-                    let meta = match &guard.0 {
-                        Ok(obj) => obj.meta().clone(),
-                        Err(invalid) => invalid.metadata.clone(),
-                    };
-                    let namespace = match k.kind {
-                        ObjectKind::Node => String::new(),
-                        _ => meta.namespace.unwrap_or_else(|| "default".into()),
-                    };
-                    send(Event::Delete(ObjectKey { kind: k.kind, namespace, name: meta.name.unwrap_or_default() }))
-                }
-                Ok(W::InitApply(DeserializeGuard(Err(invalid))) | W::Apply(DeserializeGuard(Err(invalid)))) => {
-                    send(problem::<K>(&invalid))
-                }
-                // The watcher relists by itself (410 Gone included); the
-                // agent keeps the last complete state meanwhile.
-                Err(e) => {
-                    log::warn!("{} watch: {e}; retrying", k.kind.name());
-                    true
-                }
-            };
-            if !ok {
-                return; // the agent is gone
-            }
-        }
-    })
+    tokio::spawn(watch::run(api, k, settings.clone(), tx, Arc::clone(synced)))
 }
 
 /// The client configuration `opts` describes.
@@ -296,33 +219,55 @@ pub async fn api_server_addresses(opts: &Options) -> Result<Vec<std::net::IpAddr
 impl KubeSource {
     /// Connect and start the watchers; events go to `tx`.
     pub async fn start(opts: &Options, tx: Sender) -> Result<Self> {
-        let client = Client::try_from(config(opts).await?)?;
+        let mut config = config(opts).await?;
+        // The watch loops retry with their own backoff (reset as soon as
+        // the server answers); the client's retries would hide failures
+        // and delay recovery.
+        config.default_retry = false;
+        config.connect_timeout = Some(CONNECT_TIMEOUT);
+        let client = Client::try_from(config)?;
         let labels = label_selector(opts.service_proxy_name.as_deref());
-        let cfg = watcher::Config::default().labels(&labels);
-        let slice_cfg = cfg.clone().labels(&format!("{labels},{LABEL_SERVICE_NAME}"));
-        let node_cfg = watcher::Config::default().fields(&format!("metadata.name={}", opts.node_name));
         let synced = Arc::new(AtomicUsize::new(0));
+        let w = &opts.watch;
         let tasks = vec![
             spawn_watch(
                 Api::<DeserializeGuard<Service>>::all(client.clone()),
-                cfg,
+                Watched {
+                    kind: ObjectKind::Service,
+                    wrap: |o| Object::Service(Arc::new(o)),
+                    slim: slim_service,
+                    labels: Some(labels.clone()),
+                    fields: None,
+                },
+                w,
                 tx.clone(),
-                Watched { kind: ObjectKind::Service, wrap: |o| Object::Service(Arc::new(o)), slim: slim_service },
-                Arc::clone(&synced),
+                &synced,
             ),
             spawn_watch(
                 Api::<DeserializeGuard<EndpointSlice>>::all(client.clone()),
-                slice_cfg,
+                Watched {
+                    kind: ObjectKind::EndpointSlice,
+                    wrap: |o| Object::Slice(Arc::new(o)),
+                    slim: slim_slice,
+                    labels: Some(format!("{labels},{LABEL_SERVICE_NAME}")),
+                    fields: None,
+                },
+                w,
                 tx.clone(),
-                Watched { kind: ObjectKind::EndpointSlice, wrap: |o| Object::Slice(Arc::new(o)), slim: slim_slice },
-                Arc::clone(&synced),
+                &synced,
             ),
             spawn_watch(
                 Api::<DeserializeGuard<Node>>::all(client),
-                node_cfg,
+                Watched {
+                    kind: ObjectKind::Node,
+                    wrap: |o| Object::Node(Arc::new(o)),
+                    slim: slim_node,
+                    labels: None,
+                    fields: Some(format!("metadata.name={}", opts.node_name)),
+                },
+                w,
                 tx,
-                Watched { kind: ObjectKind::Node, wrap: |o| Object::Node(Arc::new(o)), slim: slim_node },
-                synced,
+                &synced,
             ),
         ];
         Ok(Self { tasks })

@@ -22,6 +22,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs,
+    io::Read,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -41,6 +42,8 @@ pub const MAX_DEPTH: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    // `File` and `Document` name their file; `reason` says the rest (a
+    // problem report is keyed by the file already).
     #[error("manifest directory {path}: {source}")]
     Dir { path: PathBuf, source: std::io::Error },
     #[error("manifest directory {path} is not a directory")]
@@ -49,6 +52,17 @@ pub enum Error {
     File { path: PathBuf, reason: String },
     #[error("{path} document {doc}: {reason}")]
     Document { path: PathBuf, doc: usize, reason: String },
+}
+
+impl Error {
+    /// What went wrong, without the file name.
+    fn reason(&self) -> String {
+        match self {
+            Error::File { reason, .. } => reason.clone(),
+            Error::Document { doc, reason, .. } => format!("document {doc}: {reason}"),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// How to read the directory.
@@ -100,17 +114,24 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
 /// empty, or a kind this agent does not read); otherwise the whole file
 /// fails with the first problem.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, Error> {
+    parse(path, &mut std::io::Cursor::new(text.as_bytes()))
+}
+
+/// `parse_file` over a reader, one document at a time: a file costs the
+/// objects it holds, not its text and every document's tree at once.
+fn parse(path: &Path, reader: &mut impl Read) -> Result<Vec<Object>, Error> {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_depth = MAX_DEPTH;
     budget.max_documents = 1 << 20;
     budget.max_nodes = 1 << 26;
     budget.max_events = 1 << 27;
+    budget.max_reader_input_bytes = usize::try_from(MAX_FILE_BYTES).ok();
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, options)
-        .map_err(|e| Error::File { path: path.to_owned(), reason: format!("not valid YAML: {e}") })?;
     let mut out = Vec::new();
-    for (doc, value) in docs.into_iter().enumerate() {
+    // Empty documents are skipped by the reader; `doc` counts the others.
+    for (doc, value) in serde_saphyr::read_with_options::<_, serde_json::Value>(reader, options).enumerate() {
+        let value = value.map_err(|e| Error::File { path: path.to_owned(), reason: format!("not valid YAML: {e}") })?;
         if value.is_null() {
             continue;
         }
@@ -170,6 +191,8 @@ pub struct Dir {
     holder: HashMap<ObjectKey, PathBuf>,
     /// Problems reported so far, by what they are about.
     problems: BTreeMap<String, String>,
+    /// Files read so far (a figure for tests and logs).
+    reads: u64,
 }
 
 /// How a scan decides which files to read.
@@ -189,6 +212,7 @@ impl Dir {
             files: BTreeMap::new(),
             holder: HashMap::new(),
             problems: BTreeMap::new(),
+            reads: 0,
         }
     }
 
@@ -237,12 +261,15 @@ impl Dir {
                     self.set_file(&path, BTreeMap::new(), events);
                     self.files.remove(&path);
                 }
-                problems.retain(|what, _| !what.starts_with(&label(&path)));
+                problems.retain(|what, _| !about(what, &path));
                 continue;
             }
             let fp = fingerprint(&path);
             let state = self.files.entry(path.clone()).or_default();
-            if fp.is_some() && fp == state.seen && !problems.contains_key(&label(&path)) {
+            // Unchanged since last read, good or bad: a broken file is not
+            // parsed again until it changes (a chmod changes its ctime). A
+            // file that cannot even be looked at (`None`) is always tried.
+            if fp.is_some() && fp == state.seen {
                 continue;
             }
             if mode == ScanMode::Debounced && fp.is_some() && state.pending != fp {
@@ -251,6 +278,7 @@ impl Dir {
             }
             state.pending = None;
             state.seen = fp;
+            self.reads += 1;
             match read(&path) {
                 Ok(objects) => {
                     problems.remove(&label(&path));
@@ -260,7 +288,7 @@ impl Dir {
                 Err(e) => {
                     // Keep what the file contributed last time; say so once.
                     let kept = self.files.get(&path).map_or(0, |s| s.objects.len());
-                    problems.insert(label(&path), format!("{e}; keeping its last good objects ({kept})"));
+                    problems.insert(label(&path), format!("{}; keeping its last good objects ({kept})", e.reason()));
                 }
             }
         }
@@ -334,7 +362,7 @@ impl Dir {
                 if let Some(holder) = self.holder.get(key).filter(|h| *h != path) {
                     problems.insert(
                         format!("{}: duplicate {key}", label(path)),
-                        format!("{key} is defined more than once; the definition in {} stays", holder.display()),
+                        format!("defined more than once; the definition in {} stays", holder.display()),
                     );
                 }
             }
@@ -359,6 +387,12 @@ fn label(path: &Path) -> String {
     path.display().to_string()
 }
 
+/// Is the problem `what` about file `path` (its own, or a duplicate in it)?
+fn about(what: &str, path: &Path) -> bool {
+    let label = label(path);
+    what.strip_prefix(&label).is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
+}
+
 /// Read and parse one file, refusing what is too large before reading it.
 fn read(path: &Path) -> Result<Vec<Object>, Error> {
     let err = |reason: String| Error::File { path: path.to_owned(), reason };
@@ -369,8 +403,8 @@ fn read(path: &Path) -> Result<Vec<Object>, Error> {
     if meta.len() > MAX_FILE_BYTES {
         return Err(err(format!("{} bytes, more than the {MAX_FILE_BYTES} a manifest may have", meta.len())));
     }
-    let text = fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    parse_file(path, &text)
+    let file = fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    parse(path, &mut std::io::BufReader::new(file))
 }
 
 /// The running source: a task that turns file changes into events.
@@ -406,8 +440,9 @@ impl Watch {
             }
         };
         let poll = opts.poll_interval;
+        let dir_path = opts.dir.clone();
         let task = tokio::spawn(async move {
-            let polling = inotify.is_none();
+            let mut polling = inotify.is_none();
             // Keep the watcher alive as long as the task.
             let _inotify = inotify;
             let mut tick = tokio::time::interval(poll);
@@ -420,6 +455,16 @@ impl Watch {
                         for ev in std::iter::once(ev).chain(std::iter::from_fn(|| nrx.try_recv().ok())) {
                             match ev {
                                 Ok(ev) if ev.need_rescan() => rescan = true,
+                                Ok(ev) if !polling && lost_watch(&ev, &dir_path) => {
+                                    // The directory itself was removed or
+                                    // moved: its inotify watch is gone.
+                                    log::warn!(
+                                        "manifest directory {}: removed or moved; polling it from now on",
+                                        dir_path.display()
+                                    );
+                                    polling = true;
+                                    rescan = true;
+                                }
                                 Ok(ev) => paths.extend(settled(ev)),
                                 Err(e) => {
                                     log::warn!("manifest directory: inotify: {e}; rescanning");
@@ -434,7 +479,9 @@ impl Watch {
                         }
                     }
                     _ = tick.tick() => {
-                        if polling {
+                        // A debounced scan (polling, or after inotify lost
+                        // events) reads a changed file on a later tick.
+                        if polling || dir.has_pending() {
                             dir.scan(None, ScanMode::Debounced, &mut events);
                         } else {
                             // inotify does not see changes behind symlinks.
@@ -457,10 +504,27 @@ impl Watch {
 }
 
 impl Dir {
+    /// How many times a file was read.
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    /// Is a changed file waiting for a second look (debounce)?
+    pub fn has_pending(&self) -> bool {
+        self.files.values().any(|s| s.pending.is_some())
+    }
+
     /// Manifest files that are symlinks.
     fn symlinks(&self) -> BTreeSet<PathBuf> {
         self.files.keys().filter(|p| p.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink())).cloned().collect()
     }
+}
+
+/// Does `ev` say the watched directory itself went away?
+fn lost_watch(ev: &notify::Event, dir: &Path) -> bool {
+    use notify::event::{EventKind, ModifyKind};
+    matches!(ev.kind, EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)))
+        && ev.paths.iter().any(|p| p == dir)
 }
 
 /// The paths of an inotify event whose content is complete or gone: a
@@ -524,6 +588,12 @@ mod tests {
         // Not a timed test of speed: a guard against the quadratic blow-up
         // (seconds) this replaced; the bound is two orders above the cost.
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        // The budget's depth, not the parser's own limit, decides.
+        let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let e = parse_file(Path::new("a.yaml"), &nest(MAX_DEPTH + 8)).expect_err("too deep").to_string();
+        assert!(e.contains("not valid YAML"), "{e}");
+        let e = parse_file(Path::new("b.yaml"), &nest(MAX_DEPTH - 8)).expect_err("not an object").to_string();
+        assert!(e.contains("not a Kubernetes object"), "{e}");
     }
 
     struct TmpDir(PathBuf);
@@ -624,7 +694,51 @@ mod tests {
         let mut ev = Vec::new();
         d.scan(None, ScanMode::Debounced, &mut ev);
         assert!(ev.is_empty(), "first sight: wait");
+        assert!(d.has_pending(), "the next tick must look again");
         d.scan(None, ScanMode::Debounced, &mut ev);
         assert_eq!(summary(&ev), vec!["apply Service app/web"]);
+        assert!(!d.has_pending());
+    }
+
+    #[test]
+    fn a_broken_file_is_not_parsed_again_until_it_changes() {
+        let (t, mut d) = tmp();
+        let f = t.0.join("a.yaml");
+        fs::write(&f, format!("{}\nkind: [unclosed\n", "#".repeat(1000))).expect("write");
+        let s = summary(&d.initial());
+        assert!(s.iter().any(|l| l.contains("not valid YAML")), "{s:?}");
+        let reads = d.reads();
+        for mode in [ScanMode::Changed, ScanMode::Debounced, ScanMode::Debounced, ScanMode::Debounced] {
+            let mut ev = Vec::new();
+            d.scan(None, mode, &mut ev);
+            assert!(ev.is_empty(), "{:?}", summary(&ev));
+        }
+        assert_eq!(d.reads(), reads, "an unchanged broken file is not parsed on every scan");
+        fs::write(&f, svc("web", "198.19.0.10")).expect("fix");
+        let s = scan(&mut d);
+        assert!(s.contains(&"apply Service app/web".to_owned()), "{s:?}");
+        assert_eq!(d.reads(), reads + 1);
+    }
+
+    #[test]
+    fn a_files_problems_are_told_apart_from_those_of_a_file_whose_name_extends_it() {
+        let (t, mut d) = tmp();
+        fs::write(t.0.join("a.yml"), svc("web", "198.19.0.10")).expect("write");
+        fs::write(t.0.join("a.yml.json"), "{").expect("write");
+        d.initial();
+        fs::remove_file(t.0.join("a.yml")).expect("rm");
+        let s = scan(&mut d);
+        assert_eq!(s, vec!["delete Service app/web"], "a.yml.json's problem stays reported");
+    }
+
+    #[test]
+    fn problems_name_the_file_once() {
+        let (t, mut d) = tmp();
+        fs::write(t.0.join("a.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n")
+            .expect("write");
+        let s = summary(&d.initial());
+        let line = s.iter().find(|l| l.starts_with("problem")).expect("a problem");
+        assert_eq!(line.matches("a.yaml").count(), 1, "{line}");
+        assert!(line.contains("document 0: Service x:"), "{line}");
     }
 }

@@ -21,6 +21,7 @@
 //! `kube` (the Kubernetes API through kube-rs watchers).
 pub mod kube;
 pub mod manifests;
+pub mod watch;
 
 use std::sync::Arc;
 
