@@ -651,6 +651,23 @@ mod tests {
     }
 
     #[test]
+    fn api_watch_settings_reach_the_kube_source() {
+        let (a, _, _) = run_args(
+            "dsproxy: {streamingLists: false, apiRetryMax: 3s}\n",
+            &["--attach", "x", "--watch-idle-timeout", "90s"],
+        );
+        let cfg = run_config(a).expect("valid");
+        let SourceConfig::Kube(opts) = cfg.source else { panic!("the API source") };
+        assert_eq!(opts.watch.idle_timeout, Duration::from_secs(90));
+        assert_eq!(opts.watch.retry_max, Duration::from_secs(3));
+        assert!(!opts.watch.streaming_lists);
+        let (a, _, _) = run_args("", &["--attach", "x"]);
+        let SourceConfig::Kube(opts) = run_config(a).expect("valid").source else { panic!("the API source") };
+        assert_eq!((opts.watch.idle_timeout, opts.watch.retry_max), (Duration::from_mins(2), Duration::from_secs(1)));
+        assert!(opts.watch.streaming_lists, "streaming lists by default");
+    }
+
+    #[test]
     fn bad_config_file_values_are_refused_by_name() {
         let e = parse_with("dsproxy: {capacities: {svc: many}}\n", &[]).err().expect("bad capacity").to_string();
         assert!(e.contains("line 1"), "{e}");

@@ -545,6 +545,19 @@ dsproxy:
     }
 
     #[test]
+    fn the_api_watch_settings_become_flags() {
+        let got = flags("dsproxy:\n  watchIdleTimeout: 90s\n  apiRetryMax: 2s\n  streamingLists: false\n");
+        assert_eq!(
+            got,
+            vec![
+                ("--watch-idle-timeout", "90s".into()),
+                ("--api-retry-max", "2s".into()),
+                ("--streaming-lists", "false".into())
+            ]
+        );
+    }
+
+    #[test]
     fn unknown_fields_are_errors_that_name_them() {
         for (text, name) in [
             ("healthzBindAdress: 0.0.0.0:10256\n", "healthzBindAdress"),
