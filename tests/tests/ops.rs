@@ -572,6 +572,11 @@ fn healthz_fails_while_the_node_is_deleted_and_livez_does_not() {
         let path = r.trim_start_matches("GET ").split('?').next().unwrap_or("").to_owned();
         let verb = if r.contains("watch=true") { "watch" } else { "list" };
         let resource = path.rsplit('/').next().unwrap_or("").to_owned();
+        // A streaming list (sendInitialEvents) is a list delivered as a
+        // watch: it needs list too, as does the fallback to paged lists.
+        if r.contains("sendInitialEvents=true") {
+            used.insert((resource.clone(), "list"));
+        }
         used.insert((resource, verb));
     }
     let docs = deploy_documents();
