@@ -3,7 +3,6 @@
 //! compacted, so every watch relists), and what a huge and a deeply nested
 //! manifest cost an unrelated change.
 use std::{
-    fmt::Write as _,
     io::ErrorKind,
     net::SocketAddr,
     path::Path,
@@ -14,7 +13,12 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::{e2e::fake_endpoint, services, vip};
-use dsproxy_tests::{Cluster, TempDir, echo::tcp_request_within, fakeapi::FakeApi, manifests::documents};
+use dsproxy_tests::{
+    Cluster, TempDir,
+    echo::tcp_request_within,
+    fakeapi::FakeApi,
+    manifests::{documents, filler, nested},
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Result {
@@ -127,17 +131,8 @@ fn manifests(agent: &Path) -> (f64, f64, f64) {
     let _client = c.client();
     c.write("web.yaml", &documents(&services(1, |_, v6| vec![fake_endpoint(0, 0, 1, v6)])));
     c.start_agent();
-    c.write("nested.yaml", &format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)));
-    let filler = "x".repeat(1000);
-    let mut huge = String::with_capacity(51 << 20);
-    let mut i = 0;
-    while huge.len() < 50 << 20 {
-        let _ = write!(
-            huge,
-            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}}}\ndata: {{k: \"{filler}\"}}\n"
-        );
-        i += 1;
-    }
+    c.write("nested.yaml", &nested(100_000));
+    let mut huge = filler(50 << 20);
     let mut last = services(2, |_, v6| vec![fake_endpoint(1, 0, 1, v6)]);
     last.retain(|o| o["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("svc-1")));
     huge.push_str(&documents(&last));

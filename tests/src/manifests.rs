@@ -94,3 +94,24 @@ pub fn documents(objs: &[Value]) -> String {
     }
     out
 }
+
+/// About `bytes` of YAML documents of a kind the agent does not read
+/// (ConfigMaps with 1 KB of data each): a huge manifest that is valid.
+pub fn filler(bytes: usize) -> String {
+    use std::fmt::Write as _;
+    let data = "x".repeat(1000);
+    let mut out = String::with_capacity(bytes + 2048);
+    let mut i = 0;
+    while out.len() < bytes {
+        let _ =
+            write!(out, "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}}}\ndata: {{k: \"{data}\"}}\n");
+        i += 1;
+    }
+    out
+}
+
+/// `depth` nested flow sequences (`[[[...]]]`): YAML that costs parsers
+/// the square of its depth unless they bound it.
+pub fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}

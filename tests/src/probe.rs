@@ -105,7 +105,12 @@ impl Cluster {
 
     /// One established TCP connection to VIP `n` per family.
     pub fn connect_both(&self, client: usize, n: u8) -> Vec<Held> {
-        let targets = [vip(n, false), vip(n, true)];
+        self.connect_to(client, vec![vip(n, false), vip(n, true)])
+    }
+
+    /// One established TCP connection from pod `client` to each target,
+    /// with the backend that answered it.
+    pub fn connect_to(&self, client: usize, targets: Vec<SocketAddr>) -> Vec<Held> {
         self.in_pod(client, move || {
             targets
                 .iter()

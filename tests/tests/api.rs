@@ -41,6 +41,16 @@ impl Kube {
         Self { c, api, client, be, dir: TempDir::new("dsproxy-kubeconfig-") }
     }
 
+    /// `new`, Service `web` on VIP 10 over be0, the agent started and
+    /// serving it.
+    fn started(backends: usize, extra: &[&str]) -> Self {
+        let mut k = Self::new(backends);
+        k.apply(&k.service("web", 10, &[0]));
+        k.start(extra);
+        k.served_by(10, &["be0"], Duration::from_secs(5));
+        k
+    }
+
     fn start(&mut self, extra: &[&str]) {
         let kubeconfig = self.dir.0.join("kubeconfig");
         std::fs::write(&kubeconfig, self.api.kubeconfig()).expect("write kubeconfig");
@@ -89,10 +99,7 @@ impl Kube {
 
 #[test]
 fn should_apply_changes_made_during_an_api_outage_once_the_server_is_back_with_compacted_history() {
-    let mut k = Kube::new(3);
-    k.apply(&k.service("web", 10, &[0]));
-    k.start(&[]);
-    k.served_by(10, &["be0"], Duration::from_secs(5));
+    let k = Kube::started(3, &[]);
     let reqs = k.api.requests();
     assert!(
         reqs.iter().any(|r| r.contains("/api/v1/services?") && r.contains("sendInitialEvents=true"))
@@ -198,10 +205,7 @@ fn should_declare_a_silent_watch_dead_and_resume_it() {
 
 #[test]
 fn should_recover_from_cut_chunks_garbage_and_server_errors() {
-    let mut k = Kube::new(3);
-    k.apply(&k.service("web", 10, &[0]));
-    k.start(&[]);
-    k.served_by(10, &["be0"], Duration::from_secs(5));
+    let k = Kube::started(3, &[]);
     let mut conns = k.connect(10);
 
     // The event carrying the change breaks off mid-chunk.

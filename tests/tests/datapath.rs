@@ -101,16 +101,7 @@ fn assert_same_family(s: &Setup, replies: &[Reply], v6: bool) {
 
 /// One established connection per target, with the backend that answers it.
 fn open_connections(s: &Setup, targets: [SocketAddr; 2]) -> Vec<(Conn, String)> {
-    s.c.in_pod(s.client, move || {
-        targets
-            .iter()
-            .map(|t| {
-                let mut c = Conn::connect(*t).expect("connect");
-                let b = c.request().expect("request").backend;
-                (c, b)
-            })
-            .collect()
-    })
+    s.c.connect_to(s.client, targets.to_vec())
 }
 
 fn spread(replies: &[Reply]) -> HashMap<String, usize> {

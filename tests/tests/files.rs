@@ -5,14 +5,17 @@
 //! A file that cannot be read or parsed keeps the objects it contributed
 //! last; only a file that parses changes them.
 use std::{
-    fmt::Write as _,
     io::Write as _,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use dsproxy_tests::{Cluster, manifests::documents, probe::TARGET};
+use dsproxy_tests::{
+    Cluster,
+    manifests::{documents, filler, nested},
+    probe::TARGET,
+};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dsproxy-under-test");
@@ -29,6 +32,16 @@ impl Files {
         let client = c.client();
         let be = (0..backends).map(|i| c.backend(&format!("be{i}"), TARGET, false)).collect();
         Self { c, client, be }
+    }
+
+    /// `backends` backends, web.yaml with Service `web` on VIP 10 over
+    /// be0, the agent started (through `wrapper`) and serving it.
+    fn started(backends: usize, wrapper: &[&str]) -> Self {
+        let mut w = Self::new(backends);
+        w.c.write("web.yaml", &documents(&w.service("web", 10, &[0])));
+        w.c.start_agent_wrapped(wrapper, &[]);
+        w.served_by(10, &["be0"], Duration::from_secs(5));
+        w
     }
 
     /// Service `name` on VIP `n` over backends `eps`, with its slices.
@@ -58,10 +71,7 @@ impl Files {
 
 #[test]
 fn should_keep_serving_the_old_endpoints_while_a_file_is_rewritten_in_place() {
-    let mut w = Files::new(2);
-    w.c.write("web.yaml", &documents(&w.service("web", 10, &[0])));
-    w.c.start_agent();
-    w.served_by(10, &["be0"], Duration::from_secs(5));
+    let w = Files::started(2, &[]);
 
     // An editor writing in place: truncate, write half, keep the file open.
     let text = documents(&w.service("web", 10, &[1]));
@@ -81,10 +91,7 @@ fn should_keep_serving_the_old_endpoints_while_a_file_is_rewritten_in_place() {
 
 #[test]
 fn should_keep_a_files_objects_while_it_is_a_symlink_loop() {
-    let mut w = Files::new(2);
-    w.c.write("web.yaml", &documents(&w.service("web", 10, &[0])));
-    w.c.start_agent();
-    w.served_by(10, &["be0"], Duration::from_secs(5));
+    let w = Files::started(2, &[]);
 
     // web.yaml -> web.yaml, renamed into place.
     let tmp = w.path(".web.yaml.loop");
@@ -108,13 +115,10 @@ fn effective_caps(pid: u32) -> u64 {
 
 #[test]
 fn should_keep_a_files_objects_while_a_capability_dropped_agent_may_not_read_it() {
-    let mut w = Files::new(2);
-    w.c.write("web.yaml", &documents(&w.service("web", 10, &[0])));
     // Root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH: file modes bite.
-    w.c.start_agent_wrapped(&["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"], &[]);
+    let w = Files::started(2, &["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]);
     let caps = effective_caps(w.c.agent().pid());
     assert_eq!(caps & 0b110, 0, "the agent runs without DAC override and DAC read-search: CapEff {caps:x}");
-    w.served_by(10, &["be0"], Duration::from_secs(5));
 
     let path = w.path("web.yaml");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).expect("chmod 000");
@@ -167,28 +171,16 @@ fn should_keep_the_first_definition_of_an_object_defined_in_two_files_and_name_b
 
 #[test]
 fn should_apply_an_unrelated_change_quickly_beside_huge_and_deeply_nested_files() {
-    let mut w = Files::new(2);
-    w.c.write("web.yaml", &documents(&w.service("web", 10, &[0])));
-    w.c.start_agent();
-    w.served_by(10, &["be0"], Duration::from_secs(5));
+    let w = Files::started(2, &[]);
 
     // 200 KB of nested flow sequences: refused by the depth budget.
     let started = Instant::now();
-    w.c.write("nested.yaml", &format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)));
+    w.c.write("nested.yaml", &nested(100_000));
     w.logged_about("nested.yaml", |l| l.contains("not valid YAML"));
     eprintln!("  a 200 KB nested file refused in {:?}", started.elapsed());
 
     // 50 MB of ConfigMaps (not ours) and, at its end, Service `bulk`.
-    let filler = "x".repeat(1000);
-    let mut huge = String::with_capacity(51 << 20);
-    let mut i = 0;
-    while huge.len() < 50 << 20 {
-        let _ = write!(
-            huge,
-            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}}}\ndata: {{k: \"{filler}\"}}\n"
-        );
-        i += 1;
-    }
+    let mut huge = filler(50 << 20);
     huge.push_str(&documents(&w.service("bulk", 12, &[1])));
     let started = Instant::now();
     w.c.write("huge.yaml", &huge);

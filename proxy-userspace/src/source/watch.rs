@@ -218,6 +218,25 @@ fn describe_error(e: &kube::Error) -> String {
     text
 }
 
+/// A request that failed: the status the API server answered with, if
+/// any, and what happened, as text.
+struct Failed {
+    status: Option<Box<kube::core::Status>>,
+    text: String,
+}
+
+/// `request`, failed when it gets no answer within `limit`.
+async fn within<T>(limit: Duration, request: impl Future<Output = kube::Result<T>>) -> Result<T, Failed> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => {
+            let text = describe_error(&e);
+            Err(Failed { status: if let kube::Error::Api(s) = e { Some(s) } else { None }, text })
+        }
+        Err(_) => Err(Failed { status: None, text: format!("no answer within {} ms", limit.as_millis()) }),
+    }
+}
+
 /// An object that could not be read, by name.
 fn problem<K: Resource<DynamicType = ()>>(invalid: &kube::core::error_boundary::InvalidObject) -> Event {
     let ns = invalid.metadata.namespace.as_deref().unwrap_or("");
@@ -304,14 +323,10 @@ where
         let limit = self.settings.idle_timeout.max(Duration::from_mins(1));
         let mut objects = Vec::new();
         loop {
-            let page = match tokio::time::timeout(limit, self.api.list(&lp)).await {
-                Ok(Ok(page)) => page,
-                Ok(Err(e)) => {
-                    self.sleep_after("list", &describe_error(&e)).await;
-                    return true;
-                }
-                Err(_) => {
-                    self.sleep_after("list", &format!("no answer within {} ms", limit.as_millis())).await;
+            let page = match within(limit, self.api.list(&lp)).await {
+                Ok(page) => page,
+                Err(e) => {
+                    self.sleep_after("list", &e.text).await;
                     return true;
                 }
             };
@@ -342,26 +357,20 @@ where
         wp.send_initial_events = true;
         let limit = self.settings.idle_timeout;
         // resourceVersion "" with NotOlderThan: a consistent read.
-        let stream = match tokio::time::timeout(limit, self.api.watch(&wp, "")).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(kube::Error::Api(s))) if matches!(s.code, 400 | 422) => {
+        let stream = match within(limit, self.api.watch(&wp, "")).await {
+            Ok(stream) => stream,
+            Err(e) if e.status.as_ref().is_some_and(|s| matches!(s.code, 400 | 422)) => {
                 log::warn!(
-                    "{}: the API server refuses streaming lists ({} {}: {}); using paged lists",
+                    "{}: the API server refuses streaming lists ({}); using paged lists",
                     self.k.kind.name(),
-                    s.code,
-                    s.reason,
-                    s.message
+                    e.text
                 );
                 self.backoff.answered();
                 self.streaming = false;
                 return true;
             }
-            Ok(Err(e)) => {
-                self.sleep_after("streaming list", &describe_error(&e)).await;
-                return true;
-            }
-            Err(_) => {
-                self.sleep_after("streaming list", &format!("no answer within {} ms", limit.as_millis())).await;
+            Err(e) => {
+                self.sleep_after("streaming list", &e.text).await;
                 return true;
             }
         };
@@ -371,26 +380,19 @@ where
 
     async fn watch(&mut self, rv: String) -> bool {
         let limit = self.settings.idle_timeout;
-        let stream = match tokio::time::timeout(limit, self.api.watch(&self.watch_params(), &rv)).await {
-            Ok(Ok(stream)) => stream,
+        let stream = match within(limit, self.api.watch(&self.watch_params(), &rv)).await {
+            Ok(stream) => stream,
             // An apiserver sends 410 in the stream, but a proxy may not.
-            Ok(Err(kube::Error::Api(s))) if s.code == 410 => {
+            Err(Failed { status: Some(s), .. }) if s.code == 410 => {
                 return self.expired(&format!("{}: {}", s.reason, s.message));
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 // What changed meanwhile is unknown: relist once the server
                 // answers again (the kind is stale until then).
                 if !self.stale() {
                     return false;
                 }
-                self.sleep_after("watch", &describe_error(&e)).await;
-                return true;
-            }
-            Err(_) => {
-                if !self.stale() {
-                    return false;
-                }
-                self.sleep_after("watch", &format!("no answer within {} ms", limit.as_millis())).await;
+                self.sleep_after("watch", &e.text).await;
                 return true;
             }
         };
