@@ -139,9 +139,14 @@ pub fn tcp_request_within(target: SocketAddr, connect_timeout: Duration) -> std:
 /// accepts an answer whose source is exactly `target`, so a reply that was
 /// not rewritten back to the VIP times out.
 pub fn udp_request(target: SocketAddr) -> std::io::Result<Reply> {
+    udp_request_within(target, IO_TIMEOUT)
+}
+
+/// `udp_request` with an answer timeout of its own.
+pub fn udp_request_within(target: SocketAddr, timeout: Duration) -> std::io::Result<Reply> {
     let bind: SocketAddr = if target.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.expect("addr");
     let sock = UdpSocket::bind(bind)?;
-    sock.set_read_timeout(Some(IO_TIMEOUT))?;
+    sock.set_read_timeout(Some(timeout))?;
     sock.connect(target)?;
     sock.send(b"hello\n")?;
     let mut buf = [0u8; 512];

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::{
     Cluster,
-    echo::{Conn, tcp_request_within, udp_request},
+    echo::{Conn, tcp_request_within, udp_request, udp_request_within},
     manifests::{Port, READY, service, slice},
     topo::{vip4, vip6},
 };
@@ -56,14 +56,20 @@ impl Cluster {
     /// Backends answering 3 TCP and 3 UDP requests from pod `client` to VIP
     /// `n`, or the first error.
     pub fn sample(&self, client: usize, n: u8, v6: bool) -> std::io::Result<Vec<String>> {
+        self.sample_within(client, n, v6, crate::echo::IO_TIMEOUT)
+    }
+
+    /// `sample` where each request gets an answer within `timeout`. Short
+    /// while waiting for a change: a SYN or a datagram in flight when the
+    /// change lands may go unanswered, and must not hold the sample for a
+    /// retransmission or seconds.
+    pub fn sample_within(&self, client: usize, n: u8, v6: bool, timeout: Duration) -> std::io::Result<Vec<String>> {
         let target = vip(n, v6);
         self.in_pod(client, move || {
             let mut out = Vec::new();
             for _ in 0..3 {
-                // A short connect timeout: a SYN sent just before a change
-                // lands must not hold the sample for a retransmission.
-                out.push(tcp_request_within(target, Duration::from_millis(200))?.backend);
-                out.push(udp_request(target)?.backend);
+                out.push(tcp_request_within(target, timeout)?.backend);
+                out.push(udp_request_within(target, timeout)?.backend);
             }
             Ok(out)
         })
@@ -75,7 +81,7 @@ impl Cluster {
         let start = Instant::now();
         for v6 in [false, true] {
             loop {
-                let s = self.sample(client, n, v6);
+                let s = self.sample_within(client, n, v6, Duration::from_millis(200));
                 if s.as_ref().is_ok_and(|v| v.iter().all(|b| names.contains(&b.as_str()))) {
                     break;
                 }

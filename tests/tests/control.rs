@@ -13,7 +13,7 @@ use std::{
 
 use dsproxy_tests::{
     Cluster, TempDir,
-    echo::{Conn, tcp_request, tcp_request_within, udp_request},
+    echo::{Conn, tcp_request, tcp_request_within, udp_request_within},
     fakeapi::{self, FakeApi},
     manifests::{Cond, Port, READY, TERMINATING, documents, service, slice},
     topo::{vip4, vip6},
@@ -121,7 +121,10 @@ impl World {
                     // retransmission timeout.
                     out.push(tcp_request_within(target, Duration::from_millis(200))?.backend);
                 }
-                out.push(udp_request(target)?.backend);
+                // The same for a datagram in flight when the change lands:
+                // its answer may be lost (its reverse NAT went with the
+                // frontend), and must not hold the sample for seconds.
+                out.push(udp_request_within(target, Duration::from_millis(200))?.backend);
             }
             Ok(out)
         })
