@@ -631,6 +631,11 @@ fn watch_stream<'a>(
         }
         let wait = interval.min(Duration::from_millis(200));
         st = shared.cv.wait_timeout(st, wait).expect("fake API state lock").0;
+        if st.epoch != epoch {
+            // Dropped while waiting: what woke us must not go out on it.
+            drop(st);
+            return stream.shutdown(Shutdown::Both);
+        }
     }
 }
 
