@@ -12,7 +12,12 @@
 //! 4. deletion of the old generation's slots.
 //!
 //! Backends are deleted only by `plan_gc`, once no slot references them.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+//! Many steps can be planned against one mirror before any is applied
+//! (`Reserved` hands out fresh ids), which is what lets `sync` batch them.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 use proxy_common::{MAX_BACKENDS_PER_SVC, SLOT_GEN_A, SLOT_GEN_B};
 
@@ -68,11 +73,49 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The family of the maps it writes.
+    pub fn family(&self) -> Family {
+        match self {
+            Op::PutBackend { backend, .. } | Op::DeleteBackend { backend, .. } => backend.family(),
+            Op::PutRevNat { frontend, .. }
+            | Op::PutSlot { frontend, .. }
+            | Op::DeleteSlot { frontend, .. }
+            | Op::PutFrontend { frontend, .. }
+            | Op::DeleteFrontend { frontend } => frontend.family(),
+            Op::ClearRevNat { family, .. } => *family,
+        }
+    }
+}
+
+/// What a step is for, for messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// A Service port (`ns/name:port`) and the frontend it programs.
+    Port(String, Frontend),
+    Removed(Frontend),
+    GarbageCollection,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Port(port, frontend) => write!(f, "{port} ({frontend})"),
+            Owner::Removed(frontend) => write!(f, "removed frontend {frontend}"),
+            Owner::GarbageCollection => f.write_str("garbage collection"),
+        }
+    }
+}
+
+/// A hash map with a fast, per-process seeded hash (foldhash): the
+/// mirror's tables are looked up once or twice per map operation.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The operations for one frontend (or one clean-up), in order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
-    /// What the step is for, for messages: `ns/name:port (vip:port/proto)`.
-    pub owner: String,
+    /// What the step is for (formatted only for messages).
+    pub owner: Owner,
     pub ops: Vec<Op>,
     /// Ops at index `< commit` can be undone by `rollback`; the op at
     /// `commit` makes the step visible; after it, failures leave garbage
@@ -96,9 +139,11 @@ impl Default for IdAlloc {
 }
 
 impl IdAlloc {
-    /// The `n` ids the next allocations will return, without taking them.
-    pub fn peek(&self, n: usize) -> Vec<u32> {
-        self.free.iter().copied().chain(self.next..).take(n).collect()
+    /// Take the lowest free id.
+    pub fn take_lowest(&mut self) -> u32 {
+        let id = self.free.first().copied().unwrap_or(self.next);
+        self.take(id);
+        id
     }
 
     pub fn take(&mut self, id: u32) {
@@ -123,24 +168,24 @@ pub struct FamilyState {
     pub backend_ids: IdAlloc,
     pub rev_nat_ids: IdAlloc,
     /// Backend id -> backend.
-    pub backends: BTreeMap<u32, Backend>,
+    pub backends: FastMap<u32, Backend>,
     /// Backend id -> number of slots (of any generation) that reference it.
-    pub refs: HashMap<u32, u32>,
+    pub refs: FastMap<u32, u32>,
     /// Backends whose last reference went since the last gc: candidates
     /// for `plan_gc_freed`.
     pub freed: Vec<u32>,
     /// Reverse-NAT id -> the Service port name written beside it.
-    pub names: HashMap<u32, String>,
+    pub names: FastMap<u32, String>,
 }
 
 /// The maps' content, as the agent knows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Programmed {
-    pub frontends: BTreeMap<Frontend, FrontendValue>,
+    pub frontends: FastMap<Frontend, FrontendValue>,
     /// Every backend slot in the maps, both generations.
-    pub slots: BTreeMap<Frontend, BTreeMap<u16, u32>>,
+    pub slots: FastMap<Frontend, BTreeMap<u16, u32>>,
     /// Backend -> id.
-    pub backend_index: HashMap<Backend, u32>,
+    pub backend_index: FastMap<Backend, u32>,
     pub v4: FamilyState,
     pub v6: FamilyState,
 }
@@ -285,10 +330,55 @@ pub fn changes_in<'a>(prog: &Programmed, desired: &'a Desired, dirty: &BTreeSet<
         .collect()
 }
 
+/// Ids handed to steps that are planned but not applied yet, so that many
+/// steps can be planned against the same mirror and applied together: no
+/// two of them take the same fresh id, and a new backend two of them use is
+/// written once, by the first.
+#[derive(Debug, Default)]
+pub struct Reserved {
+    /// New backends (not in the mirror) and the id given to them.
+    backends: FastMap<Backend, u32>,
+    /// Per family: backend and reverse-NAT ids, from the mirror's on first use.
+    ids: [Option<(IdAlloc, IdAlloc)>; 2],
+}
+
+impl Reserved {
+    fn ids(&mut self, prog: &Programmed, family: Family) -> &mut (IdAlloc, IdAlloc) {
+        let slot = match family {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        };
+        self.ids[slot].get_or_insert_with(|| {
+            let fam = prog.family(family);
+            (fam.backend_ids.clone(), fam.rev_nat_ids.clone())
+        })
+    }
+
+    /// The id of backend `b`, and whether this step must write it.
+    fn backend(&mut self, prog: &Programmed, b: &Backend) -> (u32, bool) {
+        if let Some(id) = prog.backend_index.get(b).or_else(|| self.backends.get(b)) {
+            return (*id, false);
+        }
+        let id = self.ids(prog, b.family()).0.take_lowest();
+        self.backends.insert(*b, id);
+        (id, true)
+    }
+
+    fn rev_nat(&mut self, prog: &Programmed, family: Family) -> u32 {
+        self.ids(prog, family).1.take_lowest()
+    }
+}
+
 /// Plan writing `spec` to `frontend`, make-before-break. When only the
-/// settings differ, slot 0 is rewritten in place (one atomic write).
-pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -> Result<Step, String> {
-    let owner = format!("{} ({frontend})", spec.owner);
+/// settings differ, slot 0 is rewritten in place (one atomic write). Fresh
+/// ids come from `reserved` (see `Reserved`).
+pub fn plan_upsert(
+    prog: &Programmed,
+    reserved: &mut Reserved,
+    frontend: Frontend,
+    spec: &FrontendSpec,
+) -> Result<Step, String> {
+    let owner = Owner::Port(spec.owner.clone(), frontend);
     let count = u16::try_from(spec.backends.len()).ok().filter(|n| *n <= MAX_BACKENDS_PER_SVC).ok_or_else(|| {
         format!("{owner}: {} backends, more than the {MAX_BACKENDS_PER_SVC} one frontend can hold", spec.backends.len())
     })?;
@@ -310,27 +400,21 @@ pub fn plan_upsert(prog: &Programmed, frontend: Frontend, spec: &FrontendSpec) -
         return Ok(Step { owner, ops, commit, rollback: vec![] });
     }
     let family = frontend.family();
-    let fam = prog.family(family);
-    let mut ops: Vec<Op> = rename.into_iter().collect();
-
-    let new_backends: Vec<&Backend> = spec.backends.iter().filter(|b| !prog.backend_index.contains_key(b)).collect();
-    let mut fresh = fam.backend_ids.peek(new_backends.len()).into_iter();
+    let mut ops = Vec::with_capacity(2 * spec.backends.len() + 3);
+    ops.extend(rename);
     let mut ids = Vec::with_capacity(spec.backends.len());
     for b in &spec.backends {
-        let id = if let Some(id) = prog.backend_index.get(b) {
-            *id
-        } else {
-            let id = fresh.next().expect("peeked one id per new backend");
+        let (id, new) = reserved.backend(prog, b);
+        if new {
             ops.push(Op::PutBackend { id, backend: *b });
-            id
-        };
+        }
         ids.push(id);
     }
 
     let rev_nat_id = if let Some(v) = existing {
         v.rev_nat_id
     } else {
-        let id = fam.rev_nat_ids.peek(1)[0];
+        let id = reserved.rev_nat(prog, family);
         ops.push(Op::PutRevNat { id, frontend, owner: spec.owner.clone() });
         id
     };
@@ -368,7 +452,7 @@ pub fn plan_remove(prog: &Programmed, frontend: Frontend) -> Step {
     if let Some(v) = prog.frontends.get(&frontend) {
         ops.push(Op::ClearRevNat { id: v.rev_nat_id, family: frontend.family() });
     }
-    Step { owner: format!("removed frontend {frontend}"), ops, commit: 0, rollback: vec![] }
+    Step { owner: Owner::Removed(frontend), ops, commit: 0, rollback: vec![] }
 }
 
 /// Plan deleting the backends that lost their last slot since the last gc
@@ -387,7 +471,7 @@ pub fn plan_gc_freed(prog: &Programmed) -> Step {
             }
         }
     }
-    Step { owner: "garbage collection".into(), commit: 0, ops, rollback: vec![] }
+    Step { owner: Owner::GarbageCollection, commit: 0, ops, rollback: vec![] }
 }
 
 /// Plan deleting what nothing uses: slots outside their frontend's active
@@ -412,5 +496,5 @@ pub fn plan_gc(prog: &Programmed) -> Step {
             }
         }
     }
-    Step { owner: "garbage collection".into(), commit: 0, ops, rollback: vec![] }
+    Step { owner: Owner::GarbageCollection, commit: 0, ops, rollback: vec![] }
 }

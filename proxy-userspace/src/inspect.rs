@@ -156,9 +156,11 @@ fn wanted(family: Option<Family>, f: Family) -> bool {
     family.is_none_or(|w| w == f)
 }
 
-/// Frontends of `family` (or all), in map order.
+/// Frontends of `family` (or all), sorted.
 pub fn services(prog: &Programmed, family: Option<Family>) -> Vec<FrontendView> {
-    prog.frontends.keys().filter(|f| wanted(family, f.family())).filter_map(|f| frontend_view(prog, f)).collect()
+    let mut frontends: Vec<&Frontend> = prog.frontends.keys().filter(|f| wanted(family, f.family())).collect();
+    frontends.sort();
+    frontends.into_iter().filter_map(|f| frontend_view(prog, f)).collect()
 }
 
 /// Backends of `family` (or all), by id.
@@ -171,7 +173,9 @@ pub fn backends(prog: &Programmed, family: Option<Family>) -> Vec<BackendEntry> 
     }
     let mut out = Vec::new();
     for fam in Family::ALL.into_iter().filter(|f| wanted(family, *f)) {
-        for (id, b) in &prog.family(fam).backends {
+        let mut ids: Vec<(&u32, &Backend)> = prog.family(fam).backends.iter().collect();
+        ids.sort();
+        for (id, b) in ids {
             out.push(BackendEntry {
                 family: fam.k8s_name(),
                 id: *id,
@@ -306,8 +310,8 @@ mod tests {
     struct Null;
 
     impl Kernel for Null {
-        fn apply(&mut self, _: &Op) -> maps::Result<()> {
-            Ok(())
+        fn apply_all(&mut self, _: &[Op]) -> Vec<(usize, maps::Error)> {
+            Vec::new()
         }
     }
 

@@ -22,6 +22,7 @@
 //!   BPF_PROG_TEST_RUN and a seeded generator for tests and benchmarks.
 pub mod agent;
 pub mod attach;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod diff;

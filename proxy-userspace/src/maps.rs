@@ -1,11 +1,18 @@
 //! The only code that reads and writes the datapath's maps: applies `Op`s
-//! and reads the pinned state back into a `Programmed` mirror.
+//! and reads the pinned state back into a `Programmed` mirror. Writes are
+//! sorted by map and sent as batches (`batch`); the IPv4 and IPv6 maps are
+//! disjoint, so large sets of writes go to them from two threads.
 use std::{
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
+use aya::{
+    Pod,
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray},
+};
 use proxy_common::{
     AffMatchKey, AffinityKey, AffinityValue, Backend4, Backend6, CtFwd4, CtFwd6, CtKey4, CtKey6, CtRev4, CtRev6,
     DatapathConfig, FragKey4, FragKey6, FragPorts, FrontendName, IfaceInfo, MapSpec, RevNat4, RevNat6, SockFwd4,
@@ -14,6 +21,7 @@ use proxy_common::{
 };
 
 use crate::{
+    batch,
     diff::{FrontendValue, Op, Programmed},
     types::{Backend, Family, Frontend, Proto, Scope, Settings},
 };
@@ -32,9 +40,13 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Where `apply` writes: the real maps, or a fake in tests.
+/// Where ops are written: the real maps, or a fake in tests.
 pub trait Kernel {
-    fn apply(&mut self, op: &Op) -> Result<()>;
+    /// Apply every op of `ops`. They are independent of each other (no op
+    /// changes what another one means), so they may land in any order, in
+    /// batches or side by side. Returns the ops that failed, by index, with
+    /// why; every other one landed.
+    fn apply_all(&mut self, ops: &[Op]) -> Vec<(usize, Error)>;
 }
 
 /// The datapath's maps, typed.
@@ -314,23 +326,28 @@ fn svc6_key(f: &Frontend, slot: u16) -> Svc6Key {
     Svc6Key::new(a, f.port, f.proto.number(), f.scope.number(), slot)
 }
 
-fn write(map: &'static MapSpec, op: &'static str, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
-    r.map_err(|e| Error::Write { map: map.name, op, object: object.to_string(), detail: describe(map, &e) })
-}
-
 /// A map error in words, with the errno and, for a full map, the flag
 /// that raises its capacity (from the map table, never guessed by name).
 pub fn describe(map: &MapSpec, e: &MapError) -> String {
     match e {
-        MapError::SyscallError(s) => match s.io_error.raw_os_error() {
-            Some(libc::E2BIG | libc::ENOMEM) => match map.sizing.flag() {
-                Some(flag) => format!("the map is full ({}); raise {flag}", s.io_error),
-                None => format!("the map is full ({})", s.io_error),
-            },
-            _ => format!("{} failed: {}", s.call, s.io_error),
-        },
+        MapError::SyscallError(s) => describe_io(map, s.call, &s.io_error),
         other => other.to_string(),
     }
+}
+
+/// `describe` for the error of a system call.
+fn describe_io(map: &MapSpec, call: &str, e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::E2BIG | libc::ENOMEM) => match map.sizing.flag() {
+            Some(flag) => format!("the map is full ({e}); raise {flag}"),
+            None => format!("the map is full ({e})"),
+        },
+        _ => format!("{call} failed: {e}"),
+    }
+}
+
+fn write(map: &'static MapSpec, op: &'static str, object: &impl ToString, r: Result<(), MapError>) -> Result<()> {
+    r.map_err(|e| Error::Write { map: map.name, op, object: object.to_string(), detail: describe(map, &e) })
 }
 
 /// Deleting what is already gone is success: the goal state holds.
@@ -342,77 +359,145 @@ fn delete(map: &'static MapSpec, object: &impl ToString, r: Result<(), MapError>
     }
 }
 
-impl Kernel for Maps {
-    fn apply(&mut self, op: &Op) -> Result<()> {
+/// What an op writes, in words, for its error message.
+fn object(op: &Op) -> String {
+    match op {
+        Op::PutBackend { backend, .. } | Op::DeleteBackend { backend, .. } => backend.to_string(),
+        Op::PutRevNat { frontend, .. } | Op::PutFrontend { frontend, .. } | Op::DeleteFrontend { frontend } => {
+            frontend.to_string()
+        }
+        Op::ClearRevNat { id, family } => format!("{} reverse-NAT id {id}", family.k8s_name()),
+        Op::PutSlot { frontend, slot, .. } | Op::DeleteSlot { frontend, slot } => format!("{frontend} slot {slot}"),
+    }
+}
+
+/// Writes to one map: keys, values (none for deletes) and, for each, the
+/// index of its op.
+struct Writes<K, V> {
+    map: &'static MapSpec,
+    keys: Vec<K>,
+    values: Vec<V>,
+    at: Vec<usize>,
+}
+
+impl<K: Pod, V: Pod> Writes<K, V> {
+    fn new(map: &'static MapSpec) -> Self {
+        Self { map, keys: Vec::new(), values: Vec::new(), at: Vec::new() }
+    }
+
+    fn put(&mut self, at: usize, key: K, value: V) {
+        self.keys.push(key);
+        self.values.push(value);
+        self.at.push(at);
+    }
+
+    fn delete(&mut self, at: usize, key: K) {
+        self.keys.push(key);
+        self.at.push(at);
+    }
+
+    /// Only the writes of ops not in `failed`.
+    fn without(self, failed: &HashSet<usize>) -> Self {
+        if failed.is_empty() {
+            return self;
+        }
+        let mut out = Self::new(self.map);
+        let values = self.values.into_iter().map(Some).chain(std::iter::repeat_with(|| None));
+        for ((key, at), value) in self.keys.into_iter().zip(self.at).zip(values) {
+            if !failed.contains(&at) {
+                out.keys.push(key);
+                out.values.extend(value);
+                out.at.push(at);
+            }
+        }
+        out
+    }
+
+    /// Apply them (`update`: puts, otherwise deletes); failures go to
+    /// `failed` by op index, described with `ops`.
+    fn run(&self, fd: BorrowedFd<'_>, ops: &[Op], failed: &mut Vec<(usize, Error)>) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let (errors, verb, call) = if self.values.is_empty() {
+            (batch::delete_all(fd, &self.keys), "delete", "bpf_map_delete_elem")
+        } else {
+            (batch::update_all(fd, &self.keys, &self.values), "update", "bpf_map_update_elem")
+        };
+        for (i, e) in errors {
+            let at = self.at[i];
+            let detail = describe_io(self.map, call, &e);
+            failed.push((at, Error::Write { map: self.map.name, op: verb, object: object(&ops[at]), detail }));
+        }
+    }
+}
+
+/// The writes of one family, by map.
+struct FamilyWrites<K, B, R> {
+    svc: Writes<K, SvcValue>,
+    svc_delete: Writes<K, u8>,
+    backend: Writes<u32, B>,
+    backend_delete: Writes<u32, u8>,
+    revnat: Writes<u32, R>,
+    names: Writes<u32, FrontendName>,
+    names_delete: Writes<u32, u8>,
+}
+
+/// The maps of one family, by their file descriptors.
+struct FamilyFds<'a> {
+    svc: BorrowedFd<'a>,
+    backend: BorrowedFd<'a>,
+    revnat: BorrowedFd<'a>,
+    names: BorrowedFd<'a>,
+}
+
+impl<K: Pod, B: Pod, R: Pod + Default> FamilyWrites<K, B, R> {
+    fn new(specs: [&'static MapSpec; 4]) -> Self {
+        let [svc, backend, revnat, names] = specs;
+        Self {
+            svc: Writes::new(svc),
+            svc_delete: Writes::new(svc),
+            backend: Writes::new(backend),
+            backend_delete: Writes::new(backend),
+            revnat: Writes::new(revnat),
+            names: Writes::new(names),
+            names_delete: Writes::new(names),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.svc.at.len()
+            + self.svc_delete.at.len()
+            + self.backend.at.len()
+            + self.backend_delete.at.len()
+            + self.revnat.at.len()
+    }
+
+    /// Sort `op` (of this family) into its maps; `key` makes its service
+    /// key, `backend` and `revnat` its values.
+    fn add(
+        &mut self,
+        at: usize,
+        op: &Op,
+        key: impl Fn(&Frontend, u16) -> K,
+        backend: impl Fn(&Backend) -> B,
+        revnat: impl Fn(&Frontend) -> R,
+    ) {
         match op {
-            Op::PutBackend { id, backend } => match backend.addr {
-                IpAddr::V4(a) => {
-                    let v = Backend4 {
-                        addr: a.octets(),
-                        port: backend.port.to_be(),
-                        proto: backend.proto.number(),
-                        flags: 0,
-                    };
-                    write(&spec::BACKEND4, "insert", &backend, self.backend4.insert(id, v, 0))
-                }
-                IpAddr::V6(a) => {
-                    let v = Backend6 {
-                        addr: a.octets(),
-                        port: backend.port.to_be(),
-                        proto: backend.proto.number(),
-                        flags: 0,
-                    };
-                    write(&spec::BACKEND6, "insert", &backend, self.backend6.insert(id, v, 0))
-                }
-            },
-            Op::DeleteBackend { id, backend } => match backend.family() {
-                Family::V4 => delete(&spec::BACKEND4, &backend, self.backend4.remove(id)),
-                Family::V6 => delete(&spec::BACKEND6, &backend, self.backend6.remove(id)),
-            },
-            // The name first: a reverse-NAT entry never exists without it.
-            Op::PutRevNat { id, frontend, owner } => match frontend.addr {
-                IpAddr::V4(a) => {
-                    let name = FrontendName::new(owner);
-                    write(&spec::NAMES4, "insert", &frontend, self.names4.insert(id, name, 0))?;
-                    let v = RevNat4 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
-                    write(&spec::REVNAT4, "set", &frontend, self.revnat4.set(*id, v, 0))
-                }
-                IpAddr::V6(a) => {
-                    let name = FrontendName::new(owner);
-                    write(&spec::NAMES6, "insert", &frontend, self.names6.insert(id, name, 0))?;
-                    let v = RevNat6 { addr: a.octets(), port: frontend.port.to_be(), _pad: [0; 2] };
-                    write(&spec::REVNAT6, "set", &frontend, self.revnat6.set(*id, v, 0))
-                }
-            },
-            Op::ClearRevNat { id, family } => match family {
-                Family::V4 => {
-                    write(&spec::REVNAT4, "clear", &id, self.revnat4.set(*id, RevNat4::default(), 0))?;
-                    delete(&spec::NAMES4, &id, self.names4.remove(id))
-                }
-                Family::V6 => {
-                    write(&spec::REVNAT6, "clear", &id, self.revnat6.set(*id, RevNat6::default(), 0))?;
-                    delete(&spec::NAMES6, &id, self.names6.remove(id))
-                }
-            },
+            Op::PutBackend { id, backend: b } => self.backend.put(at, *id, backend(b)),
+            Op::DeleteBackend { id, .. } => self.backend_delete.delete(at, *id),
+            Op::PutRevNat { id, frontend, owner } => {
+                self.names.put(at, *id, FrontendName::new(owner));
+                self.revnat.put(at, *id, revnat(frontend));
+            }
+            Op::ClearRevNat { id, .. } => {
+                self.revnat.put(at, *id, R::default());
+                self.names_delete.delete(at, *id);
+            }
             Op::PutSlot { frontend, slot, backend_id } => {
-                let v = SvcValue { backend_id: *backend_id, ..SvcValue::default() };
-                let what = format_args!("{frontend} slot {slot}").to_string();
-                match frontend.family() {
-                    Family::V4 => {
-                        write(&spec::SVC4, "insert", &what, self.svc4.insert(svc4_key(frontend, *slot), v, 0))
-                    }
-                    Family::V6 => {
-                        write(&spec::SVC6, "insert", &what, self.svc6.insert(svc6_key(frontend, *slot), v, 0))
-                    }
-                }
+                self.svc.put(at, key(frontend, *slot), SvcValue { backend_id: *backend_id, ..SvcValue::default() });
             }
-            Op::DeleteSlot { frontend, slot } => {
-                let what = format_args!("{frontend} slot {slot}").to_string();
-                match frontend.family() {
-                    Family::V4 => delete(&spec::SVC4, &what, self.svc4.remove(&svc4_key(frontend, *slot))),
-                    Family::V6 => delete(&spec::SVC6, &what, self.svc6.remove(&svc6_key(frontend, *slot))),
-                }
-            }
+            Op::DeleteSlot { frontend, slot } => self.svc_delete.delete(at, key(frontend, *slot)),
             Op::PutFrontend { frontend, value } => {
                 let (flags, affinity_timeout) = value.settings.to_flags();
                 let v = SvcValue {
@@ -423,19 +508,88 @@ impl Kernel for Maps {
                     affinity_timeout,
                     ..SvcValue::default()
                 };
-                match frontend.family() {
-                    Family::V4 => {
-                        write(&spec::SVC4, "insert", &frontend, self.svc4.insert(svc4_key(frontend, 0), v, 0))
-                    }
-                    Family::V6 => {
-                        write(&spec::SVC6, "insert", &frontend, self.svc6.insert(svc6_key(frontend, 0), v, 0))
-                    }
-                }
+                self.svc.put(at, key(frontend, 0), v);
             }
-            Op::DeleteFrontend { frontend } => match frontend.family() {
-                Family::V4 => delete(&spec::SVC4, &frontend, self.svc4.remove(&svc4_key(frontend, 0))),
-                Family::V6 => delete(&spec::SVC6, &frontend, self.svc6.remove(&svc6_key(frontend, 0))),
-            },
+            Op::DeleteFrontend { frontend } => self.svc_delete.delete(at, key(frontend, 0)),
         }
     }
+
+    fn run(self, fds: &FamilyFds<'_>, ops: &[Op]) -> Vec<(usize, Error)> {
+        let mut failed = Vec::new();
+        // Independent ops, any order would do; this one is the order of a
+        // single step. An op with two writes stops at its first failure: a
+        // reverse-NAT entry is written after its name and cleared before it,
+        // so it never exists without one.
+        self.backend.run(fds.backend, ops, &mut failed);
+        self.names.run(fds.names, ops, &mut failed);
+        let done: HashSet<usize> = failed.iter().map(|(at, _)| *at).collect();
+        self.revnat.without(&done).run(fds.revnat, ops, &mut failed);
+        let done: HashSet<usize> = failed.iter().map(|(at, _)| *at).collect();
+        self.names_delete.without(&done).run(fds.names, ops, &mut failed);
+        self.svc.run(fds.svc, ops, &mut failed);
+        self.svc_delete.run(fds.svc, ops, &mut failed);
+        self.backend_delete.run(fds.backend, ops, &mut failed);
+        failed
+    }
+}
+
+/// Below this many writes per family, the families are not written from
+/// two threads: starting one costs more than it saves.
+const PARALLEL_MIN: usize = 512;
+
+impl Kernel for Maps {
+    fn apply_all(&mut self, ops: &[Op]) -> Vec<(usize, Error)> {
+        let mut v4 = FamilyWrites::new([&spec::SVC4, &spec::BACKEND4, &spec::REVNAT4, &spec::NAMES4]);
+        let mut v6 = FamilyWrites::new([&spec::SVC6, &spec::BACKEND6, &spec::REVNAT6, &spec::NAMES6]);
+        for (at, op) in ops.iter().enumerate() {
+            match op.family() {
+                Family::V4 => v4.add(at, op, svc4_key, backend4, revnat4),
+                Family::V6 => v6.add(at, op, svc6_key, backend6, revnat6),
+            }
+        }
+        let fds4 = FamilyFds {
+            svc: self.svc4.map().fd().as_fd(),
+            backend: self.backend4.map().fd().as_fd(),
+            revnat: self.revnat4.map().fd().as_fd(),
+            names: self.names4.map().fd().as_fd(),
+        };
+        let fds6 = FamilyFds {
+            svc: self.svc6.map().fd().as_fd(),
+            backend: self.backend6.map().fd().as_fd(),
+            revnat: self.revnat6.map().fd().as_fd(),
+            names: self.names6.map().fd().as_fd(),
+        };
+        // The families' maps are disjoint: write them side by side.
+        let (mut failed, failed6) = if v4.len().min(v6.len()) >= PARALLEL_MIN {
+            std::thread::scope(|s| {
+                let six = s.spawn(|| v6.run(&fds6, ops));
+                let four = v4.run(&fds4, ops);
+                (four, six.join().expect("the IPv6 writer does not panic"))
+            })
+        } else {
+            (v4.run(&fds4, ops), v6.run(&fds6, ops))
+        };
+        failed.extend(failed6);
+        failed
+    }
+}
+
+fn revnat4(f: &Frontend) -> RevNat4 {
+    let IpAddr::V4(a) = f.addr else { unreachable!("IPv4 frontend") };
+    RevNat4 { addr: a.octets(), port: f.port.to_be(), _pad: [0; 2] }
+}
+
+fn revnat6(f: &Frontend) -> RevNat6 {
+    let IpAddr::V6(a) = f.addr else { unreachable!("IPv6 frontend") };
+    RevNat6 { addr: a.octets(), port: f.port.to_be(), _pad: [0; 2] }
+}
+
+fn backend4(b: &Backend) -> Backend4 {
+    let IpAddr::V4(a) = b.addr else { unreachable!("IPv4 backend") };
+    Backend4 { addr: a.octets(), port: b.port.to_be(), proto: b.proto.number(), flags: 0 }
+}
+
+fn backend6(b: &Backend) -> Backend6 {
+    let IpAddr::V6(a) = b.addr else { unreachable!("IPv6 backend") };
+    Backend6 { addr: a.octets(), port: b.port.to_be(), proto: b.proto.number(), flags: 0 }
 }

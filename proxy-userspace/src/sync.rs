@@ -1,13 +1,16 @@
-//! One reconciliation pass: desired vs programmed, applied step by step.
-//! A step that fails is rolled back (when it had not yet committed) and
-//! reported by the name of the object it was for; every other step still
-//! lands, and nothing already programmed is lost.
+//! One reconciliation pass: desired vs programmed, one make-before-break
+//! step per frontend. Steps are planned and applied many at a time, in
+//! phases (`run_steps`), so the kernel layer gets few large batches of
+//! independent writes instead of one system call per entry. A step that
+//! fails is rolled back (when it had not yet committed) and reported by the
+//! name of the object it was for; every other step still lands, and nothing
+//! already programmed is lost.
 use std::collections::BTreeSet;
 
 use crate::{
-    diff::{self, Change, Programmed, Step},
+    diff::{self, Change, Op, Programmed, Reserved, Step},
     maps::Kernel,
-    types::{Desired, Frontend},
+    types::{Desired, Family, Frontend},
 };
 
 /// What a pass did.
@@ -20,40 +23,19 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
-/// Apply one step; on failure before its commit point, undo what landed.
-fn run_step(kernel: &mut impl Kernel, prog: &mut Programmed, step: &Step, report: &mut Report) -> bool {
-    for (i, op) in step.ops.iter().enumerate() {
-        match kernel.apply(op) {
-            Ok(()) => {
-                prog.apply(op);
-                report.ops += 1;
-            }
-            Err(e) => {
-                if i <= step.commit {
-                    for undo in &step.rollback {
-                        // Best effort: an undo that fails leaves a slot that
-                        // no frontend points at; the next gc removes it.
-                        if kernel.apply(undo).is_ok() {
-                            prog.apply(undo);
-                        }
-                    }
-                }
-                report.errors.push(format!("{}: {e}", step.owner));
-                return false;
-            }
-        }
-    }
-    true
-}
-
 /// Bring the maps (and `prog`, their mirror) to `desired`, looking at every
 /// frontend and every map entry: at start, and after a pass with errors.
 pub fn sync(kernel: &mut impl Kernel, prog: &mut Programmed, desired: &Desired) -> Report {
     let mut report = Report::default();
+    let fresh = prog.frontends.is_empty() && prog.slots.is_empty() && prog.backend_index.is_empty();
     apply(kernel, prog, diff::changes(prog, desired), &mut report);
-    // Orphan slots first, then the backends they freed.
-    collect(kernel, prog, diff::plan_gc, &mut report);
-    collect(kernel, prog, diff::plan_gc, &mut report);
+    // From empty maps, a pass without failures leaves nothing to collect:
+    // skip the walk over every entry.
+    if !fresh || !report.errors.is_empty() {
+        // Orphan slots first, then the backends they freed.
+        collect(kernel, prog, diff::plan_gc, &mut report);
+        collect(kernel, prog, diff::plan_gc, &mut report);
+    }
     report
 }
 
@@ -75,32 +57,204 @@ pub fn sync_dirty(
 /// (every pass ends with them collected).
 fn collect(kernel: &mut impl Kernel, prog: &mut Programmed, plan: fn(&Programmed) -> Step, report: &mut Report) {
     let step = plan(prog);
-    if !step.ops.is_empty() {
-        run_step(kernel, prog, &step, report);
+    if !step.ops.is_empty()
+        && let Some(Some(e)) = run_steps(kernel, prog, vec![step], report).pop()
+    {
+        report.errors.push(e);
     }
     prog.v4.freed.clear();
     prog.v6.freed.clear();
 }
 
+/// Steps planned and applied together (a bound on what is in flight).
+const STEPS_PER_BATCH: usize = 2048;
+
+/// Plan and apply `changes`, many steps at a time. Steps that fail in a
+/// batch are tried again one by one, as the only step in flight: in a
+/// batch, a nearly full map can take the new slots of many steps and then
+/// refuse all their commits, where one at a time as many fit as there is
+/// room for.
 fn apply(kernel: &mut impl Kernel, prog: &mut Programmed, changes: Vec<Change<'_>>, report: &mut Report) {
+    let mut again = Vec::new();
+    for chunk in interleave(changes).chunks(STEPS_PER_BATCH) {
+        again.extend(apply_batch(kernel, prog, chunk, report).into_iter().map(|(change, _)| change));
+    }
+    for change in again {
+        for (_, e) in apply_batch(kernel, prog, &[change], report) {
+            report.errors.push(e);
+        }
+    }
+}
+
+/// Plan `changes` together and apply them; count what landed and return
+/// what did not, with why.
+fn apply_batch<'a>(
+    kernel: &mut impl Kernel,
+    prog: &mut Programmed,
+    changes: &[Change<'a>],
+    report: &mut Report,
+) -> Vec<(Change<'a>, String)> {
+    let mut reserved = Reserved::default();
+    let mut steps = Vec::with_capacity(changes.len());
+    let mut planned = Vec::with_capacity(changes.len());
     for change in changes {
-        match change {
-            Change::Upsert(frontend, spec) => match diff::plan_upsert(prog, frontend, spec) {
-                Ok(step) => {
-                    if run_step(kernel, prog, &step, report) {
-                        report.upserted += 1;
-                    }
-                }
-                Err(e) => report.errors.push(e),
-            },
-            Change::Remove(frontend) => {
-                let step = diff::plan_remove(prog, frontend);
-                if run_step(kernel, prog, &step, report) {
-                    report.removed += 1;
-                }
+        let step = match change {
+            Change::Upsert(frontend, spec) => diff::plan_upsert(prog, &mut reserved, *frontend, spec),
+            Change::Remove(frontend) => Ok(diff::plan_remove(prog, *frontend)),
+        };
+        match step {
+            Ok(step) => {
+                planned.push(change.clone());
+                steps.push(step);
+            }
+            Err(e) => report.errors.push(e),
+        }
+    }
+    let mut failed = Vec::new();
+    for (change, error) in planned.into_iter().zip(run_steps(kernel, prog, steps, report)) {
+        match (error, &change) {
+            (Some(e), _) => failed.push((change, e)),
+            (None, Change::Upsert(..)) => report.upserted += 1,
+            (None, Change::Remove(_)) => report.removed += 1,
+        }
+    }
+    failed
+}
+
+/// The changes with the families alternating, so that every batch has
+/// writes for both families' maps (the kernel layer writes them side by
+/// side).
+fn interleave(changes: Vec<Change<'_>>) -> Vec<Change<'_>> {
+    let family = |c: &Change<'_>| match c {
+        Change::Upsert(f, _) | Change::Remove(f) => f.family(),
+    };
+    let (v4, v6): (Vec<_>, Vec<_>) = changes.into_iter().partition(|c| family(c) == Family::V4);
+    let mut out = Vec::with_capacity(v4.len() + v6.len());
+    let (mut a, mut b) = (v4.into_iter(), v6.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+/// Ops of different steps, independent of each other, applied together;
+/// `owner[i]` is the step of `ops[i]`.
+#[derive(Default)]
+struct Phase {
+    owner: Vec<usize>,
+    ops: Vec<Op>,
+}
+
+impl Phase {
+    fn push(&mut self, owner: usize, op: Op) {
+        self.owner.push(owner);
+        self.ops.push(op);
+    }
+
+    /// The ops of the steps `keep` accepts.
+    fn retain(self, keep: impl Fn(usize) -> bool) -> Self {
+        let mut out = Phase::default();
+        for (owner, op) in self.owner.into_iter().zip(self.ops) {
+            if keep(owner) {
+                out.push(owner, op);
+            }
+        }
+        out
+    }
+
+    /// Apply the ops and fold what landed into the mirror; keep the first
+    /// failure of each step in `failed`. Returns the number that landed.
+    fn run(&self, kernel: &mut impl Kernel, prog: &mut Programmed, failed: &mut [Option<String>]) -> usize {
+        if self.ops.is_empty() {
+            return 0;
+        }
+        let mut landed = vec![true; self.ops.len()];
+        for (i, e) in kernel.apply_all(&self.ops) {
+            landed[i] = false;
+            failed[self.owner[i]].get_or_insert_with(|| e.to_string());
+        }
+        let mut n = 0;
+        for (op, landed) in self.ops.iter().zip(landed) {
+            if landed {
+                prog.apply(op);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Apply `steps` together, each one make-before-break, in four phases:
+///
+/// 1. every step's ops before its commit point (new backends, reverse-NAT
+///    entries, the slots of the inactive generation: nothing a packet can
+///    reach yet);
+/// 2. the commit op (the flip of slot 0, or the removal of a frontend) of
+///    every step whose earlier ops all landed and whose backends exist;
+/// 3. the roll-back of every step that failed up to its commit;
+/// 4. the ops after the commit point (old slots, reverse-NAT entries of
+///    removed frontends) of every committed step.
+///
+/// Steps touch disjoint entries (their own frontend's slots, fresh ids
+/// from `Reserved`), except that one new backend may serve several steps:
+/// a step commits only when every backend its slots point at exists. So
+/// the ops of one phase are independent, and every order the kernel layer
+/// applies them in keeps each step's order: before, commit, after.
+/// Returns, per step, its first failure, named by its owner (`None`: all
+/// its ops landed).
+fn run_steps(
+    kernel: &mut impl Kernel,
+    prog: &mut Programmed,
+    steps: Vec<Step>,
+    report: &mut Report,
+) -> Vec<Option<String>> {
+    let mut failed: Vec<Option<String>> = vec![None; steps.len()];
+    let (mut before, mut commit, mut after) = (Phase::default(), Phase::default(), Phase::default());
+    let mut rollback = Vec::with_capacity(steps.len());
+    let mut owners = Vec::with_capacity(steps.len());
+    for (i, step) in steps.into_iter().enumerate() {
+        let mut ops = step.ops;
+        if step.commit < ops.len() {
+            for op in ops.drain(step.commit + 1..) {
+                after.push(i, op);
+            }
+            commit.push(i, ops.pop().expect("the commit op"));
+        }
+        for op in ops {
+            before.push(i, op);
+        }
+        rollback.push(step.rollback);
+        owners.push(step.owner);
+    }
+    report.ops += before.run(kernel, prog, &mut failed);
+    // A new backend that did not land keeps the steps using it uncommitted.
+    let some_failed = failed.iter().any(Option::is_some);
+    for (i, op) in before.owner.iter().zip(&before.ops).filter(|_| some_failed) {
+        if let Op::PutSlot { frontend, backend_id, .. } = op
+            && failed[*i].is_none()
+            && !prog.family(frontend.family()).backends.contains_key(backend_id)
+        {
+            failed[*i] = Some(format!("its backend {backend_id} could not be written"));
+        }
+    }
+    let commit = commit.retain(|i| failed[i].is_none());
+    report.ops += commit.run(kernel, prog, &mut failed);
+    // Best effort: an undo that fails leaves an entry no frontend points
+    // at; the next gc removes it.
+    let mut undo = Phase::default();
+    for (i, ops) in rollback.into_iter().enumerate() {
+        if failed[i].is_some() {
+            for op in ops {
+                undo.push(i, op);
             }
         }
     }
+    undo.run(kernel, prog, &mut vec![None; failed.len()]);
+    let after = after.retain(|i| failed[i].is_none());
+    report.ops += after.run(kernel, prog, &mut failed);
+    failed.into_iter().zip(owners).map(|(e, owner)| e.map(|e| format!("{owner}: {e}"))).collect()
 }
 
 #[cfg(test)]
@@ -115,10 +269,11 @@ mod tests {
         types::{Backend, Family, Frontend, FrontendSpec, Proto, Settings},
     };
 
-    /// The maps, in memory, with capacities and failure injection. After
-    /// every op it checks the datapath invariant: every frontend's active
-    /// slots exist and point at existing backends of its family.
-    #[derive(Default)]
+    /// The maps, in memory, with capacities and failure injection. A batch
+    /// (`apply_all`) is applied one op at a time, in a shuffled order (the
+    /// contract allows any order), and after every single op it checks the
+    /// datapath invariant: every frontend's active slots exist and point at
+    /// existing backends of its family, and its reverse-NAT entry is its own.
     struct Fake {
         frontends: BTreeMap<Frontend, FrontendValue>,
         slots: BTreeMap<(Frontend, u16), u32>,
@@ -127,12 +282,30 @@ mod tests {
         names: BTreeMap<(Family, u32), String>,
         /// Most service-map entries (frontends plus slots) per family.
         svc_capacity: usize,
+        /// Most backends per family.
+        backend_capacity: usize,
+        /// A backend whose write fails.
+        poisoned: Option<Backend>,
         ops: usize,
+        batches: usize,
+        order: XorShift,
     }
 
     impl Fake {
         fn new(svc_capacity: usize) -> Self {
-            Self { svc_capacity, ..Self::default() }
+            Self {
+                frontends: BTreeMap::new(),
+                slots: BTreeMap::new(),
+                backends: BTreeMap::new(),
+                revnat: BTreeMap::new(),
+                names: BTreeMap::new(),
+                svc_capacity,
+                backend_capacity: usize::MAX,
+                poisoned: None,
+                ops: 0,
+                batches: 0,
+                order: XorShift::new(0x9e37_79b9_7f4a_7c15),
+            }
         }
 
         fn svc_entries(&self, fam: Family) -> usize {
@@ -175,10 +348,28 @@ mod tests {
     }
 
     impl Kernel for Fake {
+        fn apply_all(&mut self, ops: &[Op]) -> Vec<(usize, maps::Error)> {
+            self.batches += 1;
+            let mut order: Vec<usize> = (0..ops.len()).collect();
+            for i in (1..order.len()).rev() {
+                let j = self.order.below(u64::try_from(i + 1).expect("fits"));
+                order.swap(i, usize::try_from(j).expect("below i + 1"));
+            }
+            order.into_iter().filter_map(|i| self.apply(&ops[i]).err().map(|e| (i, e))).collect()
+        }
+    }
+
+    impl Fake {
         fn apply(&mut self, op: &Op) -> maps::Result<()> {
             match op {
                 Op::PutBackend { id, backend } => {
-                    self.backends.insert((backend.family(), *id), *backend);
+                    let fam = backend.family();
+                    let exists = self.backends.contains_key(&(fam, *id));
+                    let full = self.backends.keys().filter(|(f, _)| *f == fam).count() >= self.backend_capacity;
+                    if self.poisoned == Some(*backend) || (!exists && full) {
+                        return Err(full_err(backend.to_string()));
+                    }
+                    self.backends.insert((fam, *id), *backend);
                 }
                 Op::DeleteBackend { id, backend } => {
                     self.backends.remove(&(backend.family(), *id));
@@ -325,8 +516,13 @@ mod tests {
         let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
         let a = fe("198.19.0.10", 80);
         sync(&mut k, &mut prog, &want(&[(a, &["198.18.2.2"])]));
-        let step =
-            diff::plan_upsert(&prog, a, &want(&[(a, &["198.18.3.2", "198.18.4.2"])]).frontends[&a]).expect("plan");
+        let step = diff::plan_upsert(
+            &prog,
+            &mut Reserved::default(),
+            a,
+            &want(&[(a, &["198.18.3.2", "198.18.4.2"])]).frontends[&a],
+        )
+        .expect("plan");
         let flip = step.ops.iter().position(|o| matches!(o, Op::PutFrontend { .. })).expect("flip");
         assert_eq!(flip, step.commit);
         let before: Vec<_> = step.ops[..flip].iter().collect();
@@ -399,6 +595,53 @@ mod tests {
                 assert_eq!(k.reachable(f), spec.backends);
             }
             assert_eq!(k.frontends.len(), d.frontends.len());
+        }
+    }
+
+    #[test]
+    fn a_new_backend_that_fails_keeps_every_frontend_using_it_unprogrammed() {
+        // `a` and `b` share the new backend .2.2, whose write fails: planned
+        // together, `a` writes it and `b` only points at it, so `b` must not
+        // commit either. `c` does not use it and lands.
+        let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
+        k.poisoned = Some(be("198.18.2.2"));
+        let (shared_a, shared_b, other) = (fe("198.19.0.10", 80), fe("198.19.0.11", 80), fe("198.19.0.12", 80));
+        let d =
+            want(&[(shared_a, &["198.18.2.2"]), (shared_b, &["198.18.2.2", "198.18.3.2"]), (other, &["198.18.3.2"])]);
+        let r = sync(&mut k, &mut prog, &d);
+        assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+        for f in [shared_a, shared_b] {
+            assert!(r.errors.iter().any(|e| e.contains(&f.to_string())), "{f} is named: {:?}", r.errors);
+            assert!(!k.frontends.contains_key(&f) && !prog.frontends.contains_key(&f), "{f} is not programmed");
+        }
+        assert_eq!(k.reachable(&other), vec![be("198.18.3.2")]);
+        assert!(k.slots.keys().all(|(f, _)| *f == other), "the failed frontends' slots were rolled back");
+        // Once the backend can be written, the next full pass converges.
+        k.poisoned = None;
+        let r = sync(&mut k, &mut prog, &d);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        for (f, spec) in &d.frontends {
+            assert_eq!(k.reachable(f), spec.backends, "{f}");
+        }
+    }
+
+    #[test]
+    fn many_frontends_are_written_in_a_few_batches() {
+        let (mut k, mut prog) = (Fake::new(100_000), Programmed::default());
+        let pool: Vec<String> = (2..12).map(|i| format!("198.18.{i}.2")).collect();
+        let mut entries: Vec<(Frontend, Vec<&str>)> = Vec::new();
+        for i in 0..300u16 {
+            let backends = pool.iter().skip(usize::from(i % 5)).take(4).map(String::as_str).collect();
+            entries.push((fe(&format!("198.19.{}.{}", i / 200, i % 200), 80), backends));
+        }
+        let entries: Vec<(Frontend, &[&str])> = entries.iter().map(|(f, b)| (*f, b.as_slice())).collect();
+        let d = want(&entries);
+        let r = sync(&mut k, &mut prog, &d);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.upserted, 300);
+        assert!(k.batches <= 4, "300 frontends took {} batches", k.batches);
+        for (f, spec) in &d.frontends {
+            assert_eq!(k.reachable(f), spec.backends, "{f}");
         }
     }
 
