@@ -323,6 +323,18 @@ mod tests {
         only_remote: bool,
     }
 
+    /// A case whose `allEndpoints` the upstream harness derives.
+    fn case(
+        name: &'static str,
+        zone: Option<&'static str>,
+        svc: Svc,
+        eps: Vec<Endpoint>,
+        cluster: Option<&'static [&'static str]>,
+        local: Option<&'static [&'static str]>,
+    ) -> Case {
+        Case { name, zone, svc, eps, cluster, local, all: None, only_remote: false }
+    }
+
     fn run(cases: Vec<Case>) {
         for c in cases {
             let refs: Vec<&Endpoint> = c.eps.iter().collect();
@@ -364,142 +376,114 @@ mod tests {
     fn categorize_topology_cases_from_upstream() {
         let np = Svc { node_port: true, ..Svc::default() };
         run(vec![
+            case(
+                "should use topology since all endpoints have hints, node has a zone label and and there are endpoints for the node's zone",
+                ZA,
+                Svc::default(),
+                abca("R", "R"),
+                Some(&["10.1.2.3:80", "10.1.2.6:80"]),
+                None,
+            ),
             Case {
-                name: "should use topology since all endpoints have hints, node has a zone label and and there are endpoints for the node's zone",
-                zone: ZA,
-                svc: Svc::default(),
-                eps: abca("R", "R"),
-                cluster: Some(&["10.1.2.3:80", "10.1.2.6:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "externalTrafficPolicy: Local, topology ignored for Local endpoints",
-                zone: ZA,
-                svc: Svc { etp_local: true, ..np },
-                eps: abca("RL", "RL"),
-                cluster: Some(&["10.1.2.3:80", "10.1.2.6:80"]),
-                local: Some(&["10.1.2.3:80", "10.1.2.4:80"]),
                 all: Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"]),
-                only_remote: false,
+                ..case(
+                    "externalTrafficPolicy: Local, topology ignored for Local endpoints",
+                    ZA,
+                    Svc { etp_local: true, ..np },
+                    abca("RL", "RL"),
+                    Some(&["10.1.2.3:80", "10.1.2.6:80"]),
+                    Some(&["10.1.2.3:80", "10.1.2.4:80"]),
+                )
             },
             Case {
-                name: "internalTrafficPolicy: Local, topology ignored for Local endpoints",
-                zone: ZA,
-                svc: Svc { itp_local: true, ..np },
-                eps: abca("RL", "RL"),
-                cluster: Some(&["10.1.2.3:80", "10.1.2.6:80"]),
-                local: Some(&["10.1.2.3:80", "10.1.2.4:80"]),
                 all: Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"]),
-                only_remote: false,
+                ..case(
+                    "internalTrafficPolicy: Local, topology ignored for Local endpoints",
+                    ZA,
+                    Svc { itp_local: true, ..np },
+                    abca("RL", "RL"),
+                    Some(&["10.1.2.3:80", "10.1.2.6:80"]),
+                    Some(&["10.1.2.3:80", "10.1.2.4:80"]),
+                )
             },
-            Case {
-                name: "empty node labels",
-                zone: None,
-                svc: Svc::default(),
-                eps: vec![e("10.1.2.3:80", "R", &["zone-a"])],
-                cluster: Some(&["10.1.2.3:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "empty zone label",
-                zone: Some(""),
-                svc: Svc::default(),
-                eps: vec![e("10.1.2.3:80", "R", &["zone-a"])],
-                cluster: Some(&["10.1.2.3:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "node in different zone, no endpoint filtering",
-                zone: Some("zone-b"),
-                svc: Svc::default(),
-                eps: vec![e("10.1.2.3:80", "R", &["zone-a"])],
-                cluster: Some(&["10.1.2.3:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "unready endpoint",
-                zone: ZA,
-                svc: Svc::default(),
-                eps: vec![
+            case(
+                "unready endpoint",
+                ZA,
+                Svc::default(),
+                vec![
                     e("10.1.2.3:80", "R", &["zone-a"]),
                     e("10.1.2.4:80", "R", &["zone-b"]),
                     e("10.1.2.5:80", "R", &["zone-c"]),
                     e("10.1.2.6:80", "", &["zone-a"]),
                 ],
-                cluster: Some(&["10.1.2.3:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "only unready endpoints in same zone (should not filter)",
-                zone: ZA,
-                svc: Svc::default(),
-                eps: vec![
+                Some(&["10.1.2.3:80"]),
+                None,
+            ),
+            case(
+                "only unready endpoints in same zone (should not filter)",
+                ZA,
+                Svc::default(),
+                vec![
                     e("10.1.2.3:80", "", &["zone-a"]),
                     e("10.1.2.4:80", "R", &["zone-b"]),
                     e("10.1.2.5:80", "R", &["zone-c"]),
                     e("10.1.2.6:80", "", &["zone-a"]),
                 ],
-                cluster: Some(&["10.1.2.4:80", "10.1.2.5:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "missing hints, no filtering applied",
-                zone: ZA,
-                svc: Svc::default(),
-                eps: vec![
+                Some(&["10.1.2.4:80", "10.1.2.5:80"]),
+                None,
+            ),
+            case(
+                "missing hints, no filtering applied",
+                ZA,
+                Svc::default(),
+                vec![
                     e("10.1.2.3:80", "R", &["zone-a"]),
                     e("10.1.2.4:80", "R", &["zone-b"]),
                     e("10.1.2.5:80", "R", &[]),
                     e("10.1.2.6:80", "R", &["zone-a"]),
                 ],
-                cluster: Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.5:80", "10.1.2.6:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "multiple hints per endpoint, filtering includes any endpoint with zone included",
-                zone: Some("zone-c"),
-                svc: Svc::default(),
-                eps: vec![
+                Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.5:80", "10.1.2.6:80"]),
+                None,
+            ),
+            case(
+                "multiple hints per endpoint, filtering includes any endpoint with zone included",
+                Some("zone-c"),
+                Svc::default(),
+                vec![
                     e("10.1.2.3:80", "R", &["zone-a", "zone-b", "zone-c"]),
                     e("10.1.2.4:80", "R", &["zone-b", "zone-c"]),
                     e("10.1.2.5:80", "R", &["zone-b", "zone-d"]),
                     e("10.1.2.6:80", "R", &["zone-c"]),
                 ],
-                cluster: Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
+                Some(&["10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"]),
+                None,
+            ),
             Case {
-                name: "conflicting topology and localness require merging allEndpoints",
-                zone: ZA,
-                svc: Svc { etp_local: true, ..np },
-                eps: vec![
-                    e("10.0.0.0:80", "RL", &["zone-a"]),
-                    e("10.0.0.1:80", "RL", &["zone-b"]),
-                    e("10.0.0.2:80", "R", &["zone-a"]),
-                    e("10.0.0.3:80", "R", &["zone-b"]),
-                ],
-                cluster: Some(&["10.0.0.0:80", "10.0.0.2:80"]),
-                local: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
                 all: Some(&["10.0.0.0:80", "10.0.0.1:80", "10.0.0.2:80"]),
-                only_remote: false,
+                ..case(
+                    "conflicting topology and localness require merging allEndpoints",
+                    ZA,
+                    Svc { etp_local: true, ..np },
+                    vec![
+                        e("10.0.0.0:80", "RL", &["zone-a"]),
+                        e("10.0.0.1:80", "RL", &["zone-b"]),
+                        e("10.0.0.2:80", "R", &["zone-a"]),
+                        e("10.0.0.3:80", "R", &["zone-b"]),
+                    ],
+                    Some(&["10.0.0.0:80", "10.0.0.2:80"]),
+                    Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                )
             },
         ]);
+        // Three upstream cases: one hinted endpoint, no usable zone.
+        for (name, zone) in [
+            ("empty node labels", None),
+            ("empty zone label", Some("")),
+            ("node in different zone, no endpoint filtering", Some("zone-b")),
+        ] {
+            let eps = vec![e("10.1.2.3:80", "R", &["zone-a"])];
+            run(vec![case(name, zone, Svc::default(), eps, Some(&["10.1.2.3:80"]), None)]);
+        }
     }
 
     /// kubernetes/kubernetes pkg/proxy/topology_test.go
@@ -512,162 +496,130 @@ mod tests {
         let np = Svc { node_port: true, ..Svc::default() };
         let two_remote = || vec![e("10.0.0.0:80", "R", &[]), e("10.0.0.1:80", "R", &[])];
         run(vec![
+            case("internalTrafficPolicy: Local, with empty endpoints", None, itp, vec![], None, Some(&[])),
             Case {
-                name: "internalTrafficPolicy: Local, with empty endpoints",
-                zone: None,
-                svc: itp,
-                eps: vec![],
-                cluster: None,
-                local: Some(&[]),
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "internalTrafficPolicy: Local, but all endpoints are remote",
-                zone: None,
-                svc: itp,
-                eps: two_remote(),
-                cluster: None,
-                local: Some(&[]),
-                all: None,
                 only_remote: true,
+                ..case(
+                    "internalTrafficPolicy: Local, but all endpoints are remote",
+                    None,
+                    itp,
+                    two_remote(),
+                    None,
+                    Some(&[]),
+                )
             },
+            case(
+                "internalTrafficPolicy: Local, all endpoints are local",
+                None,
+                itp,
+                vec![e("10.0.0.0:80", "RL", &[]), e("10.0.0.1:80", "RL", &[])],
+                None,
+                Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+            ),
+            case(
+                "internalTrafficPolicy: Local, some endpoints are local",
+                None,
+                itp,
+                vec![e("10.0.0.0:80", "RL", &[]), e("10.0.0.1:80", "R", &[])],
+                None,
+                Some(&["10.0.0.0:80"]),
+            ),
+            case(
+                "Cluster traffic policy, endpoints not Ready",
+                None,
+                Svc::default(),
+                vec![e("10.0.0.0:80", "", &[]), e("10.0.0.1:80", "", &[])],
+                Some(&[]),
+                None,
+            ),
+            case(
+                "Cluster traffic policy, some endpoints are Ready",
+                None,
+                Svc::default(),
+                vec![e("10.0.0.0:80", "", &[]), e("10.0.0.1:80", "R", &[])],
+                Some(&["10.0.0.1:80"]),
+                None,
+            ),
+            case(
+                "Cluster traffic policy, all endpoints are terminating",
+                None,
+                Svc::default(),
+                vec![e("10.0.0.0:80", "STL", &[]), e("10.0.0.1:80", "ST", &[])],
+                Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                None,
+            ),
             Case {
-                name: "internalTrafficPolicy: Local, all endpoints are local",
-                zone: None,
-                svc: itp,
-                eps: vec![e("10.0.0.0:80", "RL", &[]), e("10.0.0.1:80", "RL", &[])],
-                cluster: None,
-                local: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "internalTrafficPolicy: Local, some endpoints are local",
-                zone: None,
-                svc: itp,
-                eps: vec![e("10.0.0.0:80", "RL", &[]), e("10.0.0.1:80", "R", &[])],
-                cluster: None,
-                local: Some(&["10.0.0.0:80"]),
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "Cluster traffic policy, endpoints not Ready",
-                zone: None,
-                svc: Svc::default(),
-                eps: vec![e("10.0.0.0:80", "", &[]), e("10.0.0.1:80", "", &[])],
-                cluster: Some(&[]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "Cluster traffic policy, some endpoints are Ready",
-                zone: None,
-                svc: Svc::default(),
-                eps: vec![e("10.0.0.0:80", "", &[]), e("10.0.0.1:80", "R", &[])],
-                cluster: Some(&["10.0.0.1:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "Cluster traffic policy, all endpoints are terminating",
-                zone: None,
-                svc: Svc::default(),
-                eps: vec![e("10.0.0.0:80", "STL", &[]), e("10.0.0.1:80", "ST", &[])],
-                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                local: None,
-                all: None,
-                only_remote: false,
-            },
-            Case {
-                name: "iTP: Local, eTP: Cluster, some endpoints local",
-                zone: None,
-                svc: Svc { itp_local: true, ..np },
-                eps: vec![e("10.0.0.0:80", "RL", &[]), e("10.0.0.1:80", "R", &[])],
-                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                local: Some(&["10.0.0.0:80"]),
                 all: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                only_remote: false,
+                ..case(
+                    "iTP: Local, eTP: Local, all endpoints remote",
+                    None,
+                    Svc { itp_local: true, etp_local: true, node_port: true },
+                    two_remote(),
+                    Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                    Some(&[]),
+                )
             },
             Case {
-                name: "iTP: Cluster, eTP: Local, some endpoints local",
-                zone: None,
-                svc: Svc { etp_local: true, ..np },
-                eps: vec![e("10.0.0.0:80", "RL", &[]), e("10.0.0.1:80", "R", &[])],
-                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                local: Some(&["10.0.0.0:80"]),
-                all: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                only_remote: false,
-            },
-            Case {
-                name: "iTP: Local, eTP: Local, some endpoints local",
-                zone: None,
-                svc: Svc { itp_local: true, etp_local: true, node_port: true },
-                eps: vec![e("10.0.0.0:80", "RL", &[]), e("10.0.0.1:80", "R", &[])],
-                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                local: Some(&["10.0.0.0:80"]),
-                all: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                only_remote: false,
-            },
-            Case {
-                name: "iTP: Local, eTP: Local, all endpoints remote",
-                zone: None,
-                svc: Svc { itp_local: true, etp_local: true, node_port: true },
-                eps: two_remote(),
-                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                local: Some(&[]),
-                all: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                only_remote: false,
-            },
-            Case {
-                name: "iTP: Local, eTP: Local, all endpoints remote and terminating",
-                zone: None,
-                svc: Svc { itp_local: true, etp_local: true, node_port: true },
-                eps: vec![e("10.0.0.0:80", "ST", &[]), e("10.0.0.1:80", "ST", &[])],
-                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                local: Some(&[]),
                 all: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
                 only_remote: true,
+                ..case(
+                    "iTP: Local, eTP: Local, all endpoints remote and terminating",
+                    None,
+                    Svc { itp_local: true, etp_local: true, node_port: true },
+                    vec![e("10.0.0.0:80", "ST", &[]), e("10.0.0.1:80", "ST", &[])],
+                    Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                    Some(&[]),
+                )
             },
             Case {
-                name: "iTP: Cluster, eTP: Local, with terminating endpoints",
-                zone: None,
-                svc: Svc { etp_local: true, ..np },
-                eps: vec![
-                    e("10.0.0.0:80", "R", &[]),
-                    e("10.0.0.1:80", "L", &[]),
-                    e("10.0.0.2:80", "STL", &[]),
-                    e("10.0.0.3:80", "ST", &[]),
-                ],
-                cluster: Some(&["10.0.0.0:80"]),
-                local: Some(&["10.0.0.2:80"]),
                 all: Some(&["10.0.0.0:80", "10.0.0.2:80"]),
-                only_remote: false,
+                ..case(
+                    "iTP: Cluster, eTP: Local, with terminating endpoints",
+                    None,
+                    Svc { etp_local: true, ..np },
+                    vec![
+                        e("10.0.0.0:80", "R", &[]),
+                        e("10.0.0.1:80", "L", &[]),
+                        e("10.0.0.2:80", "STL", &[]),
+                        e("10.0.0.3:80", "ST", &[]),
+                    ],
+                    Some(&["10.0.0.0:80"]),
+                    Some(&["10.0.0.2:80"]),
+                )
             },
             Case {
-                name: "externalTrafficPolicy ignored if not externally accessible",
-                zone: None,
-                svc: Svc { etp_local: true, ..Svc::default() },
-                eps: vec![e("10.0.0.0:80", "R", &[]), e("10.0.0.1:80", "RL", &[])],
-                cluster: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                local: None,
                 all: Some(&["10.0.0.0:80", "10.0.0.1:80"]),
-                only_remote: false,
+                ..case(
+                    "externalTrafficPolicy ignored if not externally accessible",
+                    None,
+                    Svc { etp_local: true, ..Svc::default() },
+                    vec![e("10.0.0.0:80", "R", &[]), e("10.0.0.1:80", "RL", &[])],
+                    Some(&["10.0.0.0:80", "10.0.0.1:80"]),
+                    None,
+                )
             },
             Case {
-                name: "no cluster endpoints for iTP:Local internal-only service",
-                zone: None,
-                svc: itp,
-                eps: vec![e("10.0.0.0:80", "R", &[]), e("10.0.0.1:80", "RL", &[])],
-                cluster: None,
-                local: Some(&["10.0.0.1:80"]),
                 all: Some(&["10.0.0.1:80"]),
-                only_remote: false,
+                ..case(
+                    "no cluster endpoints for iTP:Local internal-only service",
+                    None,
+                    itp,
+                    vec![e("10.0.0.0:80", "R", &[]), e("10.0.0.1:80", "RL", &[])],
+                    None,
+                    Some(&["10.0.0.1:80"]),
+                )
             },
         ]);
+        // Three upstream cases with one endpoint set and one answer.
+        for (name, svc) in [
+            ("iTP: Local, eTP: Cluster, some endpoints local", Svc { itp_local: true, ..np }),
+            ("iTP: Cluster, eTP: Local, some endpoints local", Svc { etp_local: true, ..np }),
+            ("iTP: Local, eTP: Local, some endpoints local", Svc { itp_local: true, etp_local: true, node_port: true }),
+        ] {
+            let eps = vec![e("10.0.0.0:80", "RL", &[]), e("10.0.0.1:80", "R", &[])];
+            let both: &[&str] = &["10.0.0.0:80", "10.0.0.1:80"];
+            run(vec![Case { all: Some(both), ..case(name, None, svc, eps, Some(both), Some(&["10.0.0.0:80"])) }]);
+        }
     }
 
     /// Node hints (PreferSameNode), read from kube-proxy's
@@ -709,6 +661,36 @@ mod tests {
         let mut no_zone = four(None);
         no_zone[1].zone_hints.clear();
         assert_eq!(cluster(&no_zone, NODE).len(), 4, "neither hint complete: everything");
+    }
+
+    /// kube-proxy `endpointslicecache_test.go` `TestEndpointInfoByServicePort`,
+    /// "with duplicate Endpoints, prefer non-terminating": one address three
+    /// times in a slice (terminating, ready, not serving) is one ready
+    /// endpoint; across slices, in either order, too.
+    #[test]
+    fn duplicate_endpoints_prefer_the_non_terminating_one_from_upstream() {
+        use serde_json::json;
+
+        use super::super::testkit::{ep, slice};
+        let port = || json!([{"name": "port-0", "port": 80, "protocol": "TCP"}]);
+        let merged = |slices: &[EndpointSlice]| {
+            let mut acc = PortEndpoints::new();
+            for s in slices {
+                add_slice(s, Family::V4, &mut acc).expect("valid slice");
+            }
+            let set = &acc[&("port-0".to_owned(), Proto::Tcp)];
+            set.values()
+                .map(|e| (e.addr.to_string(), e.ready, e.serving, e.terminating, e.is_local(Some("host1"))))
+                .collect::<Vec<_>>()
+        };
+        let one = |name: &str, flags: &[&str]| {
+            let eps = flags.iter().map(|f| ep("10.0.1.1", Some(f), Some("host1"))).collect();
+            slice(&format!("ns1/{name}"), "svc1", "IPv4", port(), eps)
+        };
+        let want = vec![("10.0.1.1".to_owned(), true, true, false, true)];
+        assert_eq!(merged(&[one("a", &["ST", "RS", "T"])]), want, "upstream case");
+        assert_eq!(merged(&[one("a", &["ST"]), one("b", &["RS"])]), want, "terminating first");
+        assert_eq!(merged(&[one("a", &["RS"]), one("b", &["ST"])]), want, "terminating last");
     }
 
     #[test]

@@ -315,6 +315,11 @@ mod model_tests {
         run(&svcs, &slices, Some(&node_object()), cfg)
     }
 
+    /// A Service claiming `addr` as `kind` is refused for `reason`.
+    fn refuses(cfg: &Config, kind: &str, addr: &str, reason: &str) {
+        assert_refused(&model_with(hostile(kind, addr), cfg), addr, reason, &format!("{kind} {addr}"));
+    }
+
     fn assert_refused(m: &Model, addr: &str, reason: &str, what: &str) {
         assert_eq!(m.rejected_names(), vec!["Service evil/meta"], "{what}");
         assert!(m.rejected[0].reason.contains(reason), "{what}: {}", m.rejected[0]);
@@ -353,8 +358,7 @@ mod model_tests {
         let cfg = host_config();
         for kind in ["ClusterIP", "ExternalIP", "LoadBalancer"] {
             for (addr, reason) in cases {
-                let m = model_with(hostile(kind, addr), &cfg);
-                assert_refused(&m, addr, reason, &format!("{kind} {addr}"));
+                refuses(&cfg, kind, addr, reason);
             }
         }
     }
@@ -407,37 +411,17 @@ mod model_tests {
         let mut cfg = host_config();
         cfg.service_cidrs = vec!["198.19.0.0/16".parse().expect("cidr")];
         assert!(model_with(hostile("ClusterIP", "198.19.5.5"), &cfg).rejected.is_empty());
-        assert_refused(
-            &model_with(hostile("ClusterIP", "198.20.5.5"), &cfg),
-            "198.20.5.5",
-            "outside the service CIDR 198.19.0.0/16",
-            "v4",
-        );
+        refuses(&cfg, "ClusterIP", "198.20.5.5", "outside the service CIDR 198.19.0.0/16");
         assert!(
             model_with(hostile("ClusterIP", "fd00:ffff::55"), &cfg).rejected.is_empty(),
             "no IPv6 CIDR: IPv6 unchecked"
         );
         cfg.service_cidrs.push("fd00:ffff::/112".parse().expect("cidr"));
-        assert_refused(
-            &model_with(hostile("ClusterIP", "fd00:fffe::55"), &cfg),
-            "fd00:fffe::55",
-            "outside the service CIDR",
-            "v6",
-        );
+        refuses(&cfg, "ClusterIP", "fd00:fffe::55", "outside the service CIDR");
         // External and LB IPs may not sit in a service CIDR.
         for kind in ["ExternalIP", "LoadBalancer"] {
-            assert_refused(
-                &model_with(hostile(kind, "198.19.0.10"), &cfg),
-                "198.19.0.10",
-                "inside the service CIDR",
-                kind,
-            );
-            assert_refused(
-                &model_with(hostile(kind, "fd00:ffff::10"), &cfg),
-                "fd00:ffff::10",
-                "inside the service CIDR",
-                kind,
-            );
+            refuses(&cfg, kind, "198.19.0.10", "inside the service CIDR");
+            refuses(&cfg, kind, "fd00:ffff::10", "inside the service CIDR");
         }
     }
 
@@ -454,27 +438,12 @@ mod model_tests {
         for kind in ["ExternalIP", "LoadBalancer"] {
             assert!(model_with(hostile(kind, "203.0.113.9"), &cfg).rejected.is_empty(), "{kind}");
             assert!(model_with(hostile(kind, "2001:db8:1::9"), &cfg).rejected.is_empty(), "{kind}");
-            assert_refused(
-                &model_with(hostile(kind, "198.51.100.9"), &cfg),
-                "198.51.100.9",
-                "outside --external-ip-cidrs",
-                kind,
-            );
-            assert_refused(
-                &model_with(hostile(kind, "2001:db8:2::9"), &cfg),
-                "2001:db8:2::9",
-                "outside --external-ip-cidrs",
-                kind,
-            );
-            assert_refused(&model_with(hostile(kind, "169.254.169.254"), &cfg), "169.254.169.254", "link-local", kind);
+            refuses(&cfg, kind, "198.51.100.9", "outside --external-ip-cidrs");
+            refuses(&cfg, kind, "2001:db8:2::9", "outside --external-ip-cidrs");
+            refuses(&cfg, kind, "169.254.169.254", "link-local");
         }
         cfg.external_ip_cidrs = Some(vec!["0.0.0.0/0".parse().expect("cidr")]);
-        assert_refused(
-            &model_with(hostile("ExternalIP", "127.0.0.1"), &cfg),
-            "127.0.0.1",
-            "loopback",
-            "classes win over the list",
-        );
+        refuses(&cfg, "ExternalIP", "127.0.0.1", "loopback");
     }
 
     #[test]
