@@ -42,19 +42,48 @@ pub enum Rank {
 }
 
 /// What a claim occupies: an `(address, port, protocol)` (the family's
-/// unspecified address for node ports, in every scope).
+/// unspecified address for node ports), in every scope.
 pub type Key = (IpAddr, u16, Proto);
 
-/// Something one Service holds exclusively: a frontend address:port (with
-/// its one or two scope entries), or a health-check node port.
+/// What one Service holds exclusively.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claimed {
+    /// A frontend address:port, with its one or two scope entries.
+    Address(Key),
+    /// A health-check node port: TCP on both families' node port space.
+    HealthCheck(u16),
+}
+
+impl Claimed {
+    /// The keys it occupies.
+    pub fn keys(self) -> impl Iterator<Item = Key> {
+        let (one, hc) = match self {
+            Claimed::Address(k) => (Some(k), None),
+            Claimed::HealthCheck(p) => (None, Some(p)),
+        };
+        one.into_iter().chain(hc.into_iter().flat_map(|p| Family::ALL.map(|f| (f.unspecified(), p, Proto::Tcp))))
+    }
+
+    /// For messages: `198.19.0.1:80/TCP`, `nodePort 30080/TCP (IPv4)`,
+    /// `healthCheckNodePort 30100`.
+    pub fn describe(self) -> String {
+        match self {
+            Claimed::Address((addr, port, proto)) if addr.is_unspecified() => {
+                format!("nodePort {port}/{proto} ({})", Family::of(addr).k8s_name())
+            }
+            Claimed::Address((addr, port, proto)) => Frontend::new(addr, port, proto).to_string(),
+            Claimed::HealthCheck(p) => format!("healthCheckNodePort {p}"),
+        }
+    }
+}
+
+/// A claim and what it brings into the desired state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
-    pub keys: Vec<Key>,
+    pub what: Claimed,
     pub rank: Rank,
-    /// What it is, for messages: `198.19.0.1:80/TCP`, `healthCheckNodePort 30100`.
-    pub what: String,
     pub frontends: Vec<(Frontend, FrontendSpec)>,
-    pub health_check: Option<(u16, HealthCheck)>,
+    pub health_check: Option<HealthCheck>,
 }
 
 /// Everything one Service contributes.
@@ -107,7 +136,7 @@ fn external(
 
 fn claim(rank: Rank, frontends: Vec<(Frontend, FrontendSpec)>) -> Claim {
     let f = frontends[0].0;
-    Claim { keys: vec![(f.addr, f.port, f.proto)], rank, what: f.to_string(), frontends, health_check: None }
+    Claim { what: Claimed::Address((f.addr, f.port, f.proto)), rank, frontends, health_check: None }
 }
 
 /// Warn once per address of a family the Service has no ClusterIP of.
@@ -135,7 +164,9 @@ fn other_family_warnings(svc: &ValidService, out: &mut Vec<Warning>) {
 /// The Service's frontends and health check.
 pub fn build(svc: &ValidService, eps: &[(Family, PortEndpoints)], node: &NodeContext) -> Built {
     let mut out = Built::default();
-    other_family_warnings(svc, &mut out.warnings);
+    if !svc.external_ips.is_empty() || !svc.lb_ips.is_empty() || !svc.source_ranges.is_empty() {
+        other_family_warnings(svc, &mut out.warnings);
+    }
     let node_name = node.name.as_deref();
     let zone = node.zone.as_deref();
     let mut local_ready: Vec<(Family, usize)> = Vec::new();
@@ -145,14 +176,17 @@ pub fn build(svc: &ValidService, eps: &[(Family, PortEndpoints)], node: &NodeCon
         let ext_ips = ValidService::of_family(&svc.external_ips, family);
         let lb_ips = ValidService::of_family(&svc.lb_ips, family);
         let ranges: Vec<_> = svc.source_ranges.iter().filter(|c| c.family() == family).copied().collect();
-        // kube-proxy's LocalReadyEndpoints: distinct ready local addresses
-        // over every port of the Service's slices.
-        let local_ips: BTreeSet<IpAddr> = by_port
-            .into_iter()
-            .flat_map(|p| p.values().flat_map(|m| m.values()))
-            .filter(|e| e.ready && e.is_local(node_name))
-            .map(|e| e.addr)
-            .collect();
+        if svc.health_check_node_port.is_some() {
+            // kube-proxy's LocalReadyEndpoints: distinct ready local
+            // addresses over every port of the Service's slices.
+            let local_ips: BTreeSet<IpAddr> = by_port
+                .into_iter()
+                .flat_map(|p| p.values().flat_map(|m| m.values()))
+                .filter(|e| e.ready && e.is_local(node_name))
+                .map(|e| e.addr)
+                .collect();
+            local_ready.push((family, local_ips.len()));
+        }
         for port in &svc.ports {
             let list: Vec<&Endpoint> = by_port
                 .and_then(|p| p.get(&(port.name.clone(), port.proto)))
@@ -180,9 +214,7 @@ pub fn build(svc: &ValidService, eps: &[(Family, PortEndpoints)], node: &NodeCon
             if let Some(np) = port.node_port {
                 let f = Frontend::new(family.unspecified(), np, port.proto);
                 let s = Settings { kind: Kind::NodePort, ..base.clone() };
-                let mut c = claim(Rank::Allocated, external(svc, &owner, port, f, s, &cat));
-                c.what = format!("nodePort {np}/{} ({})", port.proto, family.k8s_name());
-                out.claims.push(c);
+                out.claims.push(claim(Rank::Allocated, external(svc, &owner, port, f, s, &cat)));
             }
             // External IPs and load-balancer IPs.
             for ip in &ext_ips {
@@ -196,7 +228,6 @@ pub fn build(svc: &ValidService, eps: &[(Family, PortEndpoints)], node: &NodeCon
                 out.claims.push(claim(Rank::UserWritten, external(svc, &owner, port, f, s, &cat)));
             }
         }
-        local_ready.push((family, local_ips.len()));
     }
     if let (Some(port), SvcType::LoadBalancer) = (svc.health_check_node_port, svc.type_) {
         let check = HealthCheck {
@@ -205,11 +236,10 @@ pub fn build(svc: &ValidService, eps: &[(Family, PortEndpoints)], node: &NodeCon
             by_family: local_ready,
         };
         out.claims.push(Claim {
-            keys: Family::ALL.iter().map(|f| (f.unspecified(), port, Proto::Tcp)).collect(),
+            what: Claimed::HealthCheck(port),
             rank: Rank::Allocated,
-            what: format!("healthCheckNodePort {port}"),
             frontends: Vec::new(),
-            health_check: Some((port, check)),
+            health_check: Some(check),
         });
     }
     out

@@ -45,7 +45,7 @@ use k8s_openapi::api::{
 
 use self::{
     endpoints::PortEndpoints,
-    frontends::{Claim, Key, Rank},
+    frontends::{Claim, Claimed, Key, Rank},
 };
 pub use self::{
     endpoints::{Categorized, Endpoint, Uses, categorize},
@@ -57,7 +57,7 @@ pub use crate::types::{Backend, Desired, Family, Frontend, FrontendSpec, Proto};
 use crate::{
     source::{Event, Object, ObjectKind},
     store::{Dirty, Store, ns_name},
-    types::Cidr,
+    types::{Cidr, Scope},
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -193,12 +193,11 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext,
     out
 }
 
-/// What a Service holds in `desired`.
+/// What a Service holds in `desired`: the claim's frontends are its key in
+/// both scopes, its health check the port.
 struct Held {
-    keys: Vec<Key>,
+    what: Claimed,
     rank: Rank,
-    frontends: Vec<Frontend>,
-    health_check: Option<u16>,
 }
 
 /// The model, kept between syncs: only the Services the store reports
@@ -213,7 +212,7 @@ pub struct Cache {
     /// Service -> what it holds in `desired`.
     held: HashMap<String, Vec<Held>>,
     /// Claimed key -> the Service holding it.
-    holders: HashMap<Key, String>,
+    holders: HashMap<Key, Arc<str>>,
     /// Services that lost a claim to another: re-evaluated every time, so
     /// they take it over when the holder goes.
     contenders: BTreeSet<String>,
@@ -271,8 +270,9 @@ impl Cache {
         for (name, computed) in changed {
             let Some(computed) = computed else { continue };
             let (mut rejected, warnings) = (computed.rejected, computed.warnings);
+            let shared: Arc<str> = Arc::from(name.as_str());
             for claim in computed.claims {
-                self.place(&name, claim, &mut rejected, &mut update.dirty);
+                self.place(&shared, claim, &mut rejected, &mut update.dirty);
             }
             self.entries.insert(name, (rejected, warnings));
         }
@@ -293,52 +293,50 @@ impl Cache {
     }
 
     /// Take `claim` for Service `name`, or reject it.
-    fn place(&mut self, name: &str, claim: Claim, rejected: &mut Vec<Rejected>, dirty: &mut BTreeSet<Frontend>) {
-        let others: Vec<(Key, String)> =
-            claim.keys.iter().filter_map(|k| self.holders.get(k).map(|h| (*k, h.clone()))).collect();
-        let outranks = |held: &Vec<Held>, key: &Key| held.iter().any(|h| h.keys.contains(key) && h.rank > claim.rank);
+    fn place(&mut self, name: &Arc<str>, claim: Claim, rejected: &mut Vec<Rejected>, dirty: &mut BTreeSet<Frontend>) {
+        let others: Vec<(Key, Arc<str>)> =
+            claim.what.keys().filter_map(|k| self.holders.get(&k).map(|h| (k, Arc::clone(h)))).collect();
+        let outranks =
+            |held: &Vec<Held>, key: &Key| held.iter().any(|h| h.rank > claim.rank && h.what.keys().any(|k| k == *key));
         let all_outranked =
-            others.iter().all(|(k, h)| h != name && self.held.get(h).is_some_and(|held| outranks(held, k)));
+            others.iter().all(|(k, h)| h != name && self.held.get(&**h).is_some_and(|held| outranks(held, k)));
         if !others.is_empty() && !all_outranked {
             let mut by: Vec<String> = others.iter().map(|(k, h)| self.describe_holder(k, h)).collect();
             by.dedup();
-            let reason = format!("{} is already served by {}", claim.what, by.join(", "));
-            rejected.push(Rejected { kind: "Service", name: name.to_owned(), reason });
-            self.contenders.insert(name.to_owned());
+            let reason = format!("{} is already served by {}", claim.what.describe(), by.join(", "));
+            rejected.push(Rejected { kind: "Service", name: name.to_string(), reason });
+            self.contenders.insert(name.to_string());
             return;
         }
         // Only a ClusterIP outranks: it takes an address:port from an
         // external or LB IP, and the loser reads what it would read had
         // the ClusterIP come first.
-        let taker = claim.frontends.first().map_or_else(|| name.to_owned(), |(_, s)| s.owner.clone());
+        let taker = claim.frontends.first().map_or_else(|| name.to_string(), |(_, s)| s.owner.clone());
         for (key, holder) in others {
             if !self.holders.contains_key(&key) {
                 continue; // released with an earlier key of the same claim
             }
-            self.release(&holder, |h| h.keys.contains(&key), dirty);
+            self.release(&holder, |h| h.what.keys().any(|k| k == key), dirty);
             let lost = Frontend::new(key.0, key.1, key.2);
             let reason = format!("{lost} is already served by {taker}");
-            self.entries.entry(holder.clone()).or_default().0.push(Rejected {
+            self.entries.entry(holder.to_string()).or_default().0.push(Rejected {
                 kind: "Service",
-                name: holder.clone(),
+                name: holder.to_string(),
                 reason,
             });
-            self.contenders.insert(holder);
+            self.contenders.insert(holder.to_string());
         }
-        let mut held = Held { keys: claim.keys, rank: claim.rank, frontends: Vec::new(), health_check: None };
-        for k in &held.keys {
-            self.holders.insert(*k, name.to_owned());
+        for k in claim.what.keys() {
+            self.holders.insert(k, Arc::clone(name));
         }
         for (f, spec) in claim.frontends {
             self.desired.frontends.insert(f, spec);
             dirty.insert(f);
-            held.frontends.push(f);
         }
-        if let Some((port, check)) = claim.health_check {
+        if let (Claimed::HealthCheck(port), Some(check)) = (claim.what, claim.health_check) {
             self.desired.health_checks.insert(port, check);
-            held.health_check = Some(port);
         }
-        self.held.entry(name.to_owned()).or_default().push(held);
+        self.held.entry(name.to_string()).or_default().push(Held { what: claim.what, rank: claim.rank });
     }
 
     /// Withdraw what Service `name` holds that matches `which`.
@@ -351,15 +349,21 @@ impl Cache {
             *list = keep;
         }
         for h in gone {
-            for k in &h.keys {
-                self.holders.remove(k);
+            for k in h.what.keys() {
+                self.holders.remove(&k);
             }
-            for f in h.frontends {
-                self.desired.frontends.remove(&f);
-                dirty.insert(f);
-            }
-            if let Some(port) = h.health_check {
-                self.desired.health_checks.remove(&port);
+            match h.what {
+                Claimed::Address(k) => {
+                    for scope in [Scope::External, Scope::Internal] {
+                        let f = Frontend::new(k.0, k.1, k.2).with_scope(scope);
+                        if self.desired.frontends.remove(&f).is_some() {
+                            dirty.insert(f);
+                        }
+                    }
+                }
+                Claimed::HealthCheck(port) => {
+                    self.desired.health_checks.remove(&port);
+                }
             }
         }
     }
