@@ -234,18 +234,18 @@ async fn model_config(cfg: &RunConfig) -> anyhow::Result<model::Config> {
 
 /// Re-read the interface addresses; true when they changed (every
 /// Service is then checked again).
-fn refresh_interfaces(host: &mut model::HostAddresses) -> bool {
+fn refresh_interfaces(host: &mut model::HostAddresses) -> BTreeSet<std::net::IpAddr> {
     match host::interface_addresses() {
-        Ok(ifs) if ifs.addresses != host.interfaces || ifs.broadcasts != host.broadcasts => {
-            log::info!("interface addresses changed; checking every Service again");
+        Ok(ifs) => {
+            let before: BTreeSet<_> = host.interfaces.iter().chain(&host.broadcasts).copied().collect();
+            let after: BTreeSet<_> = ifs.addresses.iter().chain(&ifs.broadcasts).copied().collect();
             host.interfaces = ifs.addresses;
             host.broadcasts = ifs.broadcasts;
-            true
+            before.symmetric_difference(&after).copied().collect()
         }
-        Ok(_) => false,
         Err(e) => {
             log::error!("{e}");
-            false
+            BTreeSet::new()
         }
     }
 }
@@ -351,8 +351,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 if let Err(e) = reattach(&mut ebpf, &mut agent.maps, &cfg, &mut attached) {
                     log::error!("attaching: {e}");
                 }
-                if refresh_interfaces(&mut model_cfg.host) {
-                    agent.store.mark_all();
+                // Only Services naming an address that came or went can
+                // change their verdict.
+                let changed = refresh_interfaces(&mut model_cfg.host);
+                for name in model::services_naming(&agent.store, &changed) {
+                    log::info!("interface addresses changed: checking Service {name} again");
+                    agent.store.mark_service(&name);
                     pending = true;
                 }
             }

@@ -258,6 +258,11 @@ impl Store {
         self.dirty = Dirty::All;
     }
 
+    /// Mark Service `name` changed.
+    pub fn mark_service(&mut self, name: &str) {
+        self.dirty.add(name.to_owned());
+    }
+
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
         self.services.get(name)
     }

@@ -99,8 +99,21 @@ fn should_reject_a_service_on_a_node_address_and_keep_the_nodes_traffic() {
     }
     let line = c.agent().wait_for_line(|l| l.contains("rejected Service default/hijack"), Duration::from_secs(10));
     assert!(line.contains("198.18.1.1 is an address of this node"), "{line}");
+    // An address this node gains later is refused from then on: a
+    // Service on it, accepted while it was nobody's, is rejected.
+    let late: IpAddr = "198.18.77.1".parse().expect("ip");
+    objs.push(service("latecomer", &[late], "SingleStack", &ports()));
+    c.change_and_sync(|| c.write("objects.yaml", &documents(&objs)));
+    assert!(!c.agent().log().iter().any(|l| l.contains("rejected Service default/latecomer")));
+    c.topo.node.ip(&["addr", "add", "198.18.77.1/32", "dev", "dsp1"]);
+    let line = c.agent().wait_for_line(|l| l.contains("rejected Service default/latecomer"), Duration::from_secs(10));
+    assert!(line.contains("198.18.77.1 is an address of this node (an interface)"), "{line}");
     let log = c.agent().log();
     assert!(!log.iter().any(|l| l.contains("not programmed")), "no sync error: {log:?}");
+    assert!(
+        !log.iter().any(|l| l.contains("checking Service default/web again")),
+        "only the Service naming the new address is checked again: {log:?}"
+    );
 }
 
 /// The loaded datapath on a private bpffs, fed by the model.

@@ -35,6 +35,7 @@ use std::{
     borrow::Borrow,
     collections::{BTreeSet, HashMap},
     fmt,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -118,6 +119,16 @@ impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}: {}", self.kind, self.name, self.message)
     }
+}
+
+/// The Services (`ns/name`) whose ClusterIPs, external IPs or LB ingress
+/// IPs name one of `addrs`: those whose verdict a change of this host's
+/// addresses can change.
+pub fn services_naming(store: &Store, addrs: &BTreeSet<IpAddr>) -> Vec<String> {
+    if addrs.is_empty() {
+        return Vec::new();
+    }
+    store.services().filter(|(_, svc)| service::names_any(svc, addrs)).map(|(name, _)| name.clone()).collect()
 }
 
 /// Compute the desired state from scratch. Rejected objects and warnings
@@ -279,6 +290,14 @@ impl Cache {
         for (rejected, warnings) in self.entries.values() {
             update.rejected.extend(rejected.iter().cloned());
             update.warnings.extend(warnings.iter().cloned());
+        }
+        if !node.known && self.desired.frontends.keys().any(|f| f.addr.is_unspecified()) {
+            update.warnings.push(Warning {
+                kind: "Node",
+                name: node.name.clone().unwrap_or_else(|| "(no node name)".into()),
+                message: "not found: node ports answer on no address until it is (they use its status.addresses)"
+                    .into(),
+            });
         }
         update.rejected.sort_by(|a, b| (a.kind, &a.name, &a.reason).cmp(&(b.kind, &b.name, &b.reason)));
         update.warnings.sort_by(|a, b| (a.kind, &a.name, &a.message).cmp(&(b.kind, &b.name, &b.message)));
@@ -752,6 +771,33 @@ mod tests {
         let u = live.update(&[evil()], none, &cfg);
         assert!(u.rejected.is_empty());
         assert_eq!(holder(&live.cache.desired).as_deref(), Some("default/aaa-evil:http"));
+    }
+
+    /// A change of this host's addresses re-checks only the Services that
+    /// name a changed address (as ClusterIP, external or LB IP).
+    #[test]
+    fn only_services_naming_a_changed_address_are_checked_again() {
+        let mut ext = svc("ext", &["198.19.0.11"], &["IPv4"], web_ports());
+        ext.spec.as_mut().expect("spec").external_ips = Some(vec!["198.18.77.1".into()]);
+        let mut lb = svc("lb", &["198.19.0.12"], &["IPv4"], web_ports());
+        lb.status = serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "fd00::77"}]}})).expect("status");
+        let services = [
+            svc("cip", &["198.18.77.1"], &["IPv4"], web_ports()),
+            ext,
+            lb,
+            svc("other", &["198.19.0.13"], &["IPv4"], web_ports()),
+        ];
+        let mut store = Store::default();
+        store.apply(Event::Replace(
+            ObjectKind::Service,
+            services.iter().map(|s| Object::Service(Arc::new(s.clone()))).collect(),
+        ));
+        let addrs = |l: &[&str]| l.iter().map(|a| a.parse().expect("ip")).collect::<BTreeSet<IpAddr>>();
+        let mut named = services_naming(&store, &addrs(&["198.18.77.1", "fd00::77", "198.18.1.1"]));
+        named.sort();
+        assert_eq!(named, vec!["default/cip", "default/ext", "default/lb"]);
+        assert!(services_naming(&store, &addrs(&["198.18.1.1"])).is_empty(), "an unrelated address: nothing");
+        assert!(services_naming(&store, &BTreeSet::new()).is_empty());
     }
 
     /// Health-check node ports are claimed on both families' TCP node port

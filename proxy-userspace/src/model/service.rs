@@ -22,7 +22,7 @@
 //!   most 86400).
 //! - `healthCheckNodePort` counts for LoadBalancer Services with
 //!   `externalTrafficPolicy: Local`.
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
@@ -157,6 +157,19 @@ pub fn validate(svc: &Service, config: &Config) -> Result<Option<ValidService>, 
         affinity: affinity(spec)?,
         health_check_node_port,
     }))
+}
+
+/// Whether the Service's ClusterIPs, external IPs or LB ingress IPs name
+/// one of `addrs` (parsed as loosely as anything; the verdict is
+/// `validate`'s).
+pub fn names_any(svc: &Service, addrs: &BTreeSet<IpAddr>) -> bool {
+    let spec = svc.spec.as_ref();
+    let cluster = spec.and_then(|s| s.cluster_ips.as_ref()).into_iter().flatten();
+    let legacy = spec.and_then(|s| s.cluster_ip.as_ref());
+    let external = spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten();
+    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+    let lb = ingress.into_iter().flatten().filter_map(|i| i.ip.as_ref());
+    cluster.chain(legacy).chain(external).chain(lb).any(|a| a.trim().parse().is_ok_and(|ip| addrs.contains(&ip)))
 }
 
 /// `clusterIPs` (or the legacy `clusterIP`), one per family, agreeing
@@ -371,12 +384,21 @@ mod tests {
             ]
         );
         // An external IP of the other family is ignored, with a warning.
-        let m = run(&[service("ns/v4", spec(&json!({"externalIPs": ["2001:db8::5"]})))], &[], None, &config());
-        assert_eq!(m.warnings.len(), 1);
+        let node = super::super::testkit::node(None, &["198.18.250.1"]);
+        let m = run(&[service("ns/v4", spec(&json!({"externalIPs": ["2001:db8::5"]})))], &[], Some(&node), &config());
+        assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
         assert_eq!(
             m.warnings[0].to_string(),
             "Service ns/v4: externalIPs[0] 2001:db8::5 is ignored: the Service has no ClusterIP of its family"
         );
         assert!(m.rows().iter().all(|r| !r.contains("2001:db8::5")));
+        // Without this node's Node object node ports answer nowhere: said once.
+        let m = run(&[service("ns/v4", spec(&json!({})))], &[], None, &config());
+        let w: Vec<String> = m.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            w,
+            vec!["Node node-a: not found: node ports answer on no address until it is (they use its status.addresses)"]
+        );
+        assert!(m.desired.nodeport_addresses.is_empty());
     }
 }
