@@ -551,7 +551,9 @@ impl CheckReport {
         };
         let mut lines = Vec::new();
         for (f, spec, internal) in self.entries() {
-            let mut line = format!("{f} {} ({}) -> {}", spec.settings.kind.name(), spec.owner, list(spec));
+            let kind = spec.settings.kind;
+            let family = if kind == Kind::NodePort { format!(" {}", f.family().k8s_name()) } else { String::new() };
+            let mut line = format!("{f} {}{family} ({}) -> {}", kind.name(), spec.owner, list(spec));
             if let Some(i) = internal {
                 line = format!("{line}; from this node -> {}", list(i));
             }
