@@ -139,12 +139,10 @@ impl NodeContext {
     }
 
     /// The addresses NodePort frontends answer on: the Node object's
-    /// addresses (the host's interface addresses while no Node object is
-    /// known), narrowed by `--nodeport-addresses`; never loopback or
-    /// link-local.
+    /// addresses (none while no Node object is known), narrowed by
+    /// `--nodeport-addresses`; never loopback or link-local.
     pub fn nodeport_addresses(&self, config: &Config) -> Vec<IpAddr> {
-        let base: Vec<IpAddr> =
-            if self.known { self.addresses.iter().map(|(a, _)| *a).collect() } else { config.host.interfaces.clone() };
+        let base: Vec<IpAddr> = self.addresses.iter().map(|(a, _)| *a).collect();
         let mut out: Vec<IpAddr> = match &config.nodeport_addresses {
             NodePortAddresses::All => base,
             NodePortAddresses::Primary => self.primary(),
@@ -229,13 +227,19 @@ mod tests {
     }
 
     #[test]
-    fn without_a_node_object_nodeports_use_interface_addresses_but_never_loopback_or_link_local() {
+    fn node_ports_answer_only_on_node_object_addresses_never_loopback_or_link_local() {
         let mut c = cfg("");
-        c.host.interfaces = ips(&["127.0.0.1", "::1", "fe80::1", "198.18.1.1", "fd00:0:0:1::1"]);
+        c.host.interfaces = ips(&["198.18.1.1", "fd00:0:0:1::1"]);
         let ctx = NodeContext::new(None, &c);
         assert!(!ctx.known);
-        assert_eq!(ctx.nodeport_addresses(&c), ips(&["198.18.1.1", "fd00:0:0:1::1"]));
-        assert!(NodeContext::new(None, &cfg("primary")).nodeport_addresses(&cfg("primary")).is_empty());
+        assert!(ctx.nodeport_addresses(&c).is_empty(), "no Node object: no node address, whatever the interfaces");
+        let odd: Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "InternalIP", "address": "fe80::1"},
+                                     {"type": "InternalIP", "address": "198.18.250.1"}]}
+        }))
+        .expect("node");
+        assert_eq!(NodeContext::new(Some(&odd), &c).nodeport_addresses(&c), ips(&["198.18.250.1"]));
     }
 
     #[test]
