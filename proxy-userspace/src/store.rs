@@ -231,12 +231,12 @@ impl Store {
             ObjectKind::EndpointSlice => {
                 self.slices.keys().filter(|k| !keep.contains(*k)).map(|k| key(kind, k)).collect()
             }
+            // A Node's key has no namespace (`ObjectKey::ns_name` is `/NAME`).
             ObjectKind::Node => self
                 .node
                 .as_ref()
-                .map(|n| ns_name(&n.metadata))
-                .filter(|k| !keep.contains(k))
-                .map(|k| key(kind, &k))
+                .map(|n| Object::Node(Arc::clone(n)).key())
+                .filter(|k| !keep.contains(&k.ns_name()))
                 .into_iter()
                 .collect(),
         };
@@ -349,6 +349,26 @@ mod tests {
         assert_eq!(s.take_dirty(), dirty(&["b"]));
         assert!(s.service("ns/b").is_none());
         assert_eq!(s.len(), (1, 1));
+    }
+
+    #[test]
+    fn relisting_the_same_node_changes_nothing() {
+        let node = |zone: &str| {
+            Object::Node(Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": "n1", "resourceVersion": "1",
+                    "labels": {"topology.kubernetes.io/zone": zone}}}))
+                .expect("node"),
+            ))
+        };
+        let mut s = Store::default();
+        s.apply(Event::Replace(ObjectKind::Service, vec![svc("a", "1")]));
+        s.apply(Event::Replace(ObjectKind::Node, vec![node("z1")]));
+        s.take_dirty();
+        assert!(!s.apply(Event::Replace(ObjectKind::Node, vec![node("z1")])), "the same Node: nothing to recompute");
+        assert!(s.apply(Event::Replace(ObjectKind::Node, vec![node("z2")])), "another zone: everything");
+        assert_eq!(s.take_dirty(), Dirty::All);
+        assert!(s.apply(Event::Replace(ObjectKind::Node, vec![])), "the Node gone");
+        assert!(s.node().is_none());
     }
 
     #[test]

@@ -54,7 +54,26 @@ struct Event {
     rv: u64,
     resource: &'static str,
     kind: &'static str,
-    object: Value,
+    object: Stored,
+}
+
+/// An object, and its JSON text (serialized once, sent many times).
+#[derive(Clone)]
+struct Stored {
+    value: Value,
+    json: Arc<str>,
+}
+
+impl Stored {
+    fn new(value: Value) -> Self {
+        let json = value.to_string().into();
+        Self { value, json }
+    }
+}
+
+/// A watch event line.
+fn event_line(kind: &str, object: &Stored) -> String {
+    format!("{{\"type\":\"{kind}\",\"object\":{}}}", object.json)
 }
 
 /// How the server answers `sendInitialEvents=true`.
@@ -106,7 +125,7 @@ struct Armed {
 struct State {
     rv: u64,
     /// (resource, namespace, name) -> object.
-    objects: BTreeMap<(&'static str, String, String), Value>,
+    objects: BTreeMap<(&'static str, String, String), Stored>,
     events: Vec<Event>,
     /// Watches asking for a resourceVersion below this get 410 Expired.
     compacted_below: u64,
@@ -237,6 +256,7 @@ impl FakeApi {
         let mut obj = obj.clone();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         obj["metadata"]["uid"] = json!(format!("uid-{resource}-{ns}-{name}"));
+        let obj = Stored::new(obj);
         let existed = st.objects.insert((resource, ns, name), obj.clone()).is_some();
         let kind = if existed { "MODIFIED" } else { "ADDED" };
         st.events.push(Event { rv, resource, kind, object: obj });
@@ -248,11 +268,12 @@ impl FakeApi {
         let mut st = self.shared.lock();
         let resource = resource_of(obj);
         let (ns, name) = key_of(obj);
-        let Some(mut old) = st.objects.remove(&(resource, ns, name)) else { return };
+        let Some(old) = st.objects.remove(&(resource, ns, name)) else { return };
         st.rv += 1;
         let rv = st.rv;
+        let mut old = old.value;
         old["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.events.push(Event { rv, resource, kind: "DELETED", object: old });
+        st.events.push(Event { rv, resource, kind: "DELETED", object: Stored::new(old) });
         self.shared.cv.notify_all();
     }
 
@@ -429,8 +450,20 @@ fn selected(obj: &Value, params: &BTreeMap<String, String>) -> bool {
     label_ok && field_ok
 }
 
+/// The objects of `resource` the selectors in `params` select.
+fn current<'a>(
+    st: &'a State,
+    resource: &'static str,
+    params: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = &'a Stored> + 'a {
+    st.objects.iter().filter(move |((r, _, _), o)| *r == resource && selected(&o.value, params)).map(|(_, o)| o)
+}
+
 fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
-    let body = body.to_string();
+    respond_text(stream, status, &body.to_string())
+}
+
+fn respond_text(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
     write!(
         stream,
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -507,22 +540,16 @@ fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> std::io::Result<()> {
         drop(st);
         return respond(&mut stream, "500 Internal Server Error", &status(500, "InternalError", "injected fault"));
     }
-    let current = |st: &State| -> Vec<Value> {
-        st.objects
-            .iter()
-            .filter(|((r, _, _), o)| *r == resource && selected(o, &params))
-            .map(|(_, o)| o.clone())
-            .collect()
-    };
     if !watch {
-        let body = json!({
-            "apiVersion": api_version,
-            "kind": list_kind,
-            "metadata": {"resourceVersion": st.rv.to_string()},
-            "items": current(&st),
-        });
+        let items: Vec<&str> = current(&st, resource, &params).map(|o| &*o.json).collect();
+        let body = format!(
+            "{{\"apiVersion\":\"{api_version}\",\"kind\":\"{list_kind}\",\"metadata\":{{\"resourceVersion\":\"{}\"}},\
+             \"items\":[{}]}}",
+            st.rv,
+            items.join(",")
+        );
         drop(st);
-        return respond(&mut stream, "200 OK", &body);
+        return respond_text(&mut stream, "200 OK", &body);
     }
 
     watch_stream(stream, shared, st, resource, &params, fault)
@@ -538,13 +565,6 @@ fn watch_stream<'a>(
     fault: Option<Fault>,
 ) -> std::io::Result<()> {
     let (api_version, kind, _) = kinds(resource);
-    let current = |st: &State| -> Vec<Value> {
-        st.objects
-            .iter()
-            .filter(|((r, _, _), o)| *r == resource && selected(o, params))
-            .map(|(_, o)| o.clone())
-            .collect()
-    };
     let initial_events = params.get("sendInitialEvents").is_some_and(|v| v == "true");
     let streaming = initial_events && st.streaming != StreamingLists::Ignored;
     if streaming && st.streaming == StreamingLists::Refused {
@@ -580,25 +600,26 @@ fn watch_stream<'a>(
     }
     let epoch = st.epoch;
     // Resource versions "" and "0": synthetic ADDED events for what exists.
-    let mut initial: Vec<Value> = Vec::new();
+    let mut initial: Vec<String> = Vec::new();
     let mut sent = from;
     if from == 0 {
-        initial = current(&st).into_iter().map(|o| json!({"type": "ADDED", "object": o})).collect();
+        initial = current(&st, resource, params).map(|o| event_line("ADDED", o)).collect();
         sent = st.rv;
         if streaming {
-            initial.push(json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
-                "metadata": {"resourceVersion": st.rv.to_string(), "annotations": {INITIAL_EVENTS_END: "true"}}}}));
+            let end = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+                "metadata": {"resourceVersion": st.rv.to_string(), "annotations": {INITIAL_EVENTS_END: "true"}}}});
+            initial.push(end.to_string());
         }
     }
     let started = Instant::now();
     let mut last_bookmark = Instant::now();
     loop {
-        let mut pending: Vec<Value> = std::mem::take(&mut initial);
+        let mut pending: Vec<String> = std::mem::take(&mut initial);
         pending.extend(
             st.events
                 .iter()
-                .filter(|e| e.resource == resource && e.rv > sent && selected(&e.object, params))
-                .map(|e| json!({"type": e.kind, "object": e.object})),
+                .filter(|e| e.resource == resource && e.rv > sent && selected(&e.object.value, params))
+                .map(|e| event_line(e.kind, &e.object)),
         );
         sent = sent.max(st.events.iter().filter(|e| e.resource == resource).map(|e| e.rv).max().unwrap_or(0));
         let now_rv = st.rv;
@@ -639,23 +660,33 @@ fn watch_stream<'a>(
     }
 }
 
-/// Send watch events, with the armed stream fault in front of the first;
-/// returns false when the connection was cut.
-fn send_events(stream: &mut TcpStream, events: Vec<Value>, fault: Option<Fault>) -> std::io::Result<bool> {
-    for (i, line) in events.into_iter().enumerate() {
+/// Send watch event lines, with the armed stream fault in front of the
+/// first, in one write; returns false when the connection was cut.
+fn send_events(stream: &mut TcpStream, lines: Vec<String>, fault: Option<Fault>) -> std::io::Result<bool> {
+    let mut out: Vec<u8> = Vec::new();
+    let mut add_chunk = |data: &[u8]| {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    };
+    for (i, line) in lines.into_iter().enumerate() {
+        let data = format!("{line}\n");
         if i == 0 && fault == Some(Fault::Garbage) {
-            chunk_bytes(stream, b"}this is not JSON{\n")?;
+            add_chunk(b"}this is not JSON{\n");
         }
         if i == 0 && fault == Some(Fault::CutChunk) {
             // Half of the event's chunk, then the connection closes.
-            let data = format!("{line}\n");
             write!(stream, "{:x}\r\n", data.len())?;
             stream.write_all(&data.as_bytes()[..data.len() / 2])?;
             stream.flush()?;
             stream.shutdown(Shutdown::Both)?;
             return Ok(false);
         }
-        chunk(stream, &line)?;
+        add_chunk(data.as_bytes());
+    }
+    if !out.is_empty() {
+        stream.write_all(&out)?;
+        stream.flush()?;
     }
     Ok(true)
 }

@@ -16,10 +16,7 @@
 //! - Only what the model reads is kept of each object (`slim_*`): managed
 //!   fields, most annotations and the Node's status bulk are dropped as
 //!   they arrive.
-use std::{
-    path::PathBuf,
-    sync::{Arc, atomic::AtomicUsize},
-};
+use std::{path::PathBuf, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -173,12 +170,12 @@ fn spawn_watch<K>(
     k: Watched<K>,
     settings: &watch::Settings,
     tx: Sender,
-    synced: &Arc<AtomicUsize>,
+    shared: &Arc<watch::Shared>,
 ) -> JoinHandle<()>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    tokio::spawn(watch::run(api, k, settings.clone(), tx, Arc::clone(synced)))
+    tokio::spawn(watch::run(api, k, settings.clone(), tx, Arc::clone(shared)))
 }
 
 /// The client configuration `opts` describes.
@@ -227,7 +224,7 @@ impl KubeSource {
         config.connect_timeout = Some(CONNECT_TIMEOUT);
         let client = Client::try_from(config)?;
         let labels = label_selector(opts.service_proxy_name.as_deref());
-        let synced = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(watch::Shared::default());
         let w = &opts.watch;
         let tasks = vec![
             spawn_watch(
@@ -241,7 +238,7 @@ impl KubeSource {
                 },
                 w,
                 tx.clone(),
-                &synced,
+                &shared,
             ),
             spawn_watch(
                 Api::<DeserializeGuard<EndpointSlice>>::all(client.clone()),
@@ -254,7 +251,7 @@ impl KubeSource {
                 },
                 w,
                 tx.clone(),
-                &synced,
+                &shared,
             ),
             spawn_watch(
                 Api::<DeserializeGuard<Node>>::all(client),
@@ -267,7 +264,7 @@ impl KubeSource {
                 },
                 w,
                 tx,
-                &synced,
+                &shared,
             ),
         ];
         Ok(Self { tasks })

@@ -152,8 +152,10 @@ impl Backoff {
     }
 
     /// The server answered: the next failure starts from the bottom again.
-    fn answered(&mut self) {
-        if self.failures > 0 {
+    /// Returns whether it had been failing.
+    fn answered(&mut self) -> bool {
+        let recovered = self.failures > 0;
+        if recovered {
             let took = self.since.map(|s| s.elapsed()).unwrap_or_default();
             log::info!(
                 "{}: the API server answers again ({} failed attempts over {} ms)",
@@ -166,7 +168,18 @@ impl Backoff {
         self.since = None;
         self.next = self.min;
         self.last_error.clear();
+        recovered
     }
+}
+
+/// What the loops of one source share.
+#[derive(Default)]
+pub struct Shared {
+    /// Kinds that have had their first complete list.
+    synced: AtomicUsize,
+    /// A loop found the server answering again: the others stop waiting
+    /// out their backoff.
+    back: tokio::sync::Notify,
 }
 
 /// How a watch stream ended.
@@ -190,7 +203,7 @@ struct Loop<K: Resource<DynamicType = ()>> {
     k: Watched<K>,
     settings: Settings,
     tx: Sender,
-    synced: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     /// Where watching resumes; `None`: a relist is due.
     rv: Option<String>,
     /// `Relisting` was sent and its `Replace` not yet.
@@ -198,6 +211,8 @@ struct Loop<K: Resource<DynamicType = ()>> {
     first: bool,
     streaming: bool,
     backoff: Backoff,
+    /// When the current list attempt started.
+    list_started: Instant,
 }
 
 /// An error with its causes (`client error (Connect): tcp connect error:
@@ -270,12 +285,21 @@ where
 
     /// Hand over a complete list; the first one counts towards `Synced`.
     fn replace(&mut self, objects: Vec<Object>, rv: String) -> bool {
+        log::info!(
+            "{}: {} objects listed in {} ms ({})",
+            self.k.kind.name(),
+            objects.len(),
+            self.list_started.elapsed().as_millis(),
+            if self.streaming { "streaming list" } else { "paged list" }
+        );
         self.announced = false;
         self.rv = Some(rv);
         if !self.send(Event::Replace(self.k.kind, objects)) {
             return false;
         }
-        if std::mem::take(&mut self.first) && self.synced.fetch_add(1, Ordering::SeqCst) + 1 == ObjectKind::ALL.len() {
+        if std::mem::take(&mut self.first)
+            && self.shared.synced.fetch_add(1, Ordering::SeqCst) + 1 == ObjectKind::ALL.len()
+        {
             return self.send(Event::Synced);
         }
         true
@@ -303,9 +327,22 @@ where
         self.send(Event::Relisting(self.k.kind))
     }
 
+    /// Wait out the backoff after a failure, or until another loop finds
+    /// the server answering again.
     async fn sleep_after(&mut self, what: &str, error: &str) {
         let wait = self.backoff.failed(what, error);
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = self.shared.back.notified() => {}
+        }
+    }
+
+    /// The server answered: reset the backoff, and wake the other loops if
+    /// it had been failing.
+    fn answered(&mut self) {
+        if self.backoff.answered() {
+            self.shared.back.notify_waiters();
+        }
     }
 
     /// Get the complete state: a streaming list or a paged list.
@@ -313,6 +350,7 @@ where
         if !self.stale() {
             return false;
         }
+        self.list_started = Instant::now();
         if self.streaming { self.streaming_list().await } else { self.list().await }
     }
 
@@ -330,7 +368,7 @@ where
                     return true;
                 }
             };
-            self.backoff.answered();
+            self.answered();
             for guard in page.items {
                 match guard.0 {
                     Ok(mut obj) => {
@@ -365,7 +403,7 @@ where
                     self.k.kind.name(),
                     e.text
                 );
-                self.backoff.answered();
+                self.answered();
                 self.streaming = false;
                 return true;
             }
@@ -374,7 +412,7 @@ where
                 return true;
             }
         };
-        self.backoff.answered();
+        self.answered();
         self.follow(stream, Some(BTreeMap::new())).await
     }
 
@@ -396,7 +434,7 @@ where
                 return true;
             }
         };
-        self.backoff.answered();
+        self.answered();
         self.follow(stream, None).await
     }
 
@@ -465,7 +503,7 @@ where
                 Ok(Some(Ok(item))) => item,
             };
             received = true;
-            self.backoff.answered();
+            self.answered();
             // Progress: an object, the end of the initial events, or (while
             // watching) any BOOKMARK. A plain BOOKMARK during the initial
             // events is not progress: a server that ignores
@@ -539,21 +577,19 @@ where
     }
 }
 
-/// Run the loop for `K` until the agent goes away; `synced` counts the
-/// kinds that have had their first complete list, and the last of them
-/// sends `Synced`.
-pub async fn run<K>(
-    api: Api<DeserializeGuard<K>>,
-    k: Watched<K>,
-    settings: Settings,
-    tx: Sender,
-    synced: Arc<AtomicUsize>,
-) where
+/// Run the loop for `K` until the agent goes away. The loops of a source
+/// share `shared`: the last kind to complete its first list sends
+/// `Synced`, and the first to find the server back wakes the others.
+pub async fn run<K>(api: Api<DeserializeGuard<K>>, k: Watched<K>, settings: Settings, tx: Sender, shared: Arc<Shared>)
+where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let backoff = Backoff::new(k.kind, &settings);
     let streaming = settings.streaming_lists;
-    Loop { api, k, settings, tx, synced, rv: None, announced: false, first: true, streaming, backoff }.run().await;
+    let list_started = Instant::now();
+    Loop { api, k, settings, tx, shared, rv: None, announced: false, first: true, streaming, backoff, list_started }
+        .run()
+        .await;
 }
 
 #[cfg(test)]
