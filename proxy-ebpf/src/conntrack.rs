@@ -17,7 +17,7 @@ use proxy_common::{CtKey, DatapathConfig, Stat, ct_state, ct_timeout};
 use crate::{
     family::{Back, Family},
     maps::CONFIG_V1,
-    parse::{L4, TCP_FLAG_FIN, TCP_FLAG_RST},
+    parse::{L4, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     stats,
     work::Work,
 };
@@ -81,6 +81,18 @@ pub fn timeout(state: u8, l4: &L4) -> u64 {
 #[inline(always)]
 fn is_reopen(state: u8, l4: &L4) -> bool {
     l4.is_syn() && state & (ct_state::RST | ct_state::FIN_FWD | ct_state::FIN_REV) != 0
+}
+
+/// A SYN-ACK from the backend of a flow that has closed answers a new
+/// connection: had the client reopened through the frontend, its SYN would
+/// have reset the flow. So it answers a direct connection that reuses the
+/// client's port, and must pass untouched.
+#[inline(always)]
+fn is_reply_to_reopen(state: u8, l4: &L4, reply: bool) -> bool {
+    reply
+        && l4.is_tcp()
+        && l4.tcp_flags & TCP_FLAG_SYN != 0
+        && state & (ct_state::RST | ct_state::FIN_FWD | ct_state::FIN_REV) != 0
 }
 
 /// Outcome of a forward lookup.
@@ -156,7 +168,11 @@ pub fn lookup_rev<F: Family>(w: &mut Work<F>, record: bool) -> Rev {
     // The forward entry must be this flow's: alive, same backend, same
     // source towards it. A later flow that reused the client's tuple has
     // another backend or source.
-    if entry.expires <= now || (entry.backend, entry.backend_port) != src || (entry.nat, entry.nat_port) != dst {
+    if entry.expires <= now
+        || (entry.backend, entry.backend_port) != src
+        || (entry.nat, entry.nat_port) != dst
+        || is_reply_to_reopen(entry.state, &w.pkt.l4, record)
+    {
         F::rev_remove(&w.key);
         return Rev::Stale;
     }

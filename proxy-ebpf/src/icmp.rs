@@ -58,7 +58,11 @@ fn when(cond: bool, bit: u8) -> u8 {
 /// ingress (`EGRESS == false`) errors about flows that bypass the host
 /// stack are translated and delivered, and errors on their way to a
 /// frontend address always (the host stack could not route them); at
-/// egress, errors about flows the host stack forwards.
+/// egress, every error still quoting a translated packet: those about
+/// flows the host stack forwards, and those the node itself sent about a
+/// flow of either kind (a packet we handed it that exceeds the next link's
+/// MTU, or whose TTL ran out). An error translated once no longer matches
+/// a flow, so nothing is translated twice.
 #[inline(never)]
 pub fn handle<F: Family, const EGRESS: bool>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
     let now = conntrack::now();
@@ -69,8 +73,9 @@ pub fn handle<F: Family, const EGRESS: bool>(ctx: TcContext, w: &mut Work<F>) ->
     w.key = CtKey::new(idst, isrc, inner.proto);
     if conntrack::lookup_rev::<F>(w, false) == Rev::Hit {
         let bypass = w.flow.flags & ct_flags::BYPASS != 0;
-        if bypass == EGRESS {
-            // The other hook's business.
+        if !bypass && !EGRESS {
+            // The host stack forwards this flow: it must see the error as
+            // the backend's host sent it, and egress translates.
             return TC_ACT_OK;
         }
         let snat = w.flow.flags & ct_flags::SNAT != 0;
@@ -88,7 +93,7 @@ pub fn handle<F: Family, const EGRESS: bool>(ctx: TcContext, w: &mut Work<F>) ->
     // About a reply on its way to the client: the quoted packet reversed
     // is the flow's forward key (client -> frontend).
     w.key2 = CtKey::new(idst, isrc, inner.proto);
-    if !EGRESS && conntrack::peek_fwd::<F>(w, now) {
+    if conntrack::peek_fwd::<F>(w, now) {
         let flow = &w.flow;
         let snat = flow.flags & ct_flags::SNAT != 0;
         w.change = Change {

@@ -61,14 +61,16 @@ impl Backend {
         });
         let n2 = name.to_owned();
         let udp_thread = thread::spawn(move || {
-            let mut buf = [0u8; 1500];
+            let mut buf = vec![0u8; 65536];
             // recv returns 0 bytes from an unconnected peer once shut down.
             while let Ok((n, peer)) = udp.recv_from(&mut buf) {
                 if n == 0 {
                     break;
                 }
-                let msg = format!("{n2} {} {peer}\n", udp.local_addr().expect("local addr"));
-                let _ = udp.send_to(msg.as_bytes(), peer);
+                let msg = format!("{n2} {} {peer}", udp.local_addr().expect("local addr"));
+                // As long as the request, so a large request gets a large
+                // (fragmented) answer.
+                let _ = udp.send_to(padded(msg, n).as_bytes(), peer);
             }
         });
         Self { name: name.to_owned(), addr, fds, threads: vec![tcp_thread, udp_thread] }
@@ -95,6 +97,16 @@ impl Backend {
             .collect();
         Self { name: name.to_owned(), addr, fds, threads }
     }
+}
+
+/// `line` and a newline, padded with a field of dots to `len` bytes.
+fn padded(mut line: String, len: usize) -> String {
+    if len > line.len() + 2 {
+        line.push(' ');
+        line.extend(std::iter::repeat_n('.', len - line.len() - 1));
+    }
+    line.push('\n');
+    line
 }
 
 fn serve_tcp(name: &str, stream: TcpStream, peer: SocketAddr) {
@@ -144,14 +156,48 @@ pub fn udp_request(target: SocketAddr) -> std::io::Result<Reply> {
 
 /// `udp_request` with an answer timeout of its own.
 pub fn udp_request_within(target: SocketAddr, timeout: Duration) -> std::io::Result<Reply> {
-    let bind: SocketAddr = if target.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.expect("addr");
-    let sock = UdpSocket::bind(bind)?;
+    udp_exchange(0, target, 6, timeout)
+}
+
+/// `udp_request` from local port `port` (0: any) with a datagram of `size`
+/// bytes, answered by one as large: above the link MTU both travel as
+/// fragments.
+pub fn udp_request_on(port: u16, target: SocketAddr, size: usize) -> std::io::Result<Reply> {
+    udp_exchange(port, target, size, IO_TIMEOUT)
+}
+
+fn udp_exchange(port: u16, target: SocketAddr, size: usize, timeout: Duration) -> std::io::Result<Reply> {
+    let sock = UdpSocket::bind(SocketAddr::new(unspecified(target), port))?;
     sock.set_read_timeout(Some(timeout))?;
     sock.connect(target)?;
-    sock.send(b"hello\n")?;
-    let mut buf = [0u8; 512];
+    sock.send(padded("hello".to_owned(), size).as_bytes())?;
+    let mut buf = vec![0u8; 65536];
     let n = sock.recv(&mut buf)?;
+    // A padded request gets an answer of its own size.
+    if size > 100 && n != size {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("sent {size} bytes, got {n} back")));
+    }
     Reply::parse(String::from_utf8_lossy(&buf[..n]).trim())
+}
+
+/// The wildcard address of `target`'s family.
+fn unspecified(target: SocketAddr) -> std::net::IpAddr {
+    if target.is_ipv6() { std::net::Ipv6Addr::UNSPECIFIED.into() } else { std::net::Ipv4Addr::UNSPECIFIED.into() }
+}
+
+/// One TCP request from local port `port`, bound with SO_REUSEADDR (a port
+/// whose earlier connection is in TIME_WAIT can connect elsewhere). With
+/// `abort` the connection ends with a RST instead of a FIN.
+pub fn tcp_request_from(port: u16, target: SocketAddr, abort: bool) -> std::io::Result<Reply> {
+    let domain = if target.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&SocketAddr::new(unspecified(target), port).into())?;
+    sock.connect_timeout(&target.into(), IO_TIMEOUT)?;
+    if abort {
+        sock.set_linger(Some(Duration::ZERO))?;
+    }
+    Conn::from_stream(sock.into())?.request()
 }
 
 /// A TCP connection that stays open for several requests.
@@ -174,6 +220,22 @@ impl Conn {
     /// The address the client's socket believes it is connected to.
     pub fn peer_addr(&self) -> std::io::Result<SocketAddr> {
         self.writer.peer_addr()
+    }
+
+    /// Send one request line of `len` bytes and read the answer, waiting
+    /// up to `timeout` for it.
+    pub fn upload(&mut self, len: usize, timeout: Duration) -> std::io::Result<Reply> {
+        self.writer.set_read_timeout(Some(timeout))?;
+        self.writer.set_write_timeout(Some(timeout))?;
+        self.writer.write_all(padded("upload".to_owned(), len).as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        Reply::parse(line.trim())
+    }
+
+    /// The local address of the client's socket.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.writer.local_addr()
     }
 
     pub fn request(&mut self) -> std::io::Result<Reply> {

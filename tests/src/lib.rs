@@ -158,6 +158,13 @@ impl Cluster {
         maps.stat(stat).expect("read counters")
     }
 
+    /// Every non-zero datapath counter, one per line, for failure messages.
+    pub fn stats_dump(&self) -> String {
+        let maps = dsproxy::maps::Maps::open_pinned(&self.bpf.pin_dir().join("maps")).expect("open pinned maps");
+        let stats = maps.stats().expect("read counters");
+        stats.iter().filter(|(_, _, n)| *n > 0).map(|(slot, stat, n)| format!("{slot:?} {stat:?} {n}\n")).collect()
+    }
+
     /// Run `f` in the namespace of pod `i`.
     pub fn in_pod<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.topo.pods[i].ns.run(f)
