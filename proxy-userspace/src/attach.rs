@@ -221,10 +221,27 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<(Ebpf, Maps)> {
     }
     let mut ebpf = loader.load(DATAPATH)?;
     for name in TC_PROGRAMS {
-        program(&mut ebpf, name)?.load().map_err(|source| Error::Program { name, op: "load", source })?;
+        load_program(program(&mut ebpf, name)?).map_err(|source| Error::Program { name, op: "load", source })?;
     }
     let maps = Maps::take(&mut ebpf)?;
     Ok((ebpf, maps))
+}
+
+/// Load one program. The verifier gives up with EAGAIN when a signal
+/// arrives while it works (a large program takes it a while); libbpf
+/// tries such a load again, up to five times, and so do we.
+fn load_program(prog: &mut SchedClassifier) -> std::result::Result<(), aya::programs::ProgramError> {
+    let mut attempts = 5;
+    loop {
+        match prog.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts > 1 =>
+            {
+                attempts -= 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A TC program of a loaded object.

@@ -162,3 +162,30 @@ pub fn inspect(f: &[u8]) -> Seen {
     let dport = u16::from_be_bytes([seg[2], seg[3]]);
     Seen { src: (src, sport), dst: (dst, dport) }
 }
+
+/// An ICMP (IPv4) or ICMPv6 error from `from` to `to` of `kind` (type,
+/// code), with `extra` in the word after the checksum (the next-hop MTU of
+/// fragmentation needed / packet too big), quoting the IP packet of frame
+/// `quoted`: its IP header and `quote` bytes after it (all when `None`).
+pub fn icmp_error(
+    from: IpAddr,
+    to: IpAddr,
+    kind: (u8, u8),
+    extra: u32,
+    quoted: &[u8],
+    quote: Option<usize>,
+) -> Vec<u8> {
+    let v6 = from.is_ipv6();
+    let ip_hlen = if v6 { 40 } else { usize::from(quoted[14] & 0xf) * 4 };
+    let end = quote.map_or(quoted.len(), |n| (14 + ip_hlen + n).min(quoted.len()));
+    let mut msg = vec![kind.0, kind.1, 0, 0];
+    msg.extend(extra.to_be_bytes());
+    msg.extend(&quoted[14..end]);
+    let sum = if v6 { csum_add(&pseudo(from, to, 58, msg.len())) } else { 0 } + csum_add(&msg);
+    msg[2..4].copy_from_slice(&csum_fold(sum).to_be_bytes());
+    match (from, to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(s, d, 1, 0, &msg),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, 58, &msg),
+        _ => panic!("mixed families"),
+    }
+}

@@ -15,6 +15,7 @@ pub mod probe;
 pub mod topo;
 
 use std::{
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
@@ -162,7 +163,11 @@ impl Cluster {
     pub fn stats_dump(&self) -> String {
         let maps = dsproxy::maps::Maps::open_pinned(&self.bpf.pin_dir().join("maps")).expect("open pinned maps");
         let stats = maps.stats().expect("read counters");
-        stats.iter().filter(|(_, _, n)| *n > 0).map(|(slot, stat, n)| format!("{slot:?} {stat:?} {n}\n")).collect()
+        let mut out = String::new();
+        for (slot, stat, n) in stats.iter().filter(|(_, _, n)| *n > 0) {
+            let _ = writeln!(out, "{slot:?} {stat:?} {n}");
+        }
+        out
     }
 
     /// Run `f` in the namespace of pod `i`.

@@ -562,3 +562,103 @@ fn should_read_back_frontend_settings_and_scopes_from_the_maps() {
     assert_eq!(sync::sync(&mut env.maps, &mut fresh, &desired).ops, 1, "only slot 0 is rewritten");
     assert_eq!(env.maps.read_back().expect("read back").frontends[&ext].settings.affinity_timeout, Some(30));
 }
+
+/// One ICMP translation fixture: an error about a flow of `web`, the hook
+/// it passes, and the frame that must come out, byte for byte.
+struct IcmpCase {
+    description: String,
+    input: Vec<u8>,
+    egress: bool,
+    expected: Vec<u8>,
+}
+
+/// The ICMP errors of both families about a flow from `client` to `vip`
+/// (TCP and UDP), as a router on the way, the backend's host, or the
+/// client sends them, with what the client (or backend) must receive.
+/// Every flow here goes through the host stack (BPF_PROG_TEST_RUN runs
+/// where no interface is ours), so errors towards the client are
+/// translated at egress and errors towards the backend at ingress.
+fn icmp_cases(env: &mut Env, client: &str, vip: &str, router: &str) -> Vec<IcmpCase> {
+    let v6 = v4(client).is_ipv6();
+    // (type, code, extra, what) per error: fragmentation needed / packet
+    // too big, port unreachable, time exceeded.
+    let (too_big, unreach, ttl) = if v6 { ((2, 0), (1, 4), (3, 0)) } else { ((3, 4), (3, 3), (11, 0)) };
+    let mut cases = Vec::new();
+    for (proto, sport) in [(TCP, 43000), (UDP, 43001)] {
+        let c = (v4(client), sport);
+        let front = (v4(vip), 80);
+        let opening = frame(c, front, proto, SYN);
+        let backend = inspect(&env.run(&opening).frame).dst;
+        // The packet as the backend's side sees it, and its reply.
+        let to_backend = frame(c, backend, proto, SYN);
+        let reply = frame(backend, c, proto, SYN | ACK);
+        let reply_seen = frame(front, c, proto, SYN | ACK);
+        let r = v4(router);
+        for (what, from, kind, extra, quote) in [
+            ("fragmentation needed / packet too big from a router", r, too_big, 1280, None),
+            ("time exceeded from a router, 8 bytes quoted", r, ttl, 0, Some(8)),
+            ("port unreachable from the backend", backend.0, unreach, 0, None),
+        ] {
+            // The outer source becomes the frontend when it was the backend.
+            let seen_from = if from == backend.0 { front.0 } else { from };
+            cases.push(IcmpCase {
+                description: format!("{what} ({proto}, {client}) at egress towards the client"),
+                input: icmp_error(from, c.0, kind, extra, &to_backend, quote),
+                egress: true,
+                expected: icmp_error(seen_from, c.0, kind, extra, &opening, quote),
+            });
+            // At ingress the host stack must see it as sent: it forwards
+            // the flow, and egress translates.
+            let input = icmp_error(from, c.0, kind, extra, &to_backend, quote);
+            cases.push(IcmpCase {
+                description: format!("{what} ({proto}, {client}) at ingress"),
+                expected: input.clone(),
+                input,
+                egress: false,
+            });
+        }
+        // The client's side refuses a reply: the error about the frontend's
+        // packet goes to the backend, about the backend's packet.
+        cases.push(IcmpCase {
+            description: format!("port unreachable from the client ({proto}, {client}) at ingress"),
+            input: icmp_error(c.0, front.0, unreach, 0, &reply_seen, None),
+            egress: false,
+            expected: icmp_error(c.0, backend.0, unreach, 0, &reply, None),
+        });
+        // About no flow of ours: untouched, both hooks.
+        let other = frame(c, (v4(router), 9), proto, SYN);
+        for egress in [false, true] {
+            let input = icmp_error(v4(router), c.0, unreach, 0, &other, None);
+            cases.push(IcmpCase {
+                description: format!("an error about another flow ({proto}, {client}, egress={egress})"),
+                expected: input.clone(),
+                input,
+                egress,
+            });
+        }
+    }
+    cases
+}
+
+/// ICMP errors about service flows are translated inside and out, with
+/// every checksum right (the expected frames are built from scratch), so
+/// path MTU discovery and ECONNREFUSED work through a VIP: IPv4
+/// fragmentation needed, port unreachable, time exceeded; ICMPv6 packet
+/// too big, port unreachable, time exceeded.
+#[test]
+fn should_translate_icmp_errors_about_service_flows() {
+    let mut env = env();
+    web(&mut env);
+    let mut translated = 0;
+    for (client, vip, router) in [(CLIENT4, VIP4, "198.18.250.2"), (CLIENT6, VIP6, "fd00:0:0:fa::2")] {
+        for case in icmp_cases(&mut env, client, vip, router) {
+            let out = if case.egress { env.egress(&case.input) } else { env.run(&case.input) };
+            assert_eq!(out.verdict, TC_ACT_OK, "{}: verdict", case.description);
+            assert_eq!(out.frame, case.expected, "{}: output frame", case.description);
+            translated += usize::from(case.expected != case.input);
+        }
+    }
+    let stats = env.maps.stats().expect("stats");
+    let xlated: u64 = stats.iter().filter(|(_, s, _)| s.name() == "icmp_xlate").map(|(_, _, n)| n).sum();
+    assert_eq!(xlated, u64::try_from(translated).expect("count"), "every translation counted: {stats:?}");
+}
