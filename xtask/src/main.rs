@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod image;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -44,6 +46,12 @@ enum Cmd {
     },
     /// A dual-stack Service end to end in throw-away namespaces, with a transcript.
     Demo,
+    /// A FROM scratch image of a static dsproxy, built offline with buildah
+    /// and smoke-tested inside (part of `test`).
+    Image {
+        #[arg(long, default_value = image::DEFAULT_TAG)]
+        tag: String,
+    },
     /// Benchmarks against kube-proxy-style iptables and nftables rulesets;
     /// results, report and plots under target/bench/<run>/.
     Bench {
@@ -81,10 +89,20 @@ fn main() -> Result<()> {
             // builds for the BPF target.
             cmd.args(["test", "--no-fail-fast"]);
             cmd.env("DSPROXY_KUBERNETES_VALIDATE", kubernetes_validate()?);
-            if !args.is_empty() {
+            let filtered = !args.is_empty();
+            if filtered {
                 cmd.arg("--").args(args);
             }
-            run_tests(&mut cmd)
+            run_tests(&mut cmd)?;
+            if filtered {
+                println!("image: not built (a test filter was given); `cargo xtask image` builds and checks it");
+                return Ok(());
+            }
+            build_image(image::DEFAULT_TAG)
+        }
+        Cmd::Image { tag } => {
+            setup()?;
+            build_image(&tag)
         }
         Cmd::Bench { quick, only } => {
             setup()?;
@@ -108,6 +126,20 @@ fn main() -> Result<()> {
             run(Command::new(demo).arg("--agent").arg(agent))
         }
     }
+}
+
+/// The static agent in a FROM scratch image, smoke-tested; buildah comes
+/// from Debian (no registry is needed: the image has no base).
+fn build_image(tag: &str) -> Result<()> {
+    if !have("buildah") {
+        apt_install(&["buildah"]).context("buildah is needed for the image and could not be installed")?;
+    }
+    let bin = image::build_static()?;
+    let size = std::fs::metadata(&bin)?.len();
+    println!("image: static dsproxy {} ({} KiB)", bin.display(), size / 1024);
+    let id = image::build(&bin, tag, &workspace_root())?;
+    println!("image: {tag} {id} ({}), smoke test passed", image::size(tag).unwrap_or_default());
+    Ok(())
 }
 
 /// `cargo fmt --check` and clippy on every crate, warnings denied.
