@@ -595,14 +595,14 @@ mod tests {
     #[test]
     fn flags_on_the_command_line_win_over_the_config_file() {
         let file = "syncPeriod: 10s\nminSyncPeriod: 2s\nhostnameOverride: from-file\nlogging: {verbosity: 2}\n\
-                    dsproxy: {attach: 'veth*', capacities: {ct: 1000}}\n";
+                    dsproxy: {attach: 'veth*', capacities: {ct: 1000, affinity: 77, sock: 88}}\n";
         let (a, v, _) = run_args(file, &["--sync-period", "5s", "--node-name", "from-flag", "-v", "6"]);
         assert_eq!(a.sync_period.0, Duration::from_secs(5), "the flag wins");
         assert_eq!(a.min_sync_period.0, Duration::from_secs(2), "the file fills what the flags leave");
         assert_eq!(a.hostname_override.as_deref(), Some("from-flag"), "an alias of the flag wins too");
         assert_eq!(v, Some(6), "a global flag wins");
         assert_eq!(a.attach.as_deref(), Some("veth*"));
-        assert_eq!(a.ct_capacity, 1000);
+        assert_eq!((a.ct_capacity, a.affinity_capacity, a.sock_capacity), (1000, 77, 88));
         assert_eq!(a.svc_capacity, capacity::SVC, "what neither sets keeps its default");
         let (a, v, _) = run_args(file, &[]);
         assert_eq!(

@@ -224,6 +224,8 @@ struct Capacities {
     backend: Option<u32>,
     revnat: Option<u32>,
     ct: Option<u32>,
+    affinity: Option<u32>,
+    sock: Option<u32>,
 }
 
 /// The file, as written.
@@ -362,6 +364,8 @@ fn file_flags(file: &File) -> FileFlags {
     flag("--backend-capacity", caps.and_then(|c| c.backend).map(|n| n.to_string()));
     flag("--revnat-capacity", caps.and_then(|c| c.revnat).map(|n| n.to_string()));
     flag("--ct-capacity", caps.and_then(|c| c.ct).map(|n| n.to_string()));
+    flag("--affinity-capacity", caps.and_then(|c| c.affinity).map(|n| n.to_string()));
+    flag("--sock-capacity", caps.and_then(|c| c.sock).map(|n| n.to_string()));
     out.ignored = ignored_fields(file);
     out
 }

@@ -26,7 +26,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use proxy_common::{MapSpec, maps as spec};
+use proxy_common::{MapSpec, Stat, StatSlot, maps as spec};
 
 use crate::{
     diff::Programmed,
@@ -354,10 +354,14 @@ impl Collector for Datapath {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let packets: Family<Labels2, Counter> = Family::default();
+        let socket_lb: Family<Labels1, Counter> = Family::default();
         match maps.stats() {
             Ok(stats) => {
                 for (slot, stat, n) in stats {
                     packets.get_or_create(&[("family", slot.name()), ("reason", stat.name())]).inc_by(n);
+                    if stat == Stat::SockXlate && slot != StatSlot::Other {
+                        socket_lb.get_or_create(&[("ip_family", slot.name())]).inc_by(n);
+                    }
                 }
             }
             Err(e) => log::warn!("metrics: {e}"),
@@ -387,6 +391,11 @@ impl Collector for Datapath {
             ("bpf_map_entries", "Entries in use in each pinned BPF map (arrays: entries in use)", &entries),
             ("bpf_map_capacity", "Most entries each pinned BPF map holds", &capacity),
             ("conntrack_entries", "Conntrack entries, two per tracked flow (forward and reverse map)", &conntrack),
+            (
+                "socket_lb_translations",
+                "connect() and sendmsg() calls socket load balancing sent to a backend (datapath_packets reason sock_xlate)",
+                &socket_lb,
+            ),
         ];
         for (name, help, metric) in describe {
             let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;

@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     health::ProxyHealth,
     http::{self, Handler, Response},
-    types::HealthCheck,
+    types::{Family, HealthCheck},
 };
 
 /// kube-proxy's body: tabs, no trailing newline, Go-quoted strings.
@@ -29,16 +29,26 @@ pub fn body(service: &str, local_endpoints: usize, proxy_healthy: bool) -> Strin
     )
 }
 
-/// The answer for one health check.
-pub fn response(check: &HealthCheck, proxy_healthy: bool) -> Response {
-    let ok = check.local_endpoints > 0 && proxy_healthy;
-    let mut r = Response::new(
-        if ok { 200 } else { 503 },
-        "application/json",
-        body(&check.service, check.local_endpoints, proxy_healthy),
-    );
-    r.headers.push(("X-Load-Balancing-Endpoint-Weight", check.local_endpoints.to_string()));
+/// The ready local endpoints of `check` that a server of `family` counts:
+/// kube-proxy runs one health server per family, each counting the
+/// endpoints of its own family.
+pub fn count(check: &HealthCheck, family: Family) -> usize {
+    check.by_family.iter().find(|(f, _)| *f == family).map_or(check.local_endpoints, |(_, n)| *n)
+}
+
+/// The answer for one health check, from a server of `family`.
+pub fn response(check: &HealthCheck, family: Family, proxy_healthy: bool) -> Response {
+    let n = count(check, family);
+    let ok = n > 0 && proxy_healthy;
+    let mut r = Response::new(if ok { 200 } else { 503 }, "application/json", body(&check.service, n, proxy_healthy));
+    r.headers.push(("X-Load-Balancing-Endpoint-Weight", n.to_string()));
     r
+}
+
+/// The families `check` is served on: those the Service has a ClusterIP
+/// of (both when the model does not say).
+fn families(check: &HealthCheck) -> Vec<Family> {
+    if check.by_family.is_empty() { Family::ALL.to_vec() } else { check.by_family.iter().map(|(f, _)| *f).collect() }
 }
 
 /// What the servers answer, by port; shared with their handlers.
@@ -46,14 +56,14 @@ type Checks = Arc<Mutex<BTreeMap<u16, HealthCheck>>>;
 
 /// The running servers.
 pub struct Servers {
-    /// The addresses every port listens on.
+    /// The addresses every port listens on (of the families it serves).
     addrs: Vec<IpAddr>,
     checks: Checks,
     proxy: Arc<ProxyHealth>,
-    /// Port -> its listeners' tasks (one per family that could bind).
-    running: BTreeMap<u16, Vec<JoinHandle<()>>>,
-    /// Ports that failed to open, with the error last logged.
-    failed: BTreeMap<u16, String>,
+    /// (port, family) -> its listeners' tasks.
+    running: BTreeMap<(u16, Family), Vec<JoinHandle<()>>>,
+    /// Listeners that failed to open, with the error last logged.
+    failed: BTreeMap<(u16, Family), String>,
 }
 
 impl Drop for Servers {
@@ -90,18 +100,18 @@ impl Servers {
         Self { addrs, checks: Arc::default(), proxy, running: BTreeMap::new(), failed: BTreeMap::new() }
     }
 
-    /// The ports being served.
-    pub fn ports(&self) -> Vec<u16> {
+    /// The ports being served, with the families each is served on.
+    pub fn ports(&self) -> Vec<(u16, Family)> {
         self.running.keys().copied().collect()
     }
 
-    fn handler(&self, port: u16) -> Handler {
+    fn handler(&self, port: u16, family: Family) -> Handler {
         let checks = Arc::clone(&self.checks);
         let proxy = Arc::clone(&self.proxy);
         Arc::new(move |_path| {
             let check = checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&port).cloned();
             match check {
-                Some(c) => response(&c, proxy.healthy()),
+                Some(c) => response(&c, family, proxy.healthy()),
                 // Closed while a kept-alive connection was still open.
                 None => Response::new(503, "text/plain; charset=utf-8", "no health check on this port\n".into()),
             }
@@ -113,44 +123,54 @@ impl Servers {
     /// is logged once and tried again at the next sync.
     pub fn sync(&mut self, wanted: &BTreeMap<u16, HealthCheck>) {
         *self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = wanted.clone();
-        self.running.retain(|port, tasks| {
-            let keep = wanted.contains_key(port);
+        let keys: BTreeMap<(u16, Family), &HealthCheck> =
+            wanted.iter().flat_map(|(p, c)| families(c).into_iter().map(move |f| ((*p, f), c))).collect();
+        self.running.retain(|(port, family), tasks| {
+            let keep = keys.contains_key(&(*port, *family));
             if !keep {
                 for t in tasks.iter() {
                     t.abort();
                 }
-                log::info!("health check node port {port}: closed");
+                log::info!("health check node port {port} ({}): closed", family.k8s_name());
             }
             keep
         });
-        self.failed.retain(|port, _| wanted.contains_key(port));
-        for (port, check) in wanted {
-            if self.running.contains_key(port) {
+        self.failed.retain(|k, _| keys.contains_key(k));
+        for (&(port, family), check) in &keys {
+            if self.running.contains_key(&(port, family)) {
                 continue;
             }
             let mut tasks = Vec::new();
             let mut errors = Vec::new();
-            for ip in &self.addrs {
-                let addr = SocketAddr::new(*ip, *port);
+            for ip in self.addrs.iter().filter(|ip| Family::of(**ip) == family) {
+                let addr = SocketAddr::new(*ip, port);
                 match listen(addr) {
-                    Ok(l) => tasks.push(http::serve(l, self.handler(*port))),
+                    Ok(l) => tasks.push(http::serve(l, self.handler(port, family))),
                     Err(e) => errors.push(format!("{addr}: {e}")),
                 }
             }
             if tasks.is_empty() {
-                let e = errors.join("; ");
-                if self.failed.get(port) != Some(&e) {
-                    log::error!("health check node port {port} of Service {}: cannot listen: {e}", check.service);
-                    self.failed.insert(*port, e);
+                let e = if errors.is_empty() {
+                    "no address of this family to listen on".to_owned()
+                } else {
+                    errors.join("; ")
+                };
+                if self.failed.get(&(port, family)) != Some(&e) {
+                    log::error!(
+                        "health check node port {port} ({}) of Service {}: cannot listen: {e}",
+                        family.k8s_name(),
+                        check.service
+                    );
+                    self.failed.insert((port, family), e);
                 }
                 continue;
             }
             for e in errors {
-                log::debug!("health check node port {port}: {e}");
+                log::warn!("health check node port {port}: {e}");
             }
-            self.failed.remove(port);
-            log::info!("health check node port {port}: serving Service {}", check.service);
-            self.running.insert(*port, tasks);
+            self.failed.remove(&(port, family));
+            log::info!("health check node port {port} ({}): serving Service {}", family.k8s_name(), check.service);
+            self.running.insert((port, family), tasks);
         }
     }
 }
@@ -167,12 +187,18 @@ mod tests {
             body("ns/web", 2, true),
             "{\n\t\"service\": {\n\t\t\"namespace\": \"ns\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
         );
-        let r = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 0, by_family: vec![] }, true);
+        let check = |n, by_family| HealthCheck { service: "ns/web".into(), local_endpoints: n, by_family };
+        let r = response(&check(0, vec![]), Family::V4, true);
         assert_eq!(r.status, 503);
         assert_eq!(r.headers, vec![("X-Load-Balancing-Endpoint-Weight", "0".to_owned())]);
-        let ok = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 3, by_family: vec![] }, true);
-        assert_eq!(ok.status, 200);
-        let sick = response(&HealthCheck { service: "ns/web".into(), local_endpoints: 3, by_family: vec![] }, false);
+        assert_eq!(response(&check(3, vec![]), Family::V6, true).status, 200);
+        let sick = response(&check(3, vec![]), Family::V4, false);
         assert_eq!(sick.status, 503, "an unhealthy proxy fails every service");
+        // Each family's server counts its own family's endpoints.
+        let dual = check(2, vec![(Family::V4, 2), (Family::V6, 0)]);
+        assert_eq!(response(&dual, Family::V4, true).status, 200);
+        let v6 = response(&dual, Family::V6, true);
+        assert_eq!((v6.status, v6.body.contains("\"localEndpoints\": 0")), (503, true));
+        assert_eq!(families(&check(1, vec![(Family::V6, 1)])), vec![Family::V6], "single-stack: one server");
     }
 }

@@ -522,6 +522,7 @@ fn metrics_move_when_services_change_and_packets_flow() {
         "dsproxy_bpf_map_entries",
         "dsproxy_bpf_map_capacity",
         "dsproxy_conntrack_entries",
+        "dsproxy_socket_lb_translations",
     ] {
         assert!(m3.contains(&format!("# TYPE {name} ")), "{name} is not exposed:\n{m3}");
     }
@@ -594,15 +595,18 @@ fn healthz_fails_while_the_node_is_deleted_and_livez_does_not() {
 
 #[test]
 fn health_check_node_ports_come_and_go_with_the_desired_state() {
-    use dsproxy::{health::ProxyHealth, service_health::Servers, types::HealthCheck};
+    use dsproxy::{
+        health::ProxyHealth,
+        service_health::Servers,
+        types::{Family, HealthCheck},
+    };
     use std::{collections::BTreeMap, sync::Arc};
     let ns = NetNs::new("hcnp");
-    let port_a = 30_210;
-    let port_b = 30_211;
-    let check = |n| HealthCheck { service: "shop/front".into(), local_endpoints: n, by_family: vec![] };
+    let (port_a, port_b) = (30_210, 30_211);
+    let check = |n, by_family| HealthCheck { service: "shop/front".into(), local_endpoints: n, by_family };
     // The servers run on a runtime whose thread lives in the namespace.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BTreeMap<u16, HealthCheck>>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<u16>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<(u16, Family)>>();
     let path = PathBuf::from("/run/netns").join(&ns.name);
     let server = std::thread::spawn(move || {
         dsproxy_tests::netns::enter(&path);
@@ -621,11 +625,18 @@ fn health_check_node_ports_come_and_go_with_the_desired_state() {
         tx.send(wanted).expect("send");
         done_rx.recv().expect("synced")
     };
+    let at = |ip: &str, port: u16| get(&ns, format!("{ip}:{port}").parse().expect("addr"), "/any/path");
+    let (v4, v6) = ("198.18.77.1", "[fd00:77::1]");
     ns.ip(&["addr", "add", "198.18.77.1/32", "dev", "lo"]);
     ns.ip(&["addr", "add", "fd00:77::1/128", "dev", "lo"]);
-    assert_eq!(sync(BTreeMap::from([(port_a, check(2)), (port_b, check(0))])), vec![port_a, port_b]);
-    for ip in ["198.18.77.1", "[fd00:77::1]"] {
-        let r = get(&ns, format!("{ip}:{port_a}").parse().expect("addr"), "/any/path").expect("port a answers");
+    // A dual-stack Service with two ready local endpoints of each family,
+    // and one with none.
+    let dual = |n| check(n, vec![(Family::V4, n), (Family::V6, n)]);
+    let both = |p| [(p, Family::V4), (p, Family::V6)];
+    let ports = sync(BTreeMap::from([(port_a, dual(2)), (port_b, dual(0))]));
+    assert_eq!(ports, [both(port_a), both(port_b)].concat());
+    for ip in [v4, v6] {
+        let r = at(ip, port_a).expect("port a answers");
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.header("x-load-balancing-endpoint-weight"), Some("2"));
         assert_eq!(r.header("content-type"), Some("application/json"));
@@ -633,16 +644,76 @@ fn health_check_node_ports_come_and_go_with_the_desired_state() {
             r.body,
             "{\n\t\"service\": {\n\t\t\"namespace\": \"shop\",\n\t\t\"name\": \"front\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
         );
-        let r = get(&ns, format!("{ip}:{port_b}").parse().expect("addr"), "/").expect("port b answers");
+        let r = at(ip, port_b).expect("port b answers");
         assert_eq!((r.status, r.header("x-load-balancing-endpoint-weight")), (503, Some("0")));
     }
-    // The count moves without reopening; port b goes away.
-    assert_eq!(sync(BTreeMap::from([(port_a, check(0))])), vec![port_a]);
-    let r = get(&ns, format!("198.18.77.1:{port_a}").parse().expect("addr"), "/").expect("port a");
-    assert_eq!(r.status, 503);
-    let gone = get(&ns, format!("198.18.77.1:{port_b}").parse().expect("addr"), "/");
+    // Each family counts its own endpoints; the count moves without
+    // reopening; port b goes away.
+    sync(BTreeMap::from([(port_a, check(1, vec![(Family::V4, 1), (Family::V6, 0)]))]));
+    assert_eq!(at(v4, port_a).expect("port a, IPv4").status, 200);
+    assert_eq!(at(v6, port_a).expect("port a, IPv6").status, 503);
+    let gone = at(v4, port_b);
     assert!(gone.is_err(), "port {port_b} must be closed: {gone:?}");
+    // A Service that became IPv6-only is served on IPv6 only.
+    assert_eq!(sync(BTreeMap::from([(port_a, check(1, vec![(Family::V6, 1)]))])), vec![(port_a, Family::V6)]);
+    assert_eq!(at(v6, port_a).expect("port a, IPv6").status, 200);
+    assert!(at(v4, port_a).is_err(), "no IPv4 server for an IPv6-only Service");
     assert!(sync(BTreeMap::new()).is_empty());
     drop(tx);
     server.join().expect("server thread");
+}
+
+#[test]
+fn a_local_load_balancer_service_gets_a_health_check_node_port_that_follows_its_endpoints() {
+    let mut c = Cluster::new(Path::new(BIN));
+    let be = [c.backend("be0", 8080, false), c.backend("be1", 8080, false)];
+    let base = web(&c, "lb", 80, &be, None);
+    let lb = |nodes: [&str; 2]| {
+        let mut objs = base.clone();
+        let spec = &mut objs[0]["spec"];
+        spec["type"] = json!("LoadBalancer");
+        spec["externalTrafficPolicy"] = json!("Local");
+        spec["internalTrafficPolicy"] = json!("Local");
+        spec["healthCheckNodePort"] = json!(30_300);
+        spec["ports"][0]["nodePort"] = json!(30_080);
+        spec["ports"][1]["nodePort"] = json!(30_080);
+        for slice in &mut objs[1..] {
+            for (ep, node) in slice["endpoints"].as_array_mut().expect("endpoints").iter_mut().zip(nodes) {
+                ep["nodeName"] = json!(node);
+            }
+        }
+        objs.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}));
+        documents(&objs)
+    };
+    c.write("lb.yaml", &lb(["node-a", "node-b"]));
+    c.start_agent_with(&["--hostname-override", "node-a"]);
+    let hc = |ip: &str| probe(&c, &format!("{ip}:30300"), "/");
+    // kube-proxy's gauge of Service ports whose Local policy leaves this node without endpoints.
+    let no_local = |c: &Cluster, fam: &str, policy: &str| {
+        let labels = format!("ip_family=\"{fam}\",traffic_policy=\"{policy}\"");
+        count(&metrics(c), "kubeproxy_sync_proxy_rules_no_local_endpoints_total", &labels)
+    };
+    for (fam, policy) in [("IPv4", "internal"), ("IPv6", "external")] {
+        assert_eq!(no_local(&c, fam, policy), Some(0), "{fam} {policy}");
+    }
+    for ip in ["127.0.0.1", "[::1]"] {
+        let r = hc(ip);
+        assert_eq!((r.status, r.header("x-load-balancing-endpoint-weight")), (200, Some("1")), "{ip}: {r:?}");
+        assert!(r.body.contains("\"namespace\": \"default\"") && r.body.contains("\"name\": \"lb\""), "{}", r.body);
+    }
+    // The local endpoint moves to the other node: this node has none.
+    c.change_and_sync(|| c.write("lb.yaml", &lb(["node-b", "node-b"])));
+    for ip in ["127.0.0.1", "[::1]"] {
+        let r = hc(ip);
+        assert_eq!((r.status, r.header("x-load-balancing-endpoint-weight")), (503, Some("0")), "{ip}: {r:?}");
+    }
+    for fam in ["IPv4", "IPv6"] {
+        for policy in ["internal", "external"] {
+            assert_eq!(no_local(&c, fam, policy), Some(2), "{fam} {policy}: two Service ports (tcp, udp)");
+        }
+    }
+    // The Service goes: so does its port.
+    c.change_and_sync(|| c.remove("lb.yaml"));
+    let gone = get(&c.topo.node, "127.0.0.1:30300".parse().expect("addr"), "/");
+    assert!(gone.is_err(), "the health-check node port must close with its Service: {gone:?}");
 }
