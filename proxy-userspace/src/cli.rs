@@ -25,8 +25,8 @@ struct Cli {
     /// trace (RUST_LOG, when set, wins).
     #[arg(short = 'v', long = "v", global = true, value_name = "N")]
     verbosity: Option<u8>,
-    /// Log line format.
-    #[arg(long, global = true, value_enum)]
+    /// Log line format (kube-proxy's --logging-format works too).
+    #[arg(long, global = true, value_enum, visible_alias = "logging-format")]
     log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
@@ -596,7 +596,7 @@ mod tests {
     fn flags_on_the_command_line_win_over_the_config_file() {
         let file = "syncPeriod: 10s\nminSyncPeriod: 2s\nhostnameOverride: from-file\nlogging: {verbosity: 2}\n\
                     dsproxy: {attach: 'veth*', capacities: {ct: 1000, affinity: 77, sock: 88}}\n";
-        let (a, v, _) = run_args(file, &["--sync-period", "5s", "--node-name", "from-flag", "-v", "6"]);
+        let (a, v, _) = run_args(file, &["--sync-period", "5s", "--node-name", "from-flag", "--v=6"]);
         assert_eq!(a.sync_period.0, Duration::from_secs(5), "the flag wins");
         assert_eq!(a.min_sync_period.0, Duration::from_secs(2), "the file fills what the flags leave");
         assert_eq!(a.hostname_override.as_deref(), Some("from-flag"), "an alias of the flag wins too");
@@ -676,6 +676,12 @@ mod tests {
         let (a, _, _) = run_args("healthzBindAddress: nowhere\n", &["--attach", "x"]);
         let e = run_config(a).expect_err("bad address").to_string();
         assert!(e.contains("--healthz-bind-address") && e.contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn kube_proxys_logging_flags_are_understood() {
+        let (cli, _) = parse_with("logging: {format: text}\n", &["--logging-format=json", "--v=4"]).expect("parses");
+        assert_eq!((cli.log_format, cli.verbosity), (Some(LogFormat::Json), Some(4)), "the flags win over the file");
     }
 
     #[test]
