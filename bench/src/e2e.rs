@@ -1,7 +1,9 @@
 //! End to end in the namespace topology: TCP connect-request-close rate and
 //! request-response latency from a client pod through a ClusterIP, for
 //! dsproxy and for kube-proxy-style iptables and nftables rulesets (made
-//! here, in kube-proxy's shape), against the direct backend address.
+//! here, in kube-proxy's shape), against the direct backend address. Each
+//! on two node profiles: clean, and carrying kube-proxy's INVALID-drop rule
+//! (nftables), with the node's default route through its uplink.
 //!
 //! The Service measured sits in the middle of the N Services (the iptables
 //! chain is scanned linearly: the middle is the average case); it has two
@@ -27,10 +29,17 @@ use dsproxy_tests::{
     echo::{Conn, tcp_request_within},
     manifests::documents,
     netns::{NetNs, sh},
+    topo::{Firewall, Profile},
 };
+
+/// The node profiles measured, with their names in the report.
+pub const PROFILES: [(Profile, &str); 2] =
+    [(Profile::Clean, "clean"), (Profile::KubeProxyRules(Firewall::Nftables), "kube-proxy-rules")];
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    /// The node profile: `clean` or `kube-proxy-rules`.
+    pub profile: &'static str,
     pub family: &'static str,
     pub system: &'static str,
     pub services: usize,
@@ -214,6 +223,7 @@ fn latency(ns: &NetNs, target: SocketAddr, requests: usize) -> (f64, f64) {
 }
 
 struct Bench {
+    profile: &'static str,
     c: Cluster,
     client: usize,
     real4: Vec<IpAddr>,
@@ -239,15 +249,37 @@ impl Bench {
             let (p50, p99) = latency(ns, target, self.requests);
             let family = if v6 { "IPv6" } else { "IPv4" };
             eprintln!(
-                "  e2e {family} {system:<8} {services:>6} services: {rate:>8.0} conn/s, p50 {p50:.1} µs, p99 {p99:.1} µs, {errors} errors"
+                "  e2e {} {family} {system:<8} {services:>6} services: {rate:>8.0} conn/s, p50 {p50:.1} µs, p99 {p99:.1} µs, {errors} errors",
+                self.profile
             );
-            self.rows.push(Row { family, system, services, conn_per_sec: rate, p50_us: p50, p99_us: p99, errors });
+            let profile = self.profile;
+            self.rows.push(Row {
+                profile,
+                family,
+                system,
+                services,
+                conn_per_sec: rate,
+                p50_us: p50,
+                p99_us: p99,
+                errors,
+            });
         }
     }
 }
 
 pub fn measure(agent: &Path, sizes: &[usize], secs: f64, requests: usize) -> Vec<Row> {
-    let mut c = Cluster::new(agent);
+    PROFILES.iter().flat_map(|(profile, name)| measure_on(agent, *profile, name, sizes, secs, requests)).collect()
+}
+
+fn measure_on(
+    agent: &Path,
+    profile: Profile,
+    name: &'static str,
+    sizes: &[usize],
+    secs: f64,
+    requests: usize,
+) -> Vec<Row> {
+    let mut c = Cluster::with_profile(agent, profile);
     let client = c.client();
     let backends: Vec<usize> = (0..2).map(|i| c.topo.add_pod(&format!("be{i}"), false)).collect();
     for (i, b) in backends.iter().enumerate() {
@@ -268,7 +300,7 @@ pub fn measure(agent: &Path, sizes: &[usize], secs: f64, requests: usize) -> Vec
     let real4: Vec<IpAddr> = backends.iter().map(|b| c.addr(*b, false)).collect();
     let real6: Vec<IpAddr> = backends.iter().map(|b| c.addr(*b, true)).collect();
     let direct = [SocketAddr::new(real4[0], TARGET_PORT), SocketAddr::new(real6[0], TARGET_PORT)];
-    let mut b = Bench { c, client, real4, real6, secs, requests, rows: Vec::new() };
+    let mut b = Bench { profile: name, c, client, real4, real6, secs, requests, rows: Vec::new() };
     b.measure("direct", 0, direct);
     for &n in sizes {
         let m = n / 2;
@@ -286,14 +318,21 @@ pub fn measure(agent: &Path, sizes: &[usize], secs: f64, requests: usize) -> Vec
         load_rules(node, "iptables-restore", &[], &iptables_rules(n, m, &b.real4, false));
         load_rules(node, "ip6tables-restore", &[], &iptables_rules(n, m, &b.real6, true));
         b.measure("iptables", n, targets);
-        let node = &b.c.topo.node;
-        sh(&["ip", "netns", "exec", &node.name, "nft", "flush", "ruleset"]);
+        flush(&b.c, profile);
 
+        let node = &b.c.topo.node;
         load_rules(node, "nft", &["-f"], &nft_rules(n, m, &b.real4, false));
         load_rules(node, "nft", &["-f"], &nft_rules(n, m, &b.real6, true));
         b.measure("nftables", n, targets);
-        let node = &b.c.topo.node;
-        sh(&["ip", "netns", "exec", &node.name, "nft", "flush", "ruleset"]);
+        flush(&b.c, profile);
     }
     b.rows
+}
+
+/// Remove the measured rulesets (iptables-restore here is iptables-nft:
+/// one flush clears both) and dress the node as `profile` again.
+fn flush(c: &Cluster, profile: Profile) {
+    let node = &c.topo.node;
+    sh(&["ip", "netns", "exec", &node.name, "nft", "flush", "ruleset"]);
+    profile.apply(node, "dsn-n2");
 }
