@@ -5,7 +5,7 @@ use crate::{
     agent::{self, RunConfig},
     attach::{self, Capacities},
     config::{self, GoDuration},
-    inspect, model, privileges,
+    explain, inspect, model, privileges,
     source::{self, SourceConfig, kube, manifests},
     types::Family,
 };
@@ -14,7 +14,7 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use proxy_common::capacity;
 use serde_json::json;
 
-use crate::types::{Cidr, Desired, Frontend, FrontendSpec, Kind, Scope};
+use crate::types::{Cidr, Desired, Frontend, FrontendSpec, Kind, Proto, Scope};
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dsproxy";
 
@@ -204,6 +204,25 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// What the datapath would do with a packet, and why, from the live maps.
+    Explain {
+        /// The packet's source, IP:PORT ([IPv6]:PORT).
+        #[arg(long)]
+        src: std::net::SocketAddr,
+        /// The packet's destination, IP:PORT ([IPv6]:PORT).
+        #[arg(long)]
+        dst: std::net::SocketAddr,
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        proto: String,
+        /// Where the packet enters: a pod interface (a client on this
+        /// node) or a node device (an external client).
+        #[arg(long, value_enum, default_value = "pod")]
+        from: explain::From,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Validate manifests and print the frontends they would program; touches no kernel state.
     Check {
         #[arg(long)]
@@ -263,6 +282,12 @@ pub fn main() -> anyhow::Result<()> {
         Command::Inspect { what, family, output, pin_dir } => {
             let family = family.map(|f| if f == "6" { Family::V6 } else { Family::V4 });
             print!("{}", inspect::run(&pin_dir, what, family, output == Output::Json)?);
+            Ok(())
+        }
+        Command::Explain { src, dst, proto, from, output, pin_dir } => {
+            let proto = if proto == "udp" { Proto::Udp } else { Proto::Tcp };
+            let q = explain::Query { src, dst, proto, from };
+            print!("{}", explain::run(&pin_dir, &q, output == Output::Json)?);
             Ok(())
         }
         Command::Check { manifests, node_name, output } => {

@@ -1,6 +1,6 @@
-//! `dsproxy inspect services|backends|stats`: the live datapath, read from
-//! the pinned maps (as `cilium-dbg service list` and `bpf lb list`), as
-//! text or JSON. Frontends carry the name of their Service port, which the
+//! `dsproxy inspect services|backends|conntrack|stats`: the live datapath,
+//! read from the pinned maps (as `cilium-dbg service list`, `bpf lb list`
+//! and `bpf ct list`), as text or JSON. Frontends carry the name of their Service port, which the
 //! agent pins beside each reverse-NAT entry (`NAMES{4,6}`).
 use std::{fmt::Write as _, net::IpAddr, path::Path};
 
@@ -34,6 +34,9 @@ pub enum What {
     Services,
     /// Backends by id, with the number of frontends using each.
     Backends,
+    /// Live flows: client, frontend and its Service, backend, the source
+    /// the backend sees, state, path, idle time and expiry.
+    Conntrack,
     /// Datapath counters, and the fill of every map.
     Stats,
 }
@@ -278,6 +281,26 @@ pub fn run(pin_dir: &Path, what: What, family: Option<Family>, json: bool) -> Re
             let entries = backends(&maps.read_back()?, family);
             if json { to_json(&serde_json::json!({ "backends": entries })) } else { backends_text(&entries) }
         }
+        What::Conntrack => {
+            let prog = maps.read_back()?;
+            let all = crate::flows::read(&maps, family)?;
+            let expired = all.iter().filter(|f| !f.live()).count();
+            let views: Vec<crate::flows::FlowView> = all
+                .iter()
+                .filter(|f| f.live())
+                .map(|f| {
+                    let name = prog.family(f.family()).names.get(&f.frontend_id).map_or("", String::as_str);
+                    crate::flows::FlowView::new(f, name)
+                })
+                .collect();
+            if json {
+                to_json(&serde_json::json!({ "flows": views, "expired": expired }))
+            } else {
+                let mut out: String = views.iter().map(|v| v.text() + "\n").collect();
+                let _ = writeln!(out, "{} live flows, {expired} expired entries awaiting reuse", views.len());
+                out
+            }
+        }
         What::Stats => {
             let (counters, fill) = stats(&maps)?;
             if json {
@@ -290,7 +313,7 @@ pub fn run(pin_dir: &Path, what: What, family: Option<Family>, json: bool) -> Re
     Ok(text)
 }
 
-fn to_json(v: &serde_json::Value) -> String {
+pub(crate) fn to_json(v: &serde_json::Value) -> String {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
     s.push('\n');
     s

@@ -18,6 +18,8 @@
 //!   kube-proxy serves them; `service_health`: the healthCheckNodePorts;
 //!   `observe`: what the run loop reports to them;
 //! - `inspect`: the live datapath from the pinned maps, as text or JSON;
+//!   `flows`: its conntrack entries; `explain`: what it would do with a
+//!   packet, and why;
 //! - `frames`, `testrun`, `rand` (feature `test-helpers`): crafted frames,
 //!   BPF_PROG_TEST_RUN and a seeded generator for tests and benchmarks.
 pub mod agent;
@@ -26,6 +28,8 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod diff;
+pub mod explain;
+pub mod flows;
 #[cfg(any(test, feature = "test-helpers"))]
 pub mod frames;
 pub mod health;
