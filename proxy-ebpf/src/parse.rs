@@ -381,23 +381,31 @@ fn parse_l4<const DIRECT: bool>(
 }
 
 /// The transport ports of a quoted packet whose transport header starts at
-/// `l4_off`, and its checksum offset when present in the frame.
+/// `l4_off`, and its checksum offset when quoted. Only bytes inside the
+/// error's IP packet (before `end`) count: what follows it in the frame
+/// (Ethernet padding) is not covered by the ICMP checksum, and must never
+/// be read as the quote or rewritten.
 #[inline(always)]
-fn quoted_l4(ctx: &TcContext, proto: u8, l4_off: usize) -> Result<(u16, u16, usize), Stat> {
+fn quoted_l4(ctx: &TcContext, proto: u8, l4_off: usize, end: usize) -> Result<(u16, u16, usize), Stat> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(Stat::PassNotL4);
     }
-    // Every ICMP error quotes at least 8 bytes of the transport header.
+    // An error quotes at least 8 bytes of the transport header (RFC 792,
+    // 4443), but IPv4 options or extension headers in the quote can push
+    // even the ports out of it.
+    if l4_off + 4 > end {
+        return Err(Stat::PassNotL4);
+    }
     let sport = load::<u16>(ctx, l4_off)?;
     let dport = load::<u16>(ctx, l4_off + 2)?;
     let csum_off = if proto == IPPROTO_UDP {
         let off = l4_off + 6;
         // A zero UDP checksum (IPv4) means none: it stays zero.
-        if load::<u16>(ctx, off)? != 0 { off } else { 0 }
+        if off + 2 <= end && load::<u16>(ctx, off)? != 0 { off } else { 0 }
     } else {
         // TCP's checksum is at 16: quoted only when the error has room.
         let off = l4_off + 16;
-        if ctx.len() as usize >= off + 2 { off } else { 0 }
+        if off + 2 <= end { off } else { 0 }
     };
     Ok((sport, dport, csum_off))
 }
@@ -427,7 +435,7 @@ fn icmp_v4(ctx: &TcContext, err: &mut IcmpErr<[u8; 4]>, icmp_off: usize, len: us
     let inner_src = load::<[u8; 4]>(ctx, l3_off + 12)?;
     let inner_dst = load::<[u8; 4]>(ctx, l3_off + 16)?;
     let l4_off = l3_off + ihl;
-    let (sport, dport, csum_off) = quoted_l4(ctx, proto, l4_off)?;
+    let (sport, dport, csum_off) = quoted_l4(ctx, proto, l4_off, icmp_off + len)?;
     err.icmp_off = icmp_off;
     err.inner = Inner { saddr: inner_src, daddr: inner_dst, sport, dport, proto, l3_off, l4_off, csum_off };
     Ok(())
@@ -455,7 +463,7 @@ fn icmp_v6(ctx: &TcContext, err: &mut IcmpErr<[u8; 16]>, icmp_off: usize, len: u
     if frag.is_some_and(|f| !f.first) {
         return Err(Stat::PassNotL4);
     }
-    let (sport, dport, csum_off) = quoted_l4(ctx, proto, l4_off)?;
+    let (sport, dport, csum_off) = quoted_l4(ctx, proto, l4_off, icmp_off + len)?;
     err.icmp_off = icmp_off;
     let inner = &mut err.inner;
     inner.saddr = load::<[u8; 16]>(ctx, l3_off + 8)?;

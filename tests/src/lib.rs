@@ -8,9 +8,11 @@
 pub mod agent;
 pub mod echo;
 pub mod fakeapi;
+pub mod fuzz;
 pub mod http;
 pub mod manifests;
 pub mod netns;
+pub mod packet;
 pub mod probe;
 pub mod topo;
 

@@ -46,6 +46,21 @@ enum Cmd {
     },
     /// A dual-stack Service end to end in throw-away namespaces, with a transcript.
     Demo,
+    /// The datapath fuzzer: generated and mutated frames through the real
+    /// programs (BPF_PROG_TEST_RUN), each checked against a reference model.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// The run's seed (decimal or 0x-hex); a fresh one is drawn and
+        /// printed when absent.
+        #[arg(long)]
+        seed: Option<String>,
+        /// Replay one epoch of a run (each epoch starts from an empty
+        /// datapath, with a seed derived from the run's).
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
     /// A FROM scratch image of a static dsproxy, built offline with buildah
     /// and smoke-tested inside (part of `test`).
     Image {
@@ -116,6 +131,19 @@ fn main() -> Result<()> {
             }
             if let Some(part) = only {
                 cmd.arg("--only").arg(part);
+            }
+            run(&mut cmd)
+        }
+        Cmd::Fuzz { frames, seed, epoch } => {
+            setup()?;
+            let fuzz = build_bin("dsproxy-tests", "dsproxy-fuzz", false)?;
+            let mut cmd = Command::new(fuzz);
+            cmd.arg("--frames").arg(frames.to_string());
+            if let Some(seed) = seed {
+                cmd.arg("--seed").arg(seed);
+            }
+            if let Some(epoch) = epoch {
+                cmd.arg("--epoch").arg(epoch.to_string());
             }
             run(&mut cmd)
         }
