@@ -10,19 +10,16 @@
 //! a seed replays the same frames.
 use std::{collections::VecDeque, net::IpAddr};
 
-use dsproxy::rand::XorShift;
+use dsproxy::{
+    frames::{ACK, FIN, RST, SYN, TCP, UDP, pseudo},
+    rand::XorShift,
+};
 
 use super::{
     model::{Ep, Hook, fold, sum},
     scene::Scene,
 };
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const RST: u8 = 0x04;
 const PSH: u8 = 0x08;
 
 /// One generated frame and where it runs.
@@ -570,8 +567,4 @@ impl Gen {
             }
         }
     }
-}
-
-fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
-    dsproxy::frames::pseudo(src, dst, proto, len)
 }

@@ -49,6 +49,8 @@ pub struct Report {
     pub kinds: BTreeMap<(&'static str, &'static str), u64>,
     pub elapsed: Duration,
     pub epochs: u64,
+    /// The datapath's own counters (`STATS`), summed over both families.
+    pub counters: BTreeMap<&'static str, u64>,
 }
 
 impl Report {
@@ -75,6 +77,10 @@ impl fmt::Display for Report {
         )?;
         for (o, n) in &self.outcomes {
             writeln!(f, "  {:<22} {n:>9}", o.name())?;
+        }
+        writeln!(f, "datapath counters:")?;
+        for (name, n) in self.counters.iter().filter(|(_, n)| **n > 0) {
+            writeln!(f, "  {name:<22} {n:>9}")?;
         }
         writeln!(f, "by kind and hook:")?;
         for ((kind, hook), n) in &self.kinds {
@@ -180,11 +186,22 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Report)) -> Result<Report, 
     Ok(report)
 }
 
+/// Frames between two backend changes.
+const CHURN_EVERY: u64 = 4_000;
+
 fn run_epoch(seed: u64, epoch: u64, frames: u64, scene: &Scene, report: &mut Report) -> Result<(), Box<Failure>> {
     let mut env = load(scene);
     let mut model = Model::new(scene.clone());
     let mut source = Gen::new(epoch_seed(seed, epoch), scene.clone());
+    let churned = scene.churned();
+    let mut outcomes: BTreeMap<Outcome, u64> = BTreeMap::new();
     for index in 0..frames {
+        if index % CHURN_EVERY == CHURN_EVERY - 1 {
+            // Endpoints change under live flows, and change back.
+            let now = if (index / CHURN_EVERY).is_multiple_of(2) { &churned } else { scene };
+            env.program_desired(&now.desired());
+            model.set_scene(now.clone());
+        }
         let frame = source.draw();
         let got = env.try_run_prog(frame.hook.program(), &frame.bytes);
         let result = match &got {
@@ -195,7 +212,7 @@ fn run_epoch(seed: u64, epoch: u64, frames: u64, scene: &Scene, report: &mut Rep
         match result {
             Ok(outcome) => {
                 report.frames += 1;
-                *report.outcomes.entry(outcome).or_default() += 1;
+                *outcomes.entry(outcome).or_default() += 1;
                 *report.kinds.entry((frame.kind, hook_name(frame.hook))).or_default() += 1;
             }
             Err(message) => {
@@ -217,10 +234,41 @@ fn run_epoch(seed: u64, epoch: u64, frames: u64, scene: &Scene, report: &mut Rep
             }
         }
     }
+    check_counters(&env, epoch, &outcomes, report);
+    for (o, n) in outcomes {
+        *report.outcomes.entry(o).or_default() += n;
+    }
     let (flows, frags) = model.sizes();
     // Far below the maps' capacity: LRU eviction never has to be modelled.
     assert!(flows < 65_536 && frags < 4_096, "epoch {epoch}: {flows} flows, {frags} fragment records");
     Ok(())
+}
+
+/// The datapath counted what the model saw: every translation, refusal
+/// and drop, and no failed rewrite, conntrack insert or masquerade port.
+fn check_counters(env: &Env, epoch: u64, outcomes: &BTreeMap<Outcome, u64>, report: &mut Report) {
+    let mut counters: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (_, stat, n) in env.maps.stats().expect("datapath counters") {
+        *counters.entry(stat.name()).or_default() += n;
+    }
+    let got = |name: &str| counters.get(name).copied().unwrap_or(0);
+    let saw = |o: Outcome| outcomes.get(&o).copied().unwrap_or(0);
+    for (name, want) in [
+        ("dnat_new", saw(Outcome::NewFlow)),
+        ("dnat_established", saw(Outcome::Established)),
+        ("rev_nat", saw(Outcome::Reply)),
+        ("icmp_xlate", saw(Outcome::IcmpError)),
+        ("reject_no_backend", saw(Outcome::Refused)),
+        ("drop_no_local_backend", saw(Outcome::Dropped)),
+        ("drop_rewrite", 0),
+        ("ct_insert_failed", 0),
+        ("snat_no_port", 0),
+    ] {
+        assert_eq!(got(name), want, "epoch {epoch}: the datapath counted {name} {} times, the model {want}", got(name));
+    }
+    for (name, n) in counters {
+        *report.counters.entry(name).or_default() += n;
+    }
 }
 
 fn hook_name(h: Hook) -> &'static str {

@@ -17,6 +17,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use dsproxy::frames::{ACK, FIN, RST, SYN, TCP, UDP, pseudo};
 use proxy_common::{ct_state, programs};
 
 use super::scene::{Fe, Scene};
@@ -25,14 +26,8 @@ pub const TC_ACT_OK: i32 = 0;
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
 const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const RST: u8 = 0x04;
 
 /// Where a frame is run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -162,20 +157,6 @@ pub fn fold(mut s: u64) -> u16 {
 fn adjust(csum: u16, old: &[u8], new: &[u8]) -> u16 {
     let inv: u64 = old.chunks(2).map(|c| u64::from(!u16::from_be_bytes([c[0], c[1]]))).sum();
     !fold(u64::from(!csum) + inv + sum(new))
-}
-
-/// The pseudo-header of a transport or ICMPv6 checksum.
-fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
-    let mut p = octets(src);
-    p.extend(octets(dst));
-    if src.is_ipv6() {
-        p.extend(u32::try_from(len).expect("len").to_be_bytes());
-        p.extend([0, 0, 0, proto]);
-    } else {
-        p.extend([0, proto]);
-        p.extend(u16::try_from(len).expect("len").to_be_bytes());
-    }
-    p
 }
 
 /// How a checksum field is compared.
@@ -583,6 +564,11 @@ impl Model {
         Self { scene, fwd: HashMap::new(), rev: HashMap::new(), frags: HashMap::new(), sticky: HashMap::new() }
     }
 
+    /// The Services changed (the datapath was reprogrammed the same way).
+    pub fn set_scene(&mut self, scene: Scene) {
+        self.scene = scene;
+    }
+
     /// Conntrack flows and fragment records the model holds.
     pub fn sizes(&self) -> (usize, usize) {
         (self.fwd.len(), self.frags.len())
@@ -698,8 +684,14 @@ impl Model {
 
     fn forward(&mut self, f: &[u8], ip: Ip, l4: L4, fe: usize, external: bool) -> Expect {
         let key = Key { src: (ip.src, l4.sport), dst: (ip.dst, l4.dport), proto: l4.proto };
+        let scene = &self.scene;
+        // A UDP flow has no end: when its backend is gone, the next
+        // datagram takes a live one. A TCP flow keeps its backend.
+        let live = |flow: &Flow| {
+            !(l4.syn() && flow.state & CLOSED != 0) && (l4.tcp() || scene.has_backend(flow.backend, l4.proto))
+        };
         if let Some(flow) = self.fwd.get_mut(&key)
-            && !(l4.syn() && flow.state & CLOSED != 0)
+            && live(flow)
         {
             flow.state = next_state(flow.state, &l4, false);
             let flow = *flow;

@@ -6,7 +6,10 @@
 //! address external clients are masqueraded to.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use dsproxy::types::{Backend, Desired, Frontend, FrontendSpec, Proto, Settings, WhenEmpty};
+use dsproxy::{
+    frames::{TCP, UDP},
+    types::{Backend, Desired, Frontend, FrontendSpec, Proto, Settings, WhenEmpty},
+};
 use proxy_common::DatapathConfig;
 
 use super::model::Ep;
@@ -45,9 +48,6 @@ pub struct Scene {
     pub v6: Hosts,
 }
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-
 fn a(s: &str) -> IpAddr {
     s.parse().expect("address")
 }
@@ -60,7 +60,7 @@ fn hosts(v6: bool) -> Hosts {
         external: p("198.18.100.2", "fd00:0:0:64::2"),
         node: p("198.18.0.1", "fd00::1"),
         router: p("198.18.250.2", "fd00:0:0:fa::2"),
-        backends: (1..=7).map(|i| p(&format!("198.18.2.{i}"), &format!("fd00:0:0:2::{i}"))).collect(),
+        backends: (1..=8).map(|i| p(&format!("198.18.2.{i}"), &format!("fd00:0:0:2::{i}"))).collect(),
     }
 }
 
@@ -103,6 +103,28 @@ impl Scene {
         self.hosts(v6).node
     }
 
+    /// The scene after an EndpointSlice change: every frontend without
+    /// affinity swaps one backend for a new one and drops another (the
+    /// one-backend frontend moves to a new backend on the same port), so
+    /// flows lose their backends while others stay.
+    #[must_use]
+    pub fn churned(&self) -> Scene {
+        let mut s = self.clone();
+        for f in s.frontends.iter_mut().filter(|f| !f.affinity && !f.backends.is_empty()) {
+            let extra = self.hosts(f.addr.is_ipv6()).backends[7];
+            let port = f.backends[0].1;
+            f.backends.remove(0);
+            f.backends.push((extra, port));
+        }
+        s
+    }
+
+    /// Does a frontend of `proto` still use backend `b`? (A backend no
+    /// frontend uses is deleted: UDP flows on it move.)
+    pub fn has_backend(&self, b: Ep, proto: u8) -> bool {
+        self.frontends.iter().any(|f| f.proto == proto && f.backends.contains(&b))
+    }
+
     /// The frontend a packet to `daddr:dport` is for: the address itself,
     /// else a NodePort when `daddr` is the node's.
     pub fn lookup(&self, daddr: IpAddr, dport: u16, proto: u8) -> Option<usize> {
@@ -122,7 +144,8 @@ impl Scene {
         let mut d = Desired::default();
         for f in &self.frontends {
             let proto = if f.proto == TCP { Proto::Tcp } else { Proto::Udp };
-            let backends = f.backends.iter().map(|&(addr, port)| Backend { addr, port, proto }).collect();
+            let mut backends: Vec<_> = f.backends.iter().map(|&(addr, port)| Backend { addr, port, proto }).collect();
+            backends.sort();
             let mut spec = FrontendSpec::new(format!("fuzz/fe-{}-{}", f.port, f.proto), backends);
             spec.settings = Settings {
                 affinity_timeout: f.affinity.then_some(10_800),
