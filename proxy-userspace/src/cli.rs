@@ -365,8 +365,15 @@ fn init_logging(verbosity: u8, format: LogFormat) {
 /// The settings of `dsproxy run`, checked.
 fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
     let attach = a.attach.context("no interfaces to attach to: give --attach GLOB (or dsproxy.attach in --config)")?;
+    if a.sync_period.0.is_zero() {
+        // kube-proxy refuses it too: /healthz measures against it, and a
+        // failed sync is retried after it.
+        anyhow::bail!("--sync-period must be greater than 0");
+    }
     let poll_interval = a.poll_interval.0.max(Duration::from_millis(10));
-    let node_name = a.hostname_override.unwrap_or_else(hostname);
+    // As kube-proxy's GetHostname: trimmed and lowercased, the node
+    // object's name being a DNS subdomain.
+    let node_name = a.hostname_override.unwrap_or_else(hostname).trim().to_lowercase();
     let source = match a.manifests {
         Some(dir) => {
             SourceConfig::Manifests(manifests::Options { dir, node_name: Some(node_name.clone()), poll_interval })
@@ -634,6 +641,27 @@ mod tests {
             (a.sync_period.0, a.hostname_override.as_deref(), v),
             (Duration::from_secs(10), Some("from-file"), Some(2))
         );
+    }
+
+    #[test]
+    fn empty_and_zero_values_in_the_config_file_mean_the_defaults_as_in_kube_proxy() {
+        // kube-proxy's own ConfigMap writes every field out, many empty.
+        let file = "bindAddress: ''\nhealthzBindAddress: ''\nmetricsBindAddress: ''\nhostnameOverride: ''\n\
+                    clientConnection: {kubeconfig: ''}\nlogging: {format: ''}\nsyncPeriod: 0s\nminSyncPeriod: 0s\n\
+                    iptables: {syncPeriod: 0s, minSyncPeriod: 0s}\nconntrack: {tcpEstablishedTimeout: 0s}\n\
+                    dsproxy: {attach: 'veth*', devices: 'eth*'}\n";
+        let (a, _, _) = run_args(file, &["--node-name", "Node-A "]);
+        assert_eq!(a.devices.as_deref(), Some("eth*"), "dsproxy.devices is --devices");
+        let cfg = run_config(a).expect("valid");
+        assert_eq!(cfg.model.node_name.as_deref(), Some("node-a"), "trimmed and lowercased, as kube-proxy");
+        assert_eq!(cfg.healthz_bind, Some("0.0.0.0:10256".parse().expect("addr")), "kube-proxy's default");
+        assert_eq!(cfg.metrics_bind, Some("127.0.0.1:10249".parse().expect("addr")), "kube-proxy's default");
+        assert_eq!(cfg.sync_period, Duration::from_secs(30));
+        assert_eq!(cfg.min_sync_period, Duration::from_millis(100));
+        assert_eq!(cfg.attach.devices.as_deref(), Some("eth*"));
+        let (a, _, _) = run_args("dsproxy: {attach: x}\n", &["--sync-period", "0s", "--node-name", "n1"]);
+        let err = run_config(a).expect_err("a zero sync period on the command line is refused");
+        assert!(err.to_string().contains("--sync-period"), "{err}");
     }
 
     #[test]

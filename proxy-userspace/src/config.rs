@@ -190,6 +190,7 @@ struct Linux {
 struct Own {
     manifests: Option<String>,
     attach: Option<String>,
+    devices: Option<String>,
     pin_dir: Option<String>,
     poll_interval: Option<GoDuration>,
     service_proxy_name: Option<String>,
@@ -305,7 +306,7 @@ pub fn parse(path: &str, text: &str) -> Result<FileFlags> {
         return Err(field("kind", format!("{k:?} is not {KIND}")));
     }
     if let Some(f) = file.logging.as_ref().and_then(|l| l.format.as_deref())
-        && !matches!(f, "text" | "json")
+        && !matches!(f, "" | "text" | "json")
     {
         return Err(field("logging.format", format!("{f:?} is not text or json")));
     }
@@ -315,8 +316,11 @@ pub fn parse(path: &str, text: &str) -> Result<FileFlags> {
 /// The one table of field -> flag.
 fn file_flags(file: &File) -> FileFlags {
     let mut out = FileFlags::default();
+    // As kube-proxy's defaulting: an empty string or a zero duration in the
+    // file means "the default" (kube-proxy's own ConfigMap writes every
+    // field out), so it sets no flag.
     let mut flag = |name: &'static str, value: Option<String>| {
-        if let Some(v) = value {
+        if let Some(v) = value.filter(|v| !v.is_empty()) {
             out.flags.push((name, v));
         }
     };
@@ -333,7 +337,7 @@ fn file_flags(file: &File) -> FileFlags {
         _ => file.iptables.as_ref(),
     };
     let text = |s: &Option<String>| s.clone();
-    let dur = |d: Option<GoDuration>| d.map(|d| d.to_string());
+    let dur = |d: Option<GoDuration>| d.filter(|d| !d.0.is_zero()).map(|d| d.to_string());
 
     flag("--bind-address", text(&file.bind_address));
     flag("--healthz-bind-address", text(&file.healthz_bind_address));
@@ -350,6 +354,7 @@ fn file_flags(file: &File) -> FileFlags {
     flag("--conntrack-udp-timeout", dur(conntrack.and_then(|c| c.udp_timeout)));
     flag("--manifests", own.and_then(|o| o.manifests.clone()));
     flag("--attach", own.and_then(|o| o.attach.clone()));
+    flag("--devices", own.and_then(|o| o.devices.clone()));
     flag("--pin-dir", own.and_then(|o| o.pin_dir.clone()));
     flag("--poll-interval", dur(own.and_then(|o| o.poll_interval)));
     flag("--service-proxy-name", own.and_then(|o| o.service_proxy_name.clone()));
