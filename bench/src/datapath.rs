@@ -7,11 +7,16 @@
 //! run times. The floor program (`dsproxy_floor`: parse + one hash lookup)
 //! is measured on the same frames the same way.
 use std::{
+    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
 };
 
 use aya::programs::SchedClassifier;
+
+/// `TC_ACT_OK` and `TC_ACT_REDIRECT`.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_REDIRECT: i32 = 7;
 use dsproxy::{
     attach::{self, Capacities},
     diff::Programmed,
@@ -22,7 +27,7 @@ use dsproxy::{
 use serde::Serialize;
 
 use crate::vip;
-use dsproxy_tests::netns::BpfFs;
+use dsproxy_tests::netns::{BpfFs, NetNs};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -31,6 +36,8 @@ pub struct Row {
     /// Median ns per packet.
     pub new_flow: f64,
     pub established: f64,
+    /// Established, on a flow the host stack forwards.
+    pub established_stack: f64,
     pub reply: f64,
     pub non_service: f64,
     pub floor: f64,
@@ -100,9 +107,60 @@ fn run(ebpf: &mut aya::Ebpf, prog: &str, f: &[u8]) -> testrun::Outcome {
     testrun::run(&fd.as_fd(), f, 1).expect("BPF_PROG_TEST_RUN")
 }
 
-/// Measure one size on both families.
+/// The node the programs run on: a namespace of the bench's own whose
+/// routes to backends and clients leave by a pod veth of ours with
+/// resolved neighbours, so a translated packet takes the whole path of a
+/// same-node Service connection (FIB lookup, MTU and TTL checks, MAC
+/// rewrite, redirect into the pod) as on a real node. Returns the
+/// namespace (deleted on drop) and the pod interface's ifindex there.
+fn node() -> (NetNs, u32) {
+    let ns = NetNs::new("bench-dp");
+    ns.ip(&["link", "add", "dpod0", "type", "veth", "peer", "name", "dpod1"]);
+    for dev in ["dpod0", "dpod1"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    for key in ["net.ipv4.conf.all.forwarding", "net.ipv6.conf.all.forwarding"] {
+        ns.sysctl(key, "1");
+    }
+    let mut batch = String::from(
+        "route add 198.18.0.0/15 dev dpod0\nroute add fd00::/16 dev dpod0\n\
+         neigh replace 198.18.1.2 lladdr 02:00:00:00:00:02 dev dpod0 nud permanent\n\
+         neigh replace fd00:0:0:1::2 lladdr 02:00:00:00:00:02 dev dpod0 nud permanent\n",
+    );
+    for i in 0..250 {
+        for v6 in [false, true] {
+            let _ =
+                writeln!(batch, "neigh replace {} lladdr 02:00:00:00:01:02 dev dpod0 nud permanent", backend(i, v6));
+        }
+    }
+    let file = std::env::temp_dir().join(format!("{}.batch", ns.name));
+    std::fs::write(&file, batch).expect("write ip batch");
+    ns.ip(&["-batch", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    let ifindex = ns.run(|| nix_ifindex("dpod0"));
+    (ns, ifindex)
+}
+
+fn nix_ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("name");
+    // SAFETY: a valid NUL-terminated string; if_nametoindex only reads it.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert!(i != 0, "interface {name} not found");
+    i
+}
+
+/// Measure one size on both families, on a node namespace of the bench's
+/// own (see `node`).
 pub fn measure(services: usize, samples: usize) -> Vec<Row> {
+    let (ns, ifindex) = node();
+    let rows = ns.run(move || measure_on(services, samples, ifindex));
+    drop(ns);
+    rows
+}
+
+fn measure_on(services: usize, samples: usize, pod_ifindex: u32) -> Vec<Row> {
     let mut l = load(services, samples);
+    l.maps.set_iface(pod_ifindex, proxy_common::iface_role::POD).expect("register the pod interface");
     let mut desired = Desired::default();
     for v6 in [false, true] {
         for i in 0..services {
@@ -132,6 +190,7 @@ pub fn measure(services: usize, samples: usize) -> Vec<Row> {
             let syn = frame((c, sport), dst, TCP, SYN);
             t_floor.push(run(&mut l.ebpf, proxy_common::programs::FLOOR, &syn).duration_ns);
             let out = run(&mut l.ebpf, proxy_common::programs::FROM_POD, &syn);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "a new flow not redirected");
             t_new.push(out.duration_ns);
             flows.push(((c, sport), dst, inspect(&out.frame).dst));
         }
@@ -140,16 +199,44 @@ pub fn measure(services: usize, samples: usize) -> Vec<Row> {
         let mut t_none = Vec::with_capacity(samples);
         for i in 0..flows.len() {
             let (src_j, dst_j, be_j) = flows[spread(i, flows.len())];
-            t_est.push(run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(src_j, dst_j, TCP, ACK)).duration_ns);
-            t_reply.push(run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(be_j, src_j, TCP, ACK)).duration_ns);
+            let est = run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(src_j, dst_j, TCP, ACK));
+            let reply = run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(be_j, src_j, TCP, ACK));
+            // Both take the whole path: translated and redirected into the
+            // pod, as on a node (a figure of the host-stack path would
+            // flatter).
+            assert_eq!((est.verdict, reply.verdict), (TC_ACT_REDIRECT, TC_ACT_REDIRECT), "not redirected");
+            t_est.push(est.duration_ns);
+            t_reply.push(reply.duration_ns);
             let other = (if v6 { "fd00:0:0:9::9".parse().expect("v6") } else { "198.18.9.9".parse().expect("v4") }, 80);
             t_none.push(run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(src_j, other, TCP, ACK)).duration_ns);
         }
+        // The same packets on flows the host stack forwards (the route
+        // leaves by no interface of ours): the difference is what
+        // delivering past the host stack costs (FIB lookup, MAC rewrite,
+        // redirect).
+        l.maps.remove_iface(pod_ifindex).expect("unregister the pod interface");
+        let mut stack_flows = Vec::with_capacity(samples);
+        for i in 0..samples {
+            let sport = 40_000 + u16::try_from(i % 20_000).expect("port");
+            let dst = vip(spread(i, services), v6);
+            let out = run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame((c, sport), dst, TCP, SYN));
+            assert_eq!(out.verdict, TC_ACT_OK, "a host-stack flow redirected");
+            stack_flows.push(((c, sport), dst));
+        }
+        let mut t_stack = Vec::with_capacity(samples);
+        for i in 0..stack_flows.len() {
+            let (src_j, dst_j) = stack_flows[spread(i, stack_flows.len())];
+            let est = run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(src_j, dst_j, TCP, ACK));
+            assert_eq!(est.verdict, TC_ACT_OK, "a host-stack flow redirected");
+            t_stack.push(est.duration_ns);
+        }
+        l.maps.set_iface(pod_ifindex, proxy_common::iface_role::POD).expect("register the pod interface");
         rows.push(Row {
             family: if v6 { "IPv6" } else { "IPv4" },
             services,
             new_flow: median(t_new),
             established: median(t_est),
+            established_stack: median(t_stack),
             reply: median(t_reply),
             non_service: median(t_none),
             floor: median(t_floor),

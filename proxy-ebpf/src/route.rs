@@ -51,15 +51,17 @@ pub enum Fib {
 }
 
 impl Fib {
-    /// The interface, when it is one of ours: then the flow's replies come
-    /// back through our ingress and it may bypass the host stack.
+    /// The interface and its role (`iface_role::*`), when it is one of
+    /// ours: then the flow's replies come back through our ingress and it
+    /// may bypass the host stack.
     #[inline(always)]
-    pub fn ours(self) -> Option<u32> {
+    pub fn ours(self) -> Option<(u32, u32)> {
         let ifindex = match self {
             Fib::Out(i) | Fib::Neigh(i) => i,
             Fib::Stack => return None,
         };
-        IFACES_V1.get_ptr(ifindex).map(|_| ifindex)
+        // SAFETY: pointer from a successful lookup, valid for this run.
+        IFACES_V1.get_ptr(ifindex).map(|i| (ifindex, unsafe { (*i).role }))
     }
 }
 
@@ -128,18 +130,28 @@ pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
 /// otherwise.
 #[inline(never)]
 pub fn deliver<F: Family>(ctx: &TcContext, w: &Work<F>, fib: Fib) -> Verdict {
-    let Some(ifindex) = fib.ours() else {
+    let Some((ifindex, role)) = fib.ours() else {
         return stats::pass(F::SLOT, Stat::Stack);
     };
     // Owning forwarding means owning its duties: the MTU of the next link
-    // (segments of a GSO packet included) ...
-    let mut mtu = 0u32;
-    // SAFETY: helper on the program's own skb with a valid out-pointer.
-    let fits = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut mtu, 0, u64::from(BPF_MTU_CHK_SEGS)) } == 0;
-    if !fits {
-        // The host stack answers with fragmentation needed / packet too
-        // big, quoting the translated packet; egress translates it back.
-        return stats::pass(F::SLOT, Stat::Stack);
+    // (segments of a GSO packet included). A successful FIB lookup checked
+    // it already (`bpf_skb_fib_lookup` without `tot_len` returns
+    // FRAG_NEEDED, which is `Fib::Stack`, for a packet the device would not
+    // forward), except for the segments of a GSO packet, which it lets
+    // through whatever their size; one that left the neighbour to the
+    // kernel checked nothing.
+    // SAFETY: reading a field of the program's own context.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if gso || matches!(fib, Fib::Neigh(_)) {
+        let mut mtu = 0u32;
+        // SAFETY: helper on the program's own skb with a valid out-pointer.
+        let fits = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut mtu, 0, u64::from(BPF_MTU_CHK_SEGS)) } == 0;
+        if !fits {
+            // The host stack answers with fragmentation needed / packet
+            // too big, quoting the translated packet; egress translates it
+            // back.
+            return stats::pass(F::SLOT, Stat::Stack);
+        }
     }
     // ... and the TTL.
     match F::decrement_ttl(ctx) {
@@ -155,11 +167,7 @@ pub fn deliver<F: Family>(ctx: &TcContext, w: &Work<F>, fib: Fib) -> Verdict {
             if let Err(v) = ctx.store(0, &macs, 0).map_err(drop_rewrite(F::SLOT)) {
                 return v;
             }
-            let pod = IFACES_V1.get_ptr(ifindex).is_some_and(|i| {
-                // SAFETY: pointer from a successful lookup, valid for this run.
-                unsafe { (*i).role == iface_role::POD }
-            });
-            if pod {
+            if role == iface_role::POD {
                 // Straight into the pod's namespace (TC ingress only, which
                 // is where every caller of `deliver` runs).
                 stats::count(F::SLOT, Stat::RedirectPeer);
