@@ -588,6 +588,31 @@ mod tests {
     }
 
     #[test]
+    fn a_slice_with_an_endpoint_on_a_refused_address_is_rejected_by_name() {
+        // The API server's ValidateEndpointIP refuses these; a manifests
+        // directory has no API server, so the model does.
+        let cases = [
+            ("IPv4", "127.0.0.1", "loopback"),
+            ("IPv6", "::1", "loopback"),
+            ("IPv4", "0.0.0.0", "unspecified"),
+            ("IPv6", "::", "unspecified"),
+            ("IPv4", "169.254.169.254", "link-local"),
+            ("IPv6", "fe80::1", "link-local"),
+            ("IPv4", "224.0.0.5", "link-local multicast"),
+            ("IPv6", "ff02::1", "link-local multicast"),
+        ];
+        let s = svc("web", &["198.19.0.10", "fd00:ffff::a"], &["IPv4", "IPv6"], web_ports());
+        for (family, addr, what) in cases {
+            let bad = slice("bad", "web", family, http(8080), &[ep(addr, R)]);
+            let (rows, rejected) = table(std::slice::from_ref(&s), &[v4_slice(), bad]);
+            assert_eq!(rows[0], "198.19.0.10:80/TCP -> [198.18.2.2:8080/TCP 198.18.3.2:8080/TCP]", "{addr}");
+            assert_eq!(rejected.len(), 1, "{addr}");
+            assert_eq!(rejected[0].name, "default/bad");
+            assert!(rejected[0].reason.contains(addr) && rejected[0].reason.contains(what), "{}", rejected[0]);
+        }
+    }
+
+    #[test]
     fn many_slices_are_unioned_and_duplicates_count_once() {
         let s = svc("web", &["198.19.0.10"], &["IPv4"], web_ports());
         let a = slice("a", "web", "IPv4", http(8080), &[ep("198.18.2.2", R), ep("198.18.3.2", T)]);
