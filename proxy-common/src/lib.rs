@@ -22,10 +22,13 @@ pub mod svc;
 
 use core::mem::size_of;
 
-pub use config::{DatapathConfig, IfaceInfo, iface_role};
+pub use config::{DatapathConfig, IfaceInfo, config_flags, iface_role};
 pub use ct::{CtFwd, CtFwd4, CtFwd6, CtKey, CtKey4, CtKey6, CtRev, CtRev4, CtRev6, ct_flags, ct_state, ct_timeout};
 pub use lb::{AffMatchKey, AffinityKey, AffinityValue, FragKey4, FragKey6, FragPorts, SrcRange4, SrcRange6};
-pub use sock::{SockFwd4, SockFwd6, SockKey4, SockKey6, SockRev4, SockRev6, SockRevKey4, SockRevKey6};
+pub use sock::{
+    SockConn, SockConn4, SockConn6, SockFwd, SockFwd4, SockFwd6, SockKey4, SockKey6, SockRev, SockRev4, SockRev6,
+    SockRevKey4, SockRevKey6,
+};
 pub use stats::{Stat, StatSlot};
 pub use svc::{
     Backend4, Backend6, FrontendName, MAX_BACKENDS_PER_SVC, RevNat4, RevNat6, SCOPE_EXTERNAL, SCOPE_INTERNAL,
@@ -63,6 +66,8 @@ pub mod names {
     pub const SOCK4_REV: &str = "SOCK4_REV_V1";
     pub const SOCK6_FWD: &str = "SOCK6_FWD_V1";
     pub const SOCK6_REV: &str = "SOCK6_REV_V1";
+    pub const SOCK4_CONN: &str = "SOCK4_CONN_V1";
+    pub const SOCK6_CONN: &str = "SOCK6_CONN_V1";
     pub const IFACES: &str = "IFACES_V1";
     pub const STATS: &str = "STATS_V2";
     pub const CONFIG: &str = "CONFIG_V1";
@@ -246,6 +251,12 @@ pub mod maps {
         AFFMATCH4, AFFMATCH6, SRCRANGE4, SRCRANGE6, NODEPORT4, NODEPORT6, SOCK4_FWD, SOCK4_REV, SOCK6_FWD, SOCK6_REV,
         IFACES, STATS, CONFIG, NAMES4, NAMES6,
     ];
+
+    /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, key: a socket,
+    /// value: `SockConn4`/`SockConn6`): pinned beside the others so a new
+    /// agent keeps what connected sockets connected to, but not in `ALL`:
+    /// its entries live in the sockets and cannot be listed or sized.
+    pub const SOCKET_STORAGE: [&str; 2] = [names::SOCK4_CONN, names::SOCK6_CONN];
 
     /// The spec of the map called `name`.
     pub fn by_name(name: &str) -> Option<&'static MapSpec> {

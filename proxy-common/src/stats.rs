@@ -38,9 +38,11 @@ pub enum Stat {
     UdpRepick = 13,
     /// The refusal (RST / ICMP) could not be built; the packet passed.
     RejectFailed = 14,
-    /// A Local traffic policy and no endpoint on this node: dropped.
+    /// A Local traffic policy and no endpoint on this node: dropped (socket
+    /// LB: connect() or sendmsg() failed with EHOSTUNREACH).
     DropNoLocalBackend = 15,
-    /// Client outside the frontend's loadBalancerSourceRanges: dropped.
+    /// Client outside the frontend's loadBalancerSourceRanges: dropped
+    /// (socket LB: connect() or sendmsg() failed with EHOSTUNREACH).
     DropSourceRange = 16,
     /// TCP segment that is not a SYN, of no tracked flow: left to the host
     /// stack (connections that another proxy translated before dsproxy).
@@ -65,7 +67,8 @@ pub enum Stat {
     AffinityHit = 26,
     /// Socket LB translated a connect() or sendmsg().
     SockXlate = 27,
-    /// Socket LB refused a connect() or sendmsg() (no backends).
+    /// Socket LB refused a connect() or sendmsg() (no backends):
+    /// ECONNREFUSED.
     SockReject = 28,
     /// Socket LB showed the service address to recvmsg() or getpeername().
     SockRevXlate = 29,

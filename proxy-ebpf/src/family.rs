@@ -6,16 +6,20 @@
 //!
 //! The maps of one family are only ever reached through that family's
 //! impl, so an IPv6 address can never be translated to an IPv4 one.
-use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    maps::lpm_trie::Key,
+    programs::{SockAddrContext, TcContext},
+};
 use proxy_common::{
-    AffMatchKey, CtFwd, CtKey, CtRev, DatapathConfig, FragKey4, FragKey6, FragPorts, SrcRange4, SrcRange6, StatSlot,
-    Svc4Key, Svc6Key, SvcValue,
+    AffMatchKey, CtFwd, CtKey, CtRev, DatapathConfig, FragKey4, FragKey6, FragPorts, SockConn, SockFwd, SockKey4,
+    SockKey6, SockRev, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, StatSlot, Svc4Key, Svc6Key, SvcValue,
 };
 
 use crate::{
     maps::{
         AFFMATCH4_V1, AFFMATCH6_V1, BACKEND4_V1, BACKEND6_V1, CT4_FWD_V2, CT4_REV_V2, CT6_FWD_V2, CT6_REV_V2, FRAG4_V1,
-        FRAG6_V1, NODEPORT4_V1, NODEPORT6_V1, SRCRANGE4_V1, SRCRANGE6_V1, SVC4_V1, SVC6_V1,
+        FRAG6_V1, NODEPORT4_V1, NODEPORT6_V1, SOCK4_CONN_V1, SOCK4_FWD_V1, SOCK4_REV_V1, SOCK6_CONN_V1, SOCK6_FWD_V1,
+        SOCK6_REV_V1, SRCRANGE4_V1, SRCRANGE6_V1, SVC4_V1, SVC6_V1,
     },
     nat::{self, End, Ends},
     parse::{L4, Verdict},
@@ -85,6 +89,18 @@ pub trait Family: Sized {
     fn fib(ctx: &TcContext, w: &mut Work<Self>, src: Self::Addr, dst: Self::Addr, ifindex: u32) -> route::Fib;
     /// Refuse a new connection to a frontend without backends.
     fn reject(ctx: &TcContext, w: &Work<Self>) -> Verdict;
+
+    /// Socket LB: the backend unconnected socket `cookie` sends to frontend
+    /// `fe` (address, port) through.
+    fn sock_fwd(cookie: u64, fe: (Self::Addr, u16), proto: u8) -> Option<SockFwd<Self::Addr>>;
+    fn sock_fwd_set(cookie: u64, fe: (Self::Addr, u16), proto: u8, fwd: &SockFwd<Self::Addr>);
+    /// Socket LB: the frontend socket `cookie` shows for datagrams from
+    /// `backend`.
+    fn sock_rev(cookie: u64, backend: (Self::Addr, u16), proto: u8) -> Option<SockRev<Self::Addr>>;
+    fn sock_rev_set(cookie: u64, backend: (Self::Addr, u16), proto: u8, rev: &SockRev<Self::Addr>);
+    /// Socket LB: what the socket of `ctx` connected to (in the socket's
+    /// own storage), created from `new` when given.
+    fn sock_conn(ctx: &SockAddrContext, new: Option<&mut SockConn<Self::Addr>>) -> Option<*mut SockConn<Self::Addr>>;
 }
 
 pub struct V4;
@@ -138,7 +154,8 @@ macro_rules! family_impl {
         rewrite: $rewrite:path,
         ttl: $ttl:path,
         fib: $fib:path,
-        reject: $reject:path $(,)?
+        reject: $reject:path,
+        sock: ($sock_key:ident, $sock_fwd:ident, $sock_rev_key:ident, $sock_rev:ident, $sock_conn:ident) $(,)?
     ) => {
         impl Family for $fam {
             type Addr = $addr;
@@ -254,6 +271,43 @@ macro_rules! family_impl {
             fn reject(ctx: &TcContext, w: &Work<Self>) -> Verdict {
                 $reject(ctx.skb.skb, &w.pkt)
             }
+
+            #[inline(always)]
+            fn sock_fwd(cookie: u64, fe: ($addr, u16), proto: u8) -> Option<SockFwd<$addr>> {
+                copy($sock_fwd.get_ptr(&$sock_key::new(cookie, fe.0, fe.1, proto)))
+            }
+
+            #[inline(always)]
+            fn sock_fwd_set(cookie: u64, fe: ($addr, u16), proto: u8, fwd: &SockFwd<$addr>) {
+                // A lost entry costs the socket its backend once: its next
+                // datagram picks again.
+                let _ = $sock_fwd.insert(&$sock_key::new(cookie, fe.0, fe.1, proto), fwd, 0);
+            }
+
+            #[inline(always)]
+            fn sock_rev(cookie: u64, backend: ($addr, u16), proto: u8) -> Option<SockRev<$addr>> {
+                copy($sock_rev.get_ptr(&$sock_rev_key::new(cookie, backend.0, backend.1, proto)))
+            }
+
+            #[inline(always)]
+            fn sock_rev_set(cookie: u64, backend: ($addr, u16), proto: u8, rev: &SockRev<$addr>) {
+                // A lost entry shows the backend's address to recvmsg() until
+                // the socket's next datagram to the frontend writes it again.
+                let _ = $sock_rev.insert(&$sock_rev_key::new(cookie, backend.0, backend.1, proto), rev, 0);
+            }
+
+            #[inline(always)]
+            fn sock_conn(ctx: &SockAddrContext, new: Option<&mut SockConn<$addr>>) -> Option<*mut SockConn<$addr>> {
+                // SAFETY: the socket of a sock_addr context is a full socket,
+                // valid for this run; the kernel checks the pointer it gets.
+                let p = unsafe {
+                    match new {
+                        Some(v) => $sock_conn.get_or_insert_ptr_mut(ctx, Some(v)),
+                        None => $sock_conn.get_ptr_mut(ctx),
+                    }
+                };
+                (!p.is_null()).then_some(p)
+            }
         }
     };
 }
@@ -277,6 +331,7 @@ family_impl!(
     ttl: nat::decrement_ttl_v4,
     fib: route::fib_v4,
     reject: reject::reject_v4,
+    sock: (SockKey4, SOCK4_FWD_V1, SockRevKey4, SOCK4_REV_V1, SOCK4_CONN_V1),
 );
 family_impl!(
     family: V6,
@@ -297,4 +352,5 @@ family_impl!(
     ttl: nat::decrement_ttl_v6,
     fib: route::fib_v6,
     reject: reject::reject_v6,
+    sock: (SockKey6, SOCK6_FWD_V1, SockRevKey6, SOCK6_REV_V1, SOCK6_CONN_V1),
 );

@@ -50,7 +50,6 @@ pub enum Client<A> {
     Addr(A),
     /// Its network namespace cookie (the socket path: no source address
     /// is chosen at connect time).
-    #[expect(dead_code, reason = "the socket hooks are the next stage to use it")]
     Cookie(u64),
 }
 

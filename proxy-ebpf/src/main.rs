@@ -17,7 +17,10 @@
 //! - `dsproxy_from_device`: TC ingress of node devices (external clients,
 //!   replies from other nodes);
 //! - `dsproxy_egress`: TC egress of both (replies of flows the host stack
-//!   forwards, and ICMP errors about them).
+//!   forwards, and ICMP errors about them);
+//! - `dsproxy_connect4/6`, `dsproxy_sendmsg4/6`, `dsproxy_recvmsg4/6`,
+//!   `dsproxy_getpeername4/6`: cgroup socket hooks, socket-level load
+//!   balancing for clients in the node's own network namespace (`sock`).
 #![no_std]
 #![no_main]
 #![expect(
@@ -39,10 +42,15 @@ mod reject;
 mod revnat;
 mod route;
 mod service;
+mod sock;
 mod stats;
 mod work;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 use proxy_common::{Stat, StatSlot};
 
 use crate::{
@@ -146,6 +154,48 @@ fn egress_parsed<F: Family>(ctx: TcContext, w: &mut Work<F>, parsed: Parsed) -> 
         return TC_ACT_OK;
     }
     revnat::egress::<F>(ctx, w)
+}
+
+// Socket hooks: one program per hook, sharing the socket module's paths.
+
+#[cgroup_sock_addr(connect4)]
+pub fn dsproxy_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward4(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn dsproxy_connect6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn dsproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward4(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn dsproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn dsproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn dsproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn dsproxy_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn dsproxy_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx, false)
 }
 
 #[cfg(not(test))]

@@ -3,14 +3,15 @@
 //! the agent overrides at load time (the table is `proxy_common::maps`).
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
     AffMatchKey, AffinityKey, AffinityValue, Backend4, Backend6, CtFwd4, CtFwd6, CtKey4, CtKey6, CtRev4, CtRev6,
-    DatapathConfig, FragKey4, FragKey6, FragPorts, FrontendName, IfaceInfo, RevNat4, RevNat6, SockFwd4, SockFwd6,
-    SockKey4, SockKey6, SockRev4, SockRev6, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, StatSlot, Svc4Key, Svc6Key,
-    SvcValue, capacity,
+    DatapathConfig, FragKey4, FragKey6, FragPorts, FrontendName, IfaceInfo, RevNat4, RevNat6, SockConn4, SockConn6,
+    SockFwd4, SockFwd6, SockKey4, SockKey6, SockRev4, SockRev6, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6,
+    StatSlot, Svc4Key, Svc6Key, SvcValue, capacity,
 };
 
 // Service and backend tables are preallocated: an insert then takes an
@@ -66,6 +67,13 @@ pub static SOCK4_REV_V1: LruHashMap<SockRevKey4, SockRev4> = LruHashMap::pinned(
 pub static SOCK6_FWD_V1: LruHashMap<SockKey6, SockFwd6> = LruHashMap::pinned(capacity::SOCK, 0);
 #[map]
 pub static SOCK6_REV_V1: LruHashMap<SockRevKey6, SockRev6> = LruHashMap::pinned(capacity::SOCK, 0);
+// What each connected socket connected to, in the socket itself: it goes
+// with the socket. A BTF map (the kernel requires BTF for socket storage);
+// the agent pins it by name like the others.
+#[btf_map]
+pub static SOCK4_CONN_V1: SkStorage<SockConn4> = SkStorage::new();
+#[btf_map]
+pub static SOCK6_CONN_V1: SkStorage<SockConn6> = SkStorage::new();
 #[map]
 pub static IFACES_V1: HashMap<u32, IfaceInfo> = HashMap::pinned(capacity::IFACES, 0);
 #[map]

@@ -15,6 +15,7 @@ use tokio::{
 
 use crate::{
     attach::{self, Capacities},
+    cgroup,
     diff::Programmed,
     host,
     maps::Maps,
@@ -33,6 +34,8 @@ pub struct RunConfig {
     pub source: SourceConfig,
     /// Interfaces to attach to, and their roles.
     pub attach: attach::Selection,
+    /// The cgroup the socket programs are attached to (`--cgroup`).
+    pub cgroup: cgroup::Choice,
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
     /// Where /healthz and /livez are served (`None`: nowhere).
@@ -254,7 +257,9 @@ fn refresh_interfaces(host: &mut model::HostAddresses) -> BTreeSet<std::net::IpA
 /// a previous run programmed.
 fn load_datapath(cfg: &RunConfig) -> anyhow::Result<(aya::Ebpf, Maps, Programmed)> {
     let (mut ebpf, mut maps) = attach::load(&cfg.pin_dir, &cfg.capacities)?;
-    maps.set_config(&cfg.datapath)?;
+    // Host clients are the ones in this network namespace.
+    let host_netns_cookie = cgroup::netns_cookie().context("reading this network namespace's cookie")?;
+    maps.set_config(&proxy_common::DatapathConfig { host_netns_cookie, ..cfg.datapath })?;
     let programmed = maps.read_back().context("reading pinned state back")?;
     for (name, verified, xlated) in attach::program_sizes(&mut ebpf)? {
         log::info!("program {name}: {verified} instructions verified, {xlated} after translation");
@@ -273,6 +278,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     source::preflight(&cfg.source)?;
     privileges::check("dsproxy run", &privileges::RUN)?;
     attach::check_bpffs(&cfg.pin_dir)?;
+    let cgroup_dir = cgroup::resolve(&cfg.cgroup)?;
     let listeners = Listeners::bind(cfg.healthz_bind, cfg.metrics_bind).await?;
     let mut model_cfg = model_config(&cfg).await?;
     let (mut ebpf, maps, programmed) = load_datapath(&cfg)?;
@@ -313,11 +319,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let first = agent.sync(&model_cfg);
 
     let mut attached = Vec::new();
-    reattach(&mut ebpf, &mut agent.maps, &cfg, &mut attached).context("attaching the datapath")?;
-    if attached.is_empty() {
-        // Not an error: a node without pods yet. The interfaces are watched.
-        log::info!("no interface matches ({}) yet; waiting for one", cfg.attach.describe());
-    }
+    attach_all(&mut ebpf, &mut agent.maps, &cfg, cgroup_dir.as_deref(), &mut attached)?;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -387,6 +389,41 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
+}
+
+/// First attachment: the interfaces there are, and the socket programs.
+fn attach_all(
+    ebpf: &mut aya::Ebpf,
+    maps: &mut Maps,
+    cfg: &RunConfig,
+    cgroup_dir: Option<&std::path::Path>,
+    attached: &mut Vec<attach::Attached>,
+) -> anyhow::Result<()> {
+    reattach(ebpf, maps, cfg, attached).context("attaching the datapath")?;
+    if attached.is_empty() {
+        // Not an error: a node without pods yet. The interfaces are watched.
+        log::info!("no interface matches ({}) yet; waiting for one", cfg.attach.describe());
+    }
+    attach_sockets(ebpf, cfg, cgroup_dir).context("attaching the socket programs")
+}
+
+/// Attach the socket programs to the cgroup (or say that they are off).
+fn attach_sockets(ebpf: &mut aya::Ebpf, cfg: &RunConfig, dir: Option<&std::path::Path>) -> cgroup::Result<()> {
+    let Some(dir) = dir else {
+        log::warn!(
+            "--cgroup none: no socket-level load balancing; processes in this network namespace reach no Service"
+        );
+        return Ok(());
+    };
+    let done = cgroup::attach(ebpf, &attach::cgroup_links_dir(&cfg.pin_dir), dir)?;
+    let list: Vec<String> = done.iter().map(|(name, how)| format!("{name} {how:?}").to_lowercase()).collect();
+    let who = if cfg.datapath.flags & proxy_common::config_flags::SOCKET_LB_PODS == 0 {
+        "clients in this network namespace"
+    } else {
+        "clients in this network namespace and pods"
+    };
+    log::info!("socket-level load balancing on cgroup {} for {who} ({})", dir.display(), list.join(", "));
+    Ok(())
 }
 
 /// Attach to interfaces that appeared since last time, let go of the ones

@@ -8,7 +8,8 @@
 //!   refuses dots); they keep the programs attached after the agent exits. A restarted agent swaps its freshly loaded programs into
 //!   the existing links atomically (`BPF_LINK_UPDATE`), so no packet sees a
 //!   detached interface. Pins follow interfaces: an interface that goes
-//!   away takes its pins (and its `IFACES` entry) with it.
+//!   away takes its pins (and its `IFACES` entry) with it;
+//! - `links/cgroup/<hook>`: the socket programs' cgroup links (`cgroup`).
 //!
 //! Interfaces come in two roles: pod-facing ones (`--attach`), whose
 //! clients are on this node, and node devices (`--devices`), the uplinks to
@@ -30,7 +31,10 @@ use aya::{
 };
 use proxy_common::{Sizing, iface_role, maps as spec, programs};
 
-use crate::maps::{self, Maps};
+use crate::{
+    cgroup,
+    maps::{self, Maps},
+};
 
 /// The datapath object, built by build.rs with the nightly toolchain.
 pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dsproxy-tc"));
@@ -61,6 +65,8 @@ pub enum Error {
     NoInterface { glob: String },
     #[error(transparent)]
     Maps(#[from] maps::Error),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -136,6 +142,11 @@ fn maps_dir(pin_dir: &Path) -> PathBuf {
 
 fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
+}
+
+/// Where the socket programs' cgroup links are pinned.
+pub fn cgroup_links_dir(pin_dir: &Path) -> PathBuf {
+    links_dir(pin_dir).join("cgroup")
 }
 
 /// What an attached interface faces.
@@ -219,9 +230,18 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<(Ebpf, Maps)> {
             loader.map_max_entries(m.name, n);
         }
     }
+    // BTF maps carry no pinning attribute: name their pins here.
+    for name in spec::SOCKET_STORAGE {
+        loader.map_pin_path(name, maps.join(name));
+    }
     let mut ebpf = loader.load(DATAPATH)?;
     for name in TC_PROGRAMS {
-        load_program(program(&mut ebpf, name)?).map_err(|source| Error::Program { name, op: "load", source })?;
+        let prog = program(&mut ebpf, name)?;
+        retry_load(|| prog.load()).map_err(|source| Error::Program { name, op: "load", source })?;
+    }
+    for (_, name) in programs::SOCK {
+        let prog = cgroup::program(&mut ebpf, name)?;
+        retry_load(|| prog.load()).map_err(|source| Error::Program { name, op: "load", source })?;
     }
     let maps = Maps::take(&mut ebpf)?;
     Ok((ebpf, maps))
@@ -230,10 +250,12 @@ pub fn load(pin_dir: &Path, caps: &Capacities) -> Result<(Ebpf, Maps)> {
 /// Load one program. The verifier gives up with EAGAIN when a signal
 /// arrives while it works (a large program takes it a while); libbpf
 /// tries such a load again, up to five times, and so do we.
-fn load_program(prog: &mut SchedClassifier) -> std::result::Result<(), aya::programs::ProgramError> {
+fn retry_load(
+    mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
+) -> std::result::Result<(), aya::programs::ProgramError> {
     let mut attempts = 5;
     loop {
-        match prog.load() {
+        match load() {
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
                 if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts > 1 =>
             {
@@ -254,14 +276,15 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sch
     prog.try_into().map_err(|source| Error::Program { name, op: "type", source })
 }
 
-/// Each loaded TC program's size: instructions the verifier processed, and
-/// instructions after the kernel's translation.
+/// Each loaded program's size (TC, then socket programs): instructions the
+/// verifier processed, and instructions after the kernel's translation.
 pub fn program_sizes(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, u32, u32)>> {
     let mut out = Vec::new();
     for name in TC_PROGRAMS {
         let info = program(ebpf, name)?.info().map_err(|source| Error::Program { name, op: "info", source })?;
         out.push((name, info.verified_instruction_count().unwrap_or(0), info.size_translated().unwrap_or(0) / 8));
     }
+    out.extend(cgroup::program_sizes(ebpf)?);
     Ok(out)
 }
 
@@ -448,7 +471,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     check_bpffs(pin_dir)?;
     let links = links_dir(pin_dir);
-    for dir in [links.join("ingress"), links.join("egress"), links, maps_dir(pin_dir)] {
+    for dir in [links.join("ingress"), links.join("egress"), cgroup_links_dir(pin_dir), links, maps_dir(pin_dir)] {
         let Ok(entries) = fs::read_dir(&dir) else { continue };
         for entry in entries {
             let path = entry.map_err(io_err("read", &dir))?.path();

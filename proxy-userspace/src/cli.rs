@@ -76,6 +76,17 @@ struct RunArgs {
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// The cgroup v2 directory whose processes get socket-level load
+    /// balancing (how processes in the node's network namespace reach
+    /// Services), or `none`. Default: the host's cgroup v2 root
+    /// (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host).
+    #[arg(long, value_name = "PATH|none")]
+    cgroup: Option<crate::cgroup::Choice>,
+    /// Socket-level load balancing for pods too (their connect() goes
+    /// straight to a backend; no per-packet translation). Default: only
+    /// for the node's own network namespace; pods use the packet path.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    socket_lb_pods: bool,
     /// Only picks the family of the default health and metrics addresses
     /// (an IPv6 address makes them [::]:10256 and [::1]:10249), as in kube-proxy.
     #[arg(long, default_value = "0.0.0.0")]
@@ -401,6 +412,7 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
     Ok(RunConfig {
         source,
         attach: attach::Selection { pods: attach, devices: a.devices },
+        cgroup: a.cgroup.unwrap_or_default(),
         pin_dir: a.pin_dir,
         capacities: Capacities {
             svc: a.svc_capacity,
@@ -429,6 +441,7 @@ fn run_config(a: RunArgs) -> anyhow::Result<RunConfig> {
             tcp_established_ns: or(ns(a.conntrack_tcp_timeout_established), defaults.tcp_established_ns),
             tcp_close_ns: or(ns(a.conntrack_tcp_timeout_close), defaults.tcp_close_ns),
             udp_ns: or(ns(a.conntrack_udp_timeout), defaults.udp_ns),
+            flags: if a.socket_lb_pods { proxy_common::config_flags::SOCKET_LB_PODS } else { 0 },
             ..defaults
         },
     })

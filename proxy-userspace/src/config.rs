@@ -192,6 +192,10 @@ struct Own {
     attach: Option<String>,
     devices: Option<String>,
     pin_dir: Option<String>,
+    /// The cgroup of socket-level load balancing (`none`: off).
+    cgroup: Option<String>,
+    #[serde(rename = "socketLBPods")]
+    socket_lb_pods: Option<bool>,
     poll_interval: Option<GoDuration>,
     service_proxy_name: Option<String>,
     /// The API server's `--service-cluster-ip-range` (one CIDR per family).
@@ -356,6 +360,8 @@ fn file_flags(file: &File) -> FileFlags {
     flag("--attach", own.and_then(|o| o.attach.clone()));
     flag("--devices", own.and_then(|o| o.devices.clone()));
     flag("--pin-dir", own.and_then(|o| o.pin_dir.clone()));
+    flag("--cgroup", own.and_then(|o| o.cgroup.clone()));
+    flag("--socket-lb-pods", own.and_then(|o| o.socket_lb_pods).map(|b| b.to_string()));
     flag("--poll-interval", dur(own.and_then(|o| o.poll_interval)));
     flag("--service-proxy-name", own.and_then(|o| o.service_proxy_name.clone()));
     flag("--nodeport-addresses", file.node_port_addresses.as_ref().map(|a| a.join(",")));

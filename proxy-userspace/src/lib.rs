@@ -10,6 +10,8 @@
 //! - `sync`: applies the operations, step by step, with roll-back;
 //! - `maps`: the only code that touches the BPF maps;
 //! - `attach`: loading, TCX attachment, pinning, clean-up;
+//! - `cgroup`: the socket programs' cgroup attachment (socket-level load
+//!   balancing for the node's own processes);
 //! - `host`: this host's interface addresses (for the address policy);
 //! - `agent`: the run loop tying them together;
 //! - `config`: the configuration file, as flags;
@@ -25,6 +27,7 @@
 pub mod agent;
 pub mod attach;
 pub mod batch;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod diff;

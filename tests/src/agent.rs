@@ -95,9 +95,10 @@ impl Agent {
     }
 
     fn launch(wrapper: &[&str], bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
-        // Test defaults, unless the caller sets them.
+        // Test defaults, unless the caller sets them. No socket programs
+        // unless a test names its own cgroup: never the machine's.
         let mut defaults: Vec<&str> = Vec::new();
-        for (flag, value) in [("--min-sync-period", "50ms"), ("--poll-interval", "50ms")] {
+        for (flag, value) in [("--min-sync-period", "50ms"), ("--poll-interval", "50ms"), ("--cgroup", "none")] {
             if !source.iter().any(|a| a == flag) {
                 defaults.extend([flag, value]);
             }

@@ -23,8 +23,10 @@ pub struct Reply {
     pub peer: SocketAddr,
 }
 
-impl Reply {
-    fn parse(line: &str) -> std::io::Result<Self> {
+impl std::str::FromStr for Reply {
+    type Err = std::io::Error;
+
+    fn from_str(line: &str) -> std::io::Result<Self> {
         let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad reply {line:?}"));
         let mut it = line.split_whitespace();
         let backend = it.next().ok_or_else(bad)?.to_owned();
@@ -177,7 +179,7 @@ fn udp_exchange(port: u16, target: SocketAddr, size: usize, timeout: Duration) -
     if size > 100 && n != size {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("sent {size} bytes, got {n} back")));
     }
-    Reply::parse(String::from_utf8_lossy(&buf[..n]).trim())
+    String::from_utf8_lossy(&buf[..n]).trim().parse()
 }
 
 /// The wildcard address of `target`'s family.
@@ -211,7 +213,7 @@ impl Conn {
         Self::from_stream(TcpStream::connect_timeout(&target, IO_TIMEOUT)?)
     }
 
-    fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
+    pub fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
         Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
@@ -230,7 +232,7 @@ impl Conn {
         self.writer.write_all(padded("upload".to_owned(), len).as_bytes())?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
-        Reply::parse(line.trim())
+        line.trim().parse()
     }
 
     /// The local address of the client's socket.
@@ -244,6 +246,6 @@ impl Conn {
         if self.reader.read_line(&mut line)? == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
         }
-        Reply::parse(line.trim())
+        line.trim().parse()
     }
 }

@@ -6,6 +6,7 @@
 //! stays inside namespaces made here, and every namespace, mount and pin is
 //! removed by a guard's `Drop`, also when a test fails.
 pub mod agent;
+pub mod cgroup;
 pub mod echo;
 pub mod fakeapi;
 pub mod fuzz;
@@ -14,6 +15,7 @@ pub mod manifests;
 pub mod netns;
 pub mod packet;
 pub mod probe;
+pub mod sockclient;
 pub mod topo;
 
 use std::{
