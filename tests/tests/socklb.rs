@@ -40,7 +40,8 @@ struct Setup {
     pod: usize,
 }
 
-/// VIP `n` of a family (`web` is 10, `empty` 11, `sticky` 12, `local` 13).
+/// VIP `n` of a family (`web` is 10, `empty` 11, `sticky` 12, `local` 13,
+/// `only4` 14, `only6` 15).
 fn vip(n: u8, v6: bool) -> SocketAddr {
     let ip: IpAddr = if v6 { vip6(u16::from(n)).into() } else { vip4(n).into() };
     SocketAddr::new(ip, SVC_PORT)
@@ -98,7 +99,8 @@ fn svc(
 /// Three backends (the last behind a second node), a client pod and the
 /// Services: `web` over all of them, `empty` without endpoints, `sticky`
 /// with ClientIP affinity, `local` with internalTrafficPolicy Local and endpoints only
-/// on another node. The agent runs with `extra` flags on the test cgroup.
+/// on another node, `only4` and `only6` dual-stack with endpoints of one
+/// family. The agent runs with `extra` flags on the test cgroup.
 fn setup(profile: Profile, extra: &[&str]) -> Setup {
     eprintln!("node profile {profile:?}");
     let mut c = Cluster::with_profile(Path::new(BIN), profile);
@@ -110,6 +112,10 @@ fn setup(profile: Profile, extra: &[&str]) -> Setup {
     objs.extend(svc(&c, "local", 13, &backends, Some("some-other-node"), |s| {
         s["spec"]["internalTrafficPolicy"] = "Local".into();
     }));
+    for (name, n, keep) in [("only4", 14, "IPv4"), ("only6", 15, "IPv6")] {
+        let one = svc(&c, name, n, &backends, None, |_| {});
+        objs.extend(one.into_iter().filter(|o| o["kind"] == "Service" || o["addressType"] == keep));
+    }
     c.write("services.yaml", &documents(&objs));
     let cg = TestCgroup::new();
     let mut s = Setup { c, cg, backends, pod };
@@ -252,6 +258,29 @@ fn a_frontend_without_backends_fails_connect_and_sendmsg_with_econnrefused() {
             }
         }
         assert_eq!(s.c.stat(Stat::SockReject) - before, 9, "{}", s.c.stats_dump());
+    }
+}
+
+#[test]
+fn a_family_without_endpoints_is_refused_and_never_served_by_the_other_family() {
+    for profile in Profile::BASIC {
+        let s = setup(profile, &[]);
+        // `only4` has IPv4 endpoints alone, `only6` IPv6 endpoints alone.
+        for (n, v6) in [(14, false), (15, true)] {
+            let mut args = ops(&[("tcp", vip(n, v6)), ("udp", vip(n, v6))]);
+            // The other family of the same Service: refused, not translated.
+            let other = [vip(n, !v6), if v6 { mapped(n) } else { vip(n, true) }];
+            for target in other {
+                args.extend(ops(&[("tcp", target), ("udp", target), ("udpfrom", target)]));
+                args.push("1".into());
+            }
+            let out = host(&s, &args);
+            check(&s, &out[0], v6, vip(n, v6));
+            check(&s, &out[1], v6, vip(n, v6));
+            for v in &out[2..] {
+                assert_eq!(v["errno"], ECONNREFUSED, "VIP {n}: the family without endpoints must refuse: {v}");
+            }
+        }
     }
 }
 
