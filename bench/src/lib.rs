@@ -14,6 +14,7 @@ pub mod control;
 pub mod datapath;
 pub mod e2e;
 pub mod reliability;
+pub mod socklb;
 pub mod svg;
 
 use std::{
@@ -70,6 +71,8 @@ pub struct Plan {
     pub e2e_sizes: Vec<usize>,
     pub e2e_secs: f64,
     pub e2e_requests: usize,
+    /// Services in the socket-level load balancing comparison.
+    pub socklb_sizes: Vec<usize>,
     pub control_services: usize,
     pub control_endpoints: usize,
     pub control_changes: usize,
@@ -90,6 +93,7 @@ impl Plan {
             e2e_sizes: vec![10, 1_000, 10_000],
             e2e_secs: if quick { 0.75 } else { 5.0 },
             e2e_requests: if quick { 1_000 } else { 20_000 },
+            socklb_sizes: vec![10, 10_000],
             control_services: 10_000,
             control_endpoints: 10,
             control_changes: if quick { 30 } else { 200 },
@@ -113,6 +117,7 @@ pub struct Results {
     pub machine: Machine,
     pub datapath: Vec<datapath::Row>,
     pub e2e: Vec<e2e::Row>,
+    pub socklb: Vec<socklb::Row>,
     pub control: control::Result,
     pub reliability: reliability::Result,
 }
@@ -157,12 +162,17 @@ pub fn run_part(plan: &Plan, agent: &Path, part: &str) -> anyhow::Result<()> {
                 println!("{row:?}");
             }
         }
+        "socklb" => {
+            for row in socklb::measure(agent, &plan.socklb_sizes, plan.e2e_secs) {
+                println!("{row:?}");
+            }
+        }
         "control" => {
             let c = control::measure(agent, plan, 0);
             println!("{c:?}");
         }
         "reliability" => println!("{:?}", reliability::measure(agent, plan.quick)),
-        other => anyhow::bail!("unknown part {other}: datapath, e2e, control or reliability"),
+        other => anyhow::bail!("unknown part {other}: datapath, e2e, socklb, control or reliability"),
     }
     Ok(())
 }
@@ -191,13 +201,15 @@ pub fn run(plan: &Plan, agent: &Path) -> Results {
     }
     eprintln!("end to end");
     let e2e = e2e::measure(agent, &plan.e2e_sizes, plan.e2e_secs, plan.e2e_requests);
+    eprintln!("socket-level load balancing");
+    let socklb = socklb::measure(agent, &plan.socklb_sizes, plan.e2e_secs);
     eprintln!("control plane: {} Services x {} endpoints per family", plan.control_services, plan.control_endpoints);
     let control = control::measure(agent, plan, plan.nft_services);
     eprintln!("  {control:?}");
     eprintln!("reliability: API outage and recovery, pathological manifests");
     let reliability = reliability::measure(agent, plan.quick);
     eprintln!("  {reliability:?}");
-    Results { quick: plan.quick, machine, datapath: dp, e2e, control, reliability }
+    Results { quick: plan.quick, machine, datapath: dp, e2e, socklb, control, reliability }
 }
 
 fn pct(a: f64, b: f64) -> f64 {
@@ -276,6 +288,7 @@ pub fn report(r: &Results) -> (String, Vec<(String, String)>) {
             }
         }
     }
+    t += &socklb_targets(&r.socklb);
     let c = &r.control;
     t += &target(
         c.cold_total_ms < 1000.0,
@@ -402,6 +415,24 @@ pub fn report(r: &Results) -> (String, Vec<(String, String)>) {
         let _ = writeln!(md, "\n![{fam} connection rate, {profile} node]({name})");
     }
 
+    let _ = writeln!(md, "\n## Socket-level load balancing: TCP connect-request-close rate\n");
+    let _ = writeln!(md, "| family | client | path | Services | conn/s | vs direct | errors |");
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|");
+    for x in &r.socklb {
+        let direct = socklb_direct(&r.socklb, x.family, x.client);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} | {:.2}x | {} |",
+            x.family,
+            x.client,
+            x.path,
+            x.services,
+            x.conn_per_sec,
+            x.conn_per_sec / direct,
+            x.errors
+        );
+    }
+
     let _ = writeln!(md, "\n## Control plane\n");
     let _ = writeln!(md, "| measure | value |\n|---|---:|");
     for (k, v) in [
@@ -428,4 +459,26 @@ pub fn report(r: &Results) -> (String, Vec<(String, String)>) {
         let _ = writeln!(md, "| {k} | {v} |");
     }
     (md, svgs)
+}
+
+/// The direct rate of `client` in `family`.
+fn socklb_direct(rows: &[socklb::Row], family: &str, client: &str) -> f64 {
+    rows.iter()
+        .find(|x| x.family == family && x.client == client && x.path == "direct")
+        .map_or(f64::NAN, |x| x.conn_per_sec)
+}
+
+/// Host clients through socket LB at least as fast as connecting to the
+/// backend directly.
+fn socklb_targets(rows: &[socklb::Row]) -> String {
+    let mut t = String::new();
+    for x in rows.iter().filter(|x| x.client == "host" && x.path == "socket-lb") {
+        let direct = socklb_direct(rows, x.family, "host");
+        t += &target(
+            x.conn_per_sec >= direct,
+            &format!("{} host-client conn/s through socket LB >= 1.0x direct ({} Services)", x.family, x.services),
+            &format!("{:.0} vs {direct:.0} ({:.2}x)", x.conn_per_sec, x.conn_per_sec / direct),
+        );
+    }
+    t
 }

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use dsproxy_bench as bench;
 
 fn main() -> anyhow::Result<()> {
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some(bench::socklb::CLIENT_FLAG) {
+        // A socket-LB client process (see `socklb`).
+        std::process::exit(dsproxy_tests::sockclient::main(&all[1..]));
+    }
     let mut quick = false;
     let mut agent = None;
     let mut out = PathBuf::from("target/bench/manual");
@@ -15,7 +20,7 @@ fn main() -> anyhow::Result<()> {
             "--quick" => quick = true,
             "--agent" => agent = args.next().map(PathBuf::from),
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
-            // Run one part alone (datapath, e2e, control or reliability) and print it;
+            // Run one part alone (datapath, e2e, socklb, control or reliability) and print it;
             // no report is written.
             "--only" => only = args.next(),
             other => anyhow::bail!("unknown argument {other}; usage: dsproxy-bench --agent PATH [--quick] [--out DIR]"),

@@ -73,7 +73,7 @@ enum Cmd {
         /// A shorter run (under 3 minutes).
         #[arg(long)]
         quick: bool,
-        /// Run one part alone and print it: datapath, e2e, control or reliability.
+        /// Run one part alone and print it: datapath, e2e, socklb, control or reliability.
         #[arg(long)]
         only: Option<String>,
     },
