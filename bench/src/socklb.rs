@@ -8,6 +8,11 @@
 //!   `--socket-lb-pods` (socket LB for pods too), against the backend
 //!   address: the figures behind the default for pods.
 //!
+//! Direct and ClusterIP windows alternate (one pair at a time, which goes
+//! first alternating too), and the
+//! ratio reported is the median of the pairs' ratios: on a shared machine
+//! the load changes between minutes, less between neighbouring seconds.
+//!
 //! Every client is a process of its own (`dsproxy-bench --sock-client`,
 //! the tests' socket client) in a child cgroup made here, to which alone
 //! the agent attaches its socket programs; the direct figures are measured
@@ -29,10 +34,17 @@ pub struct Row {
     pub family: &'static str,
     /// `host` or `pod`.
     pub client: &'static str,
-    /// `direct`, `socket-lb` or `packet`.
+    /// `socket-lb` or `packet`.
     pub path: &'static str,
     pub services: usize,
+    /// Through the ClusterIP (median window).
     pub conn_per_sec: f64,
+    /// The same client to the backend's address (median window).
+    pub direct_per_sec: f64,
+    /// Median of the windows' ratios: each ClusterIP window is paired with
+    /// a direct window next to it, so both meet the same load of a
+    /// shared machine.
+    pub ratio: f64,
     pub errors: u64,
 }
 
@@ -71,19 +83,49 @@ struct Bench {
     rows: Vec<Row>,
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 impl Bench {
+    /// Direct and ClusterIP windows in turn, per family.
     fn measure(&mut self, client: &'static str, path: &'static str, services: usize, targets: [SocketAddr; 2]) {
         for (v6, target) in [(false, targets[0]), (true, targets[1])] {
             let ns = if client == "host" { &self.c.topo.node } else { &self.c.topo.pods[self.pod].ns };
-            let mut w: Vec<(f64, u64)> = (0..WINDOWS).map(|_| window(ns, &self.cg, target, self.ms)).collect();
-            w.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let rate = w[WINDOWS / 2].0;
-            let errors = w.iter().map(|x| x.1).sum();
+            let direct = SocketAddr::new(self.real[usize::from(v6)], TARGET_PORT);
+            // Which goes first alternates: a window inherits the TIME_WAIT
+            // sockets of the one before (the same backend).
+            let pairs: Vec<((f64, u64), (f64, u64))> = (0..WINDOWS)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        let d = window(ns, &self.cg, direct, self.ms);
+                        (d, window(ns, &self.cg, target, self.ms))
+                    } else {
+                        let t = window(ns, &self.cg, target, self.ms);
+                        (window(ns, &self.cg, direct, self.ms), t)
+                    }
+                })
+                .collect();
+            let rate = median(pairs.iter().map(|p| p.1.0).collect());
+            let direct = median(pairs.iter().map(|p| p.0.0).collect());
+            let ratio = median(pairs.iter().map(|p| p.1.0 / p.0.0).collect());
+            let errors = pairs.iter().map(|p| p.0.1 + p.1.1).sum();
             let family = if v6 { "IPv6" } else { "IPv4" };
             eprintln!(
-                "  socklb {family} {client} {path:<9} {services:>6} services: {rate:>8.0} conn/s, {errors} errors"
+                "  socklb {family} {client} {path:<9} {services:>6} services: {rate:>8.0} conn/s, direct {direct:>8.0}, \
+                 {ratio:.2}x, {errors} errors"
             );
-            self.rows.push(Row { family, client, path, services, conn_per_sec: rate, errors });
+            self.rows.push(Row {
+                family,
+                client,
+                path,
+                services,
+                conn_per_sec: rate,
+                direct_per_sec: direct,
+                ratio,
+                errors,
+            });
         }
     }
 
@@ -112,7 +154,6 @@ pub fn measure(agent: &Path, sizes: &[usize], secs: f64) -> Vec<Row> {
         ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000");
     }
     let real = [c.addr(be, false), c.addr(be, true)];
-    let direct = real.map(|a| SocketAddr::new(a, TARGET_PORT));
     let mut b = Bench { c, cg: TestCgroup::new(), pod, real, ms, rows: Vec::new() };
     for &n in sizes {
         let m = n / 2;
@@ -129,16 +170,6 @@ pub fn measure(agent: &Path, sizes: &[usize], secs: f64) -> Vec<Row> {
         b.c.write("services.yaml", &dsproxy_tests::manifests::documents(&objs));
         for pods in [false, true] {
             b.start(pods);
-            if n == sizes[0] {
-                // The direct figures with the programs attached (once per
-                // setting: with `--socket-lb-pods`, pods' direct connects
-                // meet the hook too).
-                if pods {
-                    b.measure("pod", "direct", 0, direct);
-                } else {
-                    b.measure("host", "direct", 0, direct);
-                }
-            }
             if pods {
                 b.measure("pod", "socket-lb", n, targets);
             } else {
