@@ -13,11 +13,6 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    thread,
     time::{Duration, Instant},
 };
 
@@ -26,7 +21,7 @@ use serde::Serialize;
 use crate::vip;
 use dsproxy_tests::{
     Cluster,
-    echo::{Conn, tcp_request_within},
+    echo::Conn,
     manifests::documents,
     netns::{NetNs, sh},
     topo::{Firewall, Profile},
@@ -177,30 +172,9 @@ pub fn load_rules(node: &NetNs, tool: &str, args: &[&str], rules: &str) -> Durat
 
 /// Connect-request-close cycles per second with `WORKERS` clients.
 fn conn_rate(ns: &NetNs, target: SocketAddr, secs: f64) -> (f64, u64) {
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let started = Instant::now();
     let path = format!("/run/netns/{}", ns.name);
-    let handles: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (done, errors, path) = (Arc::clone(&done), Arc::clone(&errors), path.clone());
-            thread::spawn(move || {
-                dsproxy_tests::netns::enter(&path);
-                while Instant::now() < deadline {
-                    match tcp_request_within(target, Duration::from_secs(1)) {
-                        Ok(_) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("worker");
-    }
-    let n = done.load(Ordering::Relaxed);
-    (n as f64 / started.elapsed().as_secs_f64(), errors.load(Ordering::Relaxed))
+    let enter = move || dsproxy_tests::netns::enter(&path);
+    dsproxy_tests::sockclient::conn_rate(target, Duration::from_secs_f64(secs), WORKERS, enter)
 }
 
 /// Request-response latency on one connection: p50 and p99 in µs.

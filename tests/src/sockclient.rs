@@ -164,14 +164,28 @@ fn run_loop(addr: SocketAddr, time: Duration) -> Value {
 
 /// Connect-request-close cycles per second from `workers` threads.
 fn rate(addr: SocketAddr, time: Duration, workers: usize) -> Value {
+    let (per_sec, errors) = conn_rate(addr, time, workers, || ());
+    json!({"ok": true, "conn_per_sec": per_sec, "errors": errors})
+}
+
+/// Connect-request-close cycles to `addr` from `workers` threads for
+/// `time`, each thread first running `setup` (e.g. entering a network
+/// namespace): completed cycles per second and failed ones.
+pub fn conn_rate(
+    addr: SocketAddr,
+    time: Duration,
+    workers: usize,
+    setup: impl Fn() + Clone + Send + 'static,
+) -> (f64, u64) {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + time;
     let threads: Vec<_> = (0..workers)
         .map(|_| {
-            let (done, errors) = (Arc::clone(&done), Arc::clone(&errors));
+            let (done, errors, setup) = (Arc::clone(&done), Arc::clone(&errors), setup.clone());
             std::thread::spawn(move || {
+                setup();
                 while Instant::now() < deadline {
                     match tcp_request_within(addr, Duration::from_secs(1)) {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
@@ -186,5 +200,5 @@ fn rate(addr: SocketAddr, time: Duration, workers: usize) -> Value {
     }
     #[expect(clippy::cast_precision_loss, reason = "a rate")]
     let per_sec = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    json!({"ok": true, "conn_per_sec": per_sec, "errors": errors.load(Ordering::Relaxed)})
+    (per_sec, errors.load(Ordering::Relaxed))
 }
