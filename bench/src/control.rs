@@ -124,10 +124,7 @@ pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize)
         ObjectKind::Service,
         services.iter().map(|s| Object::Service(Arc::new(s.clone()))).collect(),
     ));
-    store.apply(Event::Replace(
-        ObjectKind::EndpointSlice,
-        slices.iter().map(|s| Object::Slice(Arc::new(s.clone()))).collect(),
-    ));
+    store.apply(Event::Replace(ObjectKind::EndpointSlice, slices.iter().map(|s| Object::slice(s.clone())).collect()));
     let dirty = store.take_dirty();
     let update = cache.update(&store, &dirty, &cfg);
     let cold_model = t.elapsed();
@@ -156,7 +153,7 @@ pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize)
         slices[j].endpoints[0].addresses = vec![fake_endpoint(n + c, 0, per, v6).to_string()];
         slices[j].metadata.resource_version = Some((2 + c).to_string());
         let t = Instant::now();
-        store.apply(Event::Apply(Object::Slice(Arc::new(slices[j].clone()))));
+        store.apply(Event::Apply(Object::slice(slices[j].clone())));
         let dirty = store.take_dirty();
         let update = cache.update(&store, &dirty, &cfg);
         let r = sync::sync_dirty(&mut maps, &mut prog, &cache.desired, &update.dirty);

@@ -17,7 +17,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    hash::BuildHasher as _,
 };
+
+use hashbrown::HashTable;
 
 use proxy_common::{MAX_BACKENDS_PER_SVC, SLOT_GEN_A, SLOT_GEN_B};
 
@@ -162,20 +165,110 @@ impl IdAlloc {
     }
 }
 
+/// A backend id's entry: the backend (if written) and the number of slots
+/// (of any generation) that point at the id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BackendEntry {
+    backend: Option<Backend>,
+    refs: u32,
+}
+
 /// Per-family bookkeeping.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct FamilyState {
     pub backend_ids: IdAlloc,
     pub rev_nat_ids: IdAlloc,
-    /// Backend id -> backend.
-    pub backends: FastMap<u32, Backend>,
-    /// Backend id -> number of slots (of any generation) that reference it.
-    pub refs: FastMap<u32, u32>,
+    /// Backend id -> its entry.
+    backends: FastMap<u32, BackendEntry>,
+    /// The ids of the written backends, found by backend: 5 bytes a
+    /// backend where a map from backend to id would take 25.
+    index: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
     /// Backends whose last reference went since the last gc: candidates
     /// for `plan_gc_freed`.
     pub freed: Vec<u32>,
     /// Reverse-NAT id -> the Service port name written beside it.
     pub names: FastMap<u32, String>,
+}
+
+impl PartialEq for FamilyState {
+    fn eq(&self, other: &Self) -> bool {
+        // `index` is a function of `backends`.
+        self.backend_ids == other.backend_ids
+            && self.rev_nat_ids == other.rev_nat_ids
+            && self.backends == other.backends
+            && self.freed == other.freed
+            && self.names == other.names
+    }
+}
+
+impl Eq for FamilyState {}
+
+impl FamilyState {
+    /// The backend written under `id`.
+    pub fn backend(&self, id: u32) -> Option<&Backend> {
+        self.backends.get(&id)?.backend.as_ref()
+    }
+
+    /// Every written backend, by id, in no particular order.
+    pub fn backends(&self) -> impl Iterator<Item = (u32, &Backend)> {
+        self.backends.iter().filter_map(|(id, e)| Some((*id, e.backend.as_ref()?)))
+    }
+
+    /// The id of backend `b`, if written.
+    pub fn id_of(&self, b: &Backend) -> Option<u32> {
+        let backends = &self.backends;
+        self.index
+            .find(self.hasher.hash_one(b), |id| backends.get(id).is_some_and(|e| e.backend.as_ref() == Some(b)))
+            .copied()
+    }
+
+    /// Slots pointing at `id`.
+    pub fn refs(&self, id: u32) -> u32 {
+        self.backends.get(&id).map_or(0, |e| e.refs)
+    }
+
+    fn put_backend(&mut self, id: u32, b: Backend) {
+        self.backend_ids.take(id);
+        let entry = self.backends.entry(id).or_default();
+        let old = entry.backend.replace(b);
+        if let Some(old) = old {
+            let hash = self.hasher.hash_one(old);
+            if let Ok(found) = self.index.find_entry(hash, |i| *i == id) {
+                found.remove();
+            }
+        }
+        let (backends, hasher) = (&self.backends, &self.hasher);
+        self.index.insert_unique(self.hasher.hash_one(b), id, |i| {
+            hasher.hash_one(backends.get(i).and_then(|e| e.backend).expect("indexed ids are written"))
+        });
+    }
+
+    fn delete_backend(&mut self, id: u32) {
+        self.backend_ids.free(id);
+        if let Some(BackendEntry { backend: Some(b), .. }) = self.backends.remove(&id)
+            && let Ok(found) = self.index.find_entry(self.hasher.hash_one(b), |i| *i == id)
+        {
+            found.remove();
+        }
+    }
+
+    fn add_ref(&mut self, id: u32) {
+        self.backends.entry(id).or_default().refs += 1;
+    }
+
+    fn unref(&mut self, id: u32) {
+        if let Some(e) = self.backends.get_mut(&id) {
+            e.refs = e.refs.saturating_sub(1);
+            if e.refs == 0 {
+                if e.backend.is_none() {
+                    self.backends.remove(&id);
+                } else {
+                    self.freed.push(id);
+                }
+            }
+        }
+    }
 }
 
 /// The maps' content, as the agent knows it.
@@ -184,8 +277,6 @@ pub struct Programmed {
     pub frontends: FastMap<Frontend, FrontendValue>,
     /// Every backend slot in the maps, both generations.
     pub slots: FastMap<Frontend, BTreeMap<u16, u32>>,
-    /// Backend -> id.
-    pub backend_index: FastMap<Backend, u32>,
     pub v4: FamilyState,
     pub v6: FamilyState,
 }
@@ -213,7 +304,7 @@ impl Programmed {
         (0..value.count)
             .map(|i| {
                 let id = slots?.get(&(value.slot_base + i))?;
-                fam.backends.get(id).copied()
+                fam.backend(*id).copied()
             })
             .collect()
     }
@@ -221,20 +312,8 @@ impl Programmed {
     /// Fold an operation the kernel accepted into the mirror.
     pub fn apply(&mut self, op: &Op) {
         match op {
-            Op::PutBackend { id, backend } => {
-                self.backend_index.insert(*backend, *id);
-                let fam = self.family_mut(backend.family());
-                fam.backend_ids.take(*id);
-                fam.backends.insert(*id, *backend);
-                fam.refs.entry(*id).or_insert(0);
-            }
-            Op::DeleteBackend { id, backend } => {
-                self.backend_index.remove(backend);
-                let fam = self.family_mut(backend.family());
-                fam.backend_ids.free(*id);
-                fam.backends.remove(id);
-                fam.refs.remove(id);
-            }
+            Op::PutBackend { id, backend } => self.family_mut(backend.family()).put_backend(*id, *backend),
+            Op::DeleteBackend { id, backend } => self.family_mut(backend.family()).delete_backend(*id),
             Op::PutRevNat { id, frontend, owner } => {
                 let fam = self.family_mut(frontend.family());
                 fam.rev_nat_ids.take(*id);
@@ -249,9 +328,9 @@ impl Programmed {
                 let old = self.slots.entry(*frontend).or_default().insert(*slot, *backend_id);
                 let fam = self.family_mut(frontend.family());
                 if let Some(old) = old {
-                    unref(fam, old);
+                    fam.unref(old);
                 }
-                *fam.refs.entry(*backend_id).or_insert(0) += 1;
+                fam.add_ref(*backend_id);
             }
             Op::DeleteSlot { frontend, slot } => {
                 let Some(slots) = self.slots.get_mut(frontend) else { return };
@@ -260,7 +339,7 @@ impl Programmed {
                     self.slots.remove(frontend);
                 }
                 if let Some(old) = old {
-                    unref(self.family_mut(frontend.family()), old);
+                    self.family_mut(frontend.family()).unref(old);
                 }
             }
             Op::PutFrontend { frontend, value } => {
@@ -269,15 +348,6 @@ impl Programmed {
             Op::DeleteFrontend { frontend } => {
                 self.frontends.remove(frontend);
             }
-        }
-    }
-}
-
-fn unref(fam: &mut FamilyState, id: u32) {
-    if let Some(n) = fam.refs.get_mut(&id) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            fam.freed.push(id);
         }
     }
 }
@@ -356,8 +426,8 @@ impl Reserved {
 
     /// The id of backend `b`, and whether this step must write it.
     fn backend(&mut self, prog: &Programmed, b: &Backend) -> (u32, bool) {
-        if let Some(id) = prog.backend_index.get(b).or_else(|| self.backends.get(b)) {
-            return (*id, false);
+        if let Some(id) = prog.family(b.family()).id_of(b).or_else(|| self.backends.get(b).copied()) {
+            return (id, false);
         }
         let id = self.ids(prog, b.family()).0.take_lowest();
         self.backends.insert(*b, id);
@@ -464,8 +534,8 @@ pub fn plan_gc_freed(prog: &Programmed) -> Step {
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
-            if fam.refs.get(&id) == Some(&0)
-                && let Some(backend) = fam.backends.get(&id)
+            if fam.refs(id) == 0
+                && let Some(backend) = fam.backend(id)
             {
                 ops.push(Op::DeleteBackend { id, backend: *backend });
             }
@@ -489,9 +559,9 @@ pub fn plan_gc(prog: &Programmed) -> Step {
     }
     if ops.is_empty() {
         for fam in [&prog.v4, &prog.v6] {
-            for (id, backend) in &fam.backends {
-                if fam.refs.get(id).copied().unwrap_or(0) == 0 {
-                    ops.push(Op::DeleteBackend { id: *id, backend: *backend });
+            for (id, backend) in fam.backends() {
+                if fam.refs(id) == 0 {
+                    ops.push(Op::DeleteBackend { id, backend: *backend });
                 }
             }
         }

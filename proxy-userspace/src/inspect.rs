@@ -176,12 +176,12 @@ pub fn backends(prog: &Programmed, family: Option<Family>) -> Vec<BackendEntry> 
     }
     let mut out = Vec::new();
     for fam in Family::ALL.into_iter().filter(|f| wanted(family, *f)) {
-        let mut ids: Vec<(&u32, &Backend)> = prog.family(fam).backends.iter().collect();
+        let mut ids: Vec<(u32, &Backend)> = prog.family(fam).backends().collect();
         ids.sort();
         for (id, b) in ids {
             out.push(BackendEntry {
                 family: fam.k8s_name(),
-                id: *id,
+                id,
                 address: b.addr,
                 port: b.port,
                 protocol: b.proto.k8s_name(),

@@ -111,11 +111,10 @@ impl Observer {
         let (slice, service, trigger) = match event {
             Event::Apply(Object::Service(s)) => (false, ns_name(&s.metadata), None),
             Event::Apply(Object::Slice(s)) => {
-                let owner = s.metadata.labels.as_ref().and_then(|l| l.get(crate::model::LABEL_SERVICE_NAME));
-                let service = format!("{}/{}", s.metadata.namespace.as_deref().unwrap_or("default"), owner?);
-                let at = s.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME_ANNOTATION));
+                let service = crate::store::owner(s)?;
+                let at = s.meta.annotation(TRIGGER_TIME_ANNOTATION);
                 let at = at.and_then(|t| t.parse::<jiff::Timestamp>().ok()).map(SystemTime::from);
-                (true, service, Family::from_k8s(&s.address_type).zip(at))
+                (true, service, Family::from_k8s(s.address_type()).zip(at))
             }
             Event::Delete(k) if k.kind != ObjectKind::Node => (k.kind == ObjectKind::EndpointSlice, k.ns_name(), None),
             Event::Replace(kind @ (ObjectKind::Service | ObjectKind::EndpointSlice), _) => {

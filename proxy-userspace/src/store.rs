@@ -3,6 +3,8 @@
 //! trackers). Applying an event costs what the event holds, not what the
 //! store holds: EndpointSlices are indexed by the Service they feed, so a
 //! sync recomputes only the Services whose object or slices changed.
+//! Slices are held compact (`source::Slice`) and handed to the model as
+//! `EndpointSlice`s of the Service it recomputes.
 //!
 //! **Relist gate.** While EndpointSlices are being relisted (from
 //! `Relisting(EndpointSlice)` to its `Replace`), a Service that appears
@@ -27,7 +29,7 @@ use k8s_openapi::{
 
 use crate::{
     model::LABEL_SERVICE_NAME,
-    source::{Event, Object, ObjectKey, ObjectKind},
+    source::{Event, Object, ObjectKey, ObjectKind, Slice},
 };
 
 /// `namespace/name` of a Service.
@@ -64,7 +66,7 @@ impl Dirty {
 #[derive(Default)]
 pub struct Store {
     services: HashMap<ServiceName, Arc<Service>>,
-    slices: HashMap<String, Arc<EndpointSlice>>,
+    slices: HashMap<String, Arc<Slice>>,
     /// Service -> the slices labelled for it.
     by_service: HashMap<ServiceName, BTreeSet<String>>,
     node: Option<Arc<Node>>,
@@ -81,19 +83,32 @@ pub fn ns_name(meta: &ObjectMeta) -> String {
     format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
 }
 
+/// `namespace/name` of a slice.
+fn slice_name(slice: &Slice) -> String {
+    format!("{}/{}", slice.meta.namespace().unwrap_or("default"), slice.meta.name())
+}
+
 /// The Service a slice feeds, from its `kubernetes.io/service-name` label.
-fn owner(slice: &EndpointSlice) -> Option<ServiceName> {
-    let svc = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some(format!("{}/{svc}", slice.metadata.namespace.as_deref().unwrap_or("default")))
+pub fn owner(slice: &Slice) -> Option<ServiceName> {
+    let svc = slice.meta.label(LABEL_SERVICE_NAME)?;
+    Some(format!("{}/{svc}", slice.meta.namespace().unwrap_or("default")))
 }
 
 /// Is `new` a different version of `old`? The resourceVersion decides
 /// when both have one (the API); otherwise the content does (manifests).
-fn changed<T: k8s_openapi::Metadata<Ty = ObjectMeta> + PartialEq>(old: &T, new: &T) -> bool {
-    match (&old.metadata().resource_version, &new.metadata().resource_version) {
+fn changed<T: PartialEq>(old: (&T, Option<&str>), new: (&T, Option<&str>)) -> bool {
+    match (old.1, new.1) {
         (Some(a), Some(b)) => a != b,
-        _ => old != new,
+        _ => old.0 != new.0,
     }
+}
+
+fn service_version(svc: &Service) -> (&Service, Option<&str>) {
+    (svc, svc.metadata.resource_version.as_deref())
+}
+
+fn slice_version(slice: &Slice) -> (&Slice, Option<&str>) {
+    (slice, slice.meta.resource_version())
 }
 
 /// The parts of the Node the model reads: a change elsewhere (heartbeats,
@@ -152,17 +167,17 @@ impl Store {
                     self.held.insert(name, svc);
                     return;
                 }
-                if self.services.get(&name).is_some_and(|old| !changed(&**old, &*svc)) {
+                if self.services.get(&name).is_some_and(|old| !changed(service_version(old), service_version(&svc))) {
                     return;
                 }
                 self.services.insert(name.clone(), svc);
                 self.dirty.add(name);
             }
             Object::Slice(slice) => {
-                let name = ns_name(&slice.metadata);
+                let name = slice_name(&slice);
                 let new_owner = owner(&slice);
                 if let Some(old) = self.slices.get(&name) {
-                    if !changed(&**old, &*slice) {
+                    if !changed(slice_version(old), slice_version(&slice)) {
                         return;
                     }
                     if let Some(old_owner) = owner(old)
@@ -272,9 +287,10 @@ impl Store {
         self.services.iter()
     }
 
-    /// The slices labelled for Service `name`, in name order.
-    pub fn slices_of(&self, name: &str) -> Vec<&EndpointSlice> {
-        self.by_service.get(name).into_iter().flatten().filter_map(|s| self.slices.get(s).map(|s| &**s)).collect()
+    /// The slices labelled for Service `name`, in name order, as the
+    /// model reads them.
+    pub fn slices_of(&self, name: &str) -> Vec<EndpointSlice> {
+        self.by_service.get(name).into_iter().flatten().filter_map(|s| self.slices.get(s)).map(|s| s.to_k8s()).collect()
     }
 
     pub fn node(&self) -> Option<&Node> {
@@ -310,14 +326,14 @@ mod tests {
     }
 
     fn slice(name: &str, service: &str, rv: &str) -> Object {
-        Object::Slice(Arc::new(
+        Object::slice(
             serde_json::from_value(json!({
                 "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv,
                              "labels": {LABEL_SERVICE_NAME: service}},
                 "addressType": "IPv4", "endpoints": []
             }))
             .expect("slice"),
-        ))
+        )
     }
 
     fn dirty(names: &[&str]) -> Dirty {

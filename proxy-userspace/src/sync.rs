@@ -27,7 +27,9 @@ pub struct Report {
 /// frontend and every map entry: at start, and after a pass with errors.
 pub fn sync(kernel: &mut impl Kernel, prog: &mut Programmed, desired: &Desired) -> Report {
     let mut report = Report::default();
-    let fresh = prog.frontends.is_empty() && prog.slots.is_empty() && prog.backend_index.is_empty();
+    let fresh = prog.frontends.is_empty()
+        && prog.slots.is_empty()
+        && prog.v4.backends().chain(prog.v6.backends()).next().is_none();
     apply(kernel, prog, diff::changes(prog, desired), &mut report);
     // From empty maps, a pass without failures leaves nothing to collect:
     // skip the walk over every entry.
@@ -234,7 +236,7 @@ fn run_steps(
     for (i, op) in before.owner.iter().zip(&before.ops).filter(|_| some_failed) {
         if let Op::PutSlot { frontend, backend_id, .. } = op
             && failed[*i].is_none()
-            && !prog.family(frontend.family()).backends.contains_key(backend_id)
+            && prog.family(frontend.family()).backend(*backend_id).is_none()
         {
             failed[*i] = Some(format!("its backend {backend_id} could not be written"));
         }

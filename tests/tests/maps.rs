@@ -59,7 +59,7 @@ fn should_land_what_fits_in_a_batch_and_name_every_element_that_does_not() {
     let prog = maps.read_back().expect("read back");
     assert_eq!(slots(&prog, &f4).len(), 6, "every IPv4 slot that fit landed");
     assert_eq!(slots(&prog, &f6), vec![1, 2, 3], "IPv6 slots are in their own map");
-    assert_eq!(prog.v4.backends.len(), 4);
+    assert_eq!(prog.v4.backends().count(), 4);
 
     // Deleting keys that are partly missing deletes the rest and fails none.
     let deletes: Vec<Op> = (1..=8).map(|slot| Op::DeleteSlot { frontend: f4, slot }).collect();
@@ -90,7 +90,7 @@ fn should_write_both_families_side_by_side_in_one_call() {
     let want: Vec<u16> = (1..=n).collect();
     assert_eq!(slots(&prog, &f4), want);
     assert_eq!(slots(&prog, &f6), want);
-    assert_eq!((prog.v4.backends.len(), prog.v6.backends.len()), (usize::from(n), usize::from(n)));
-    assert_eq!(prog.v4.backends[&7], be(IpAddr::from([198, 18, 0, 7])), "values land with their keys");
-    assert_eq!(prog.v6.backends[&7], be(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 1, 7])));
+    assert_eq!((prog.v4.backends().count(), prog.v6.backends().count()), (usize::from(n), usize::from(n)));
+    assert_eq!(prog.v4.backend(7), Some(&be(IpAddr::from([198, 18, 0, 7]))), "values land with their keys");
+    assert_eq!(prog.v6.backend(7), Some(&be(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 1, 7]))));
 }

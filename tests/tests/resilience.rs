@@ -95,10 +95,15 @@ fn assert_converged(pin_dir: &Path, dir: &Path) {
         }
     }
     for (v6, fam) in [(false, &prog.v4), (true, &prog.v6)] {
-        let orphans: Vec<_> = fam.backends.keys().filter(|id| !used.contains(&(v6, **id))).take(5).collect();
+        let orphans: Vec<_> =
+            fam.backends().map(|(id, _)| id).filter(|id| !used.contains(&(v6, *id))).take(5).collect();
         assert!(orphans.is_empty(), "backends no slot uses (v6={v6}): {orphans:?}");
     }
-    eprintln!("  converged: {} frontends, {} backends", desired.len(), prog.v4.backends.len() + prog.v6.backends.len());
+    eprintln!(
+        "  converged: {} frontends, {} backends",
+        desired.len(),
+        prog.v4.backends().count() + prog.v6.backends().count()
+    );
 }
 
 #[test]

@@ -141,7 +141,7 @@ pub fn desired<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
 ) -> (Desired, Vec<Rejected>, Vec<Warning>) {
     let mut store = Store::default();
     let svcs = services.iter().map(|s| Object::Service(Arc::new(s.borrow().clone()))).collect();
-    let sls = slices.iter().map(|s| Object::Slice(Arc::new(s.borrow().clone()))).collect();
+    let sls = slices.iter().map(|s| Object::slice(s.borrow().clone())).collect();
     store.apply(Event::Replace(ObjectKind::Service, svcs));
     store.apply(Event::Replace(ObjectKind::EndpointSlice, sls));
     store
@@ -261,7 +261,8 @@ impl Cache {
         for name in names {
             match store.service(&name) {
                 Some(svc) => {
-                    let computed = compute_service(svc, &store.slices_of(&name), &node, config);
+                    let slices = store.slices_of(&name);
+                    let computed = compute_service(svc, &slices.iter().collect::<Vec<_>>(), &node, config);
                     changed.push((name, Some(computed)));
                 }
                 None => {
@@ -883,7 +884,7 @@ mod tests {
     impl Live {
         fn update(&mut self, services: &[Service], slices: &[EndpointSlice], cfg: &Config) -> Update {
             let svcs = services.iter().map(|s| Object::Service(Arc::new(s.clone()))).collect();
-            let sls = slices.iter().map(|s| Object::Slice(Arc::new(s.clone()))).collect();
+            let sls = slices.iter().map(|s| Object::slice(s.clone())).collect();
             self.store.apply(Event::Replace(ObjectKind::Service, svcs));
             self.store.apply(Event::Replace(ObjectKind::EndpointSlice, sls));
             let dirty = self.store.take_dirty();

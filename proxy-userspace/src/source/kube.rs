@@ -13,9 +13,9 @@
 //! - Objects that fail to deserialize are kept out by `DeserializeGuard` and
 //!   reported by name, without ending the stream; their last good version
 //!   stays.
-//! - Only what the model reads is kept of each object (`slim_*`): managed
+//! - Only what the model reads is kept of each object (`slim`): managed
 //!   fields, most annotations and the Node's status bulk are dropped as
-//!   they arrive.
+//!   they arrive, and slices are kept compact.
 use std::{path::PathBuf, sync::Arc};
 
 use k8s_openapi::api::{
@@ -30,7 +30,7 @@ use kube::{
 use tokio::task::JoinHandle;
 
 use super::{
-    Object, ObjectKind, Sender,
+    Object, ObjectKind, Sender, slim,
     watch::{self, Watched},
 };
 use crate::model::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
@@ -41,15 +41,6 @@ const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Longest wait for a TCP connection to the API server: a server that
 /// drops packets (rather than refusing) must not hold a retry for long.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Annotations the agent reads (the model's, and the trigger time the
-/// network programming latency is measured from); every other one is
-/// dropped on arrival.
-const KEPT_ANNOTATIONS: [&str; 3] = [
-    "service.kubernetes.io/topology-mode",
-    "service.kubernetes.io/topology-aware-hints",
-    crate::observe::TRIGGER_TIME_ANNOTATION,
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -123,47 +114,6 @@ impl Drop for KubeSource {
     }
 }
 
-/// Keep only what the model reads of a Service.
-fn slim_service(svc: &mut Service) {
-    slim_meta(&mut svc.metadata);
-    svc.status = svc.status.take().filter(|s| s.load_balancer.is_some());
-}
-
-/// Keep only what the model reads of an EndpointSlice.
-fn slim_slice(slice: &mut EndpointSlice) {
-    slim_meta(&mut slice.metadata);
-    for ep in &mut slice.endpoints {
-        ep.target_ref = None;
-        ep.hostname = None;
-        ep.deprecated_topology = None;
-    }
-}
-
-/// Keep only what the agent reads of the Node: labels, addresses, deletion,
-/// the cluster autoscaler's to-be-deleted taint.
-fn slim_node(node: &mut Node) {
-    slim_meta(&mut node.metadata);
-    let taints = node.spec.take().and_then(|s| s.taints).map(|mut t| {
-        t.retain(|t| t.key == crate::health::TAINT_TO_BE_DELETED);
-        t
-    });
-    node.spec = taints
-        .filter(|t| !t.is_empty())
-        .map(|t| k8s_openapi::api::core::v1::NodeSpec { taints: Some(t), ..Default::default() });
-    if let Some(status) = &mut node.status {
-        *status = k8s_openapi::api::core::v1::NodeStatus { addresses: status.addresses.take(), ..Default::default() };
-    }
-}
-
-fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.annotations = meta.annotations.take().and_then(|mut a| {
-        a.retain(|k, _| KEPT_ANNOTATIONS.contains(&k.as_str()));
-        (!a.is_empty()).then_some(a)
-    });
-}
-
 /// Run one kind's list/watch loop in the background.
 fn spawn_watch<K>(
     api: Api<DeserializeGuard<K>>,
@@ -232,7 +182,7 @@ impl KubeSource {
                 Watched {
                     kind: ObjectKind::Service,
                     wrap: |o| Object::Service(Arc::new(o)),
-                    slim: slim_service,
+                    slim: slim::service,
                     labels: Some(labels.clone()),
                     fields: None,
                 },
@@ -244,8 +194,8 @@ impl KubeSource {
                 Api::<DeserializeGuard<EndpointSlice>>::all(client.clone()),
                 Watched {
                     kind: ObjectKind::EndpointSlice,
-                    wrap: |o| Object::Slice(Arc::new(o)),
-                    slim: slim_slice,
+                    wrap: Object::slice,
+                    slim: |_| {},
                     labels: Some(format!("{labels},{LABEL_SERVICE_NAME}")),
                     fields: None,
                 },
@@ -258,7 +208,7 @@ impl KubeSource {
                 Watched {
                     kind: ObjectKind::Node,
                     wrap: |o| Object::Node(Arc::new(o)),
-                    slim: slim_node,
+                    slim: slim::node,
                     labels: None,
                     fields: Some(format!("metadata.name={}", opts.node_name)),
                 },

@@ -22,17 +22,28 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs,
-    io::Read,
+    io::{BufRead, Read},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use notify::Watcher as _;
+use serde::{
+    Deserialize, Deserializer,
+    de::{
+        self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess, Visitor,
+        value::MapAccessDeserializer,
+    },
+};
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use super::{Event, Object, ObjectKey, ObjectKind, Sender};
+use super::{Event, Object, ObjectKey, ObjectKind, Sender, slim};
 
 /// Largest manifest file read.
 pub const MAX_FILE_BYTES: u64 = 64 << 20;
@@ -114,12 +125,25 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
 /// empty, or a kind this agent does not read); otherwise the whole file
 /// fails with the first problem.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, Error> {
-    parse(path, &mut std::io::Cursor::new(text.as_bytes()))
+    parse(path, || Ok(std::io::Cursor::new(text.as_bytes())))
 }
 
-/// `parse_file` over a reader, one document at a time: a file costs the
-/// objects it holds, not its text and every document's tree at once.
-fn parse(path: &Path, reader: &mut impl Read) -> Result<Vec<Object>, Error> {
+/// `parse_file` over a reader `open` gives, one document at a time: a file
+/// costs the objects it holds, not its text and every document's tree at
+/// once. The typed pass (`typed`) reads the common shapes straight into
+/// objects; whatever it does not take whole (an error, directives, a
+/// document whose `apiVersion` and `kind` do not come first) is read again
+/// through `serde_json::Value` (`parse_values`), which gives the
+/// problem's exact position and words.
+fn parse<R: BufRead>(path: &Path, open: impl Fn() -> std::io::Result<R>) -> Result<Vec<Object>, Error> {
+    let err = |e: std::io::Error| Error::File { path: path.to_owned(), reason: e.to_string() };
+    if let Some(objects) = typed(&mut open().map_err(err)?) {
+        return Ok(objects);
+    }
+    parse_values(path, &mut open().map_err(err)?)
+}
+
+fn options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_depth = MAX_DEPTH;
     budget.max_documents = 1 << 20;
@@ -128,9 +152,287 @@ fn parse(path: &Path, reader: &mut impl Read) -> Result<Vec<Object>, Error> {
     budget.max_reader_input_bytes = usize::try_from(MAX_FILE_BYTES).ok();
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
+    options
+}
+
+/// The typed pass: documents split at their `---` lines (YAML forbids a
+/// line starting with `---` or `...` inside any scalar, so these lines are
+/// document markers wherever they are), each read straight into objects:
+/// JSON documents by serde_json (several times faster than a YAML parser
+/// on the same text), the others by serde-saphyr. `None`: read the file
+/// with `parse_values`.
+fn typed(reader: &mut impl BufRead) -> Option<Vec<Object>> {
+    let mut out = Vec::new();
+    let (mut doc, mut line) = (String::new(), String::new());
+    let mut docs = 0usize;
+    loop {
+        line.clear();
+        let eof = reader.read_line(&mut line).ok()? == 0;
+        let marker =
+            line.strip_prefix("---").filter(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']));
+        if line.starts_with('%') || (line.starts_with("...") && !line.starts_with("....")) {
+            return None; // directives and document ends: the YAML parser's job
+        }
+        if eof || marker.is_some() {
+            docs += 1;
+            if docs > 1 << 20 || !typed_document(&doc, &mut out) {
+                return None;
+            }
+            doc.clear();
+            doc.push_str(marker.unwrap_or_default());
+            if eof {
+                return Some(out);
+            }
+        } else {
+            doc.push_str(&line);
+        }
+    }
+}
+
+/// One document of the typed pass; false: not taken.
+fn typed_document(doc: &str, out: &mut Vec<Object>) -> bool {
+    let body = doc.lines().map(str::trim_start).find(|l| !l.is_empty() && !l.starts_with('#'));
+    let Some(body) = body else { return true }; // an empty document
+    if body.starts_with('{') && json_depth(doc) <= MAX_DEPTH {
+        let before = out.len();
+        if json_document(doc, out).is_ok() {
+            return true;
+        }
+        out.truncate(before); // not JSON after all: YAML's flow style
+    }
+    match serde_saphyr::from_str_with_options::<Document>(doc, options()) {
+        Ok(Document(objects)) => {
+            out.extend(objects);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// The top-level `apiVersion` and `kind` of a document, the rest skipped.
+#[derive(Deserialize)]
+struct Head {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+/// A JSON document: its `apiVersion` and `kind` first (a quick pass that
+/// skips everything else), then the object they name, read in one go
+/// wherever they stand in the text.
+fn json_document(doc: &str, out: &mut Vec<Object>) -> serde_json::Result<()> {
+    let Head { api_version: Some(api_version), kind: Some(kind) } = serde_json::from_str(doc)? else {
+        return Err(de::Error::custom("no apiVersion or kind"));
+    };
+    let mut de = serde_json::Deserializer::from_str(doc);
+    match TypedKind::of(&api_version, &kind) {
+        Some(typed) => out.push(typed.read(&mut de)?),
+        None => Objects(out).deserialize(&mut de)?, // a List, or not ours
+    }
+    de.end()
+}
+
+/// The kinds read into objects.
+#[derive(Clone, Copy)]
+enum TypedKind {
+    Service,
+    Slice,
+    Node,
+}
+
+impl TypedKind {
+    fn of(api_version: &str, kind: &str) -> Option<Self> {
+        match (api_version, kind) {
+            ("v1", "Service") => Some(TypedKind::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Some(TypedKind::Slice),
+            ("v1", "Node") => Some(TypedKind::Node),
+            _ => None,
+        }
+    }
+
+    /// Read the whole object (its `apiVersion` and `kind` included, which
+    /// `k8s-openapi` checks) and keep what `slim` keeps.
+    fn read<'de, D: Deserializer<'de>>(self, d: D) -> Result<Object, D::Error> {
+        Ok(match self {
+            TypedKind::Service => {
+                let mut svc = Service::deserialize(d)?;
+                slim::service(&mut svc);
+                Object::Service(Arc::new(svc))
+            }
+            TypedKind::Slice => Object::slice(EndpointSlice::deserialize(d)?),
+            TypedKind::Node => {
+                let mut node = Node::deserialize(d)?;
+                slim::node(&mut node);
+                Object::Node(Arc::new(node))
+            }
+        })
+    }
+}
+
+/// The deepest nesting of `[` and `{` in a JSON text (strings skipped).
+fn json_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// The objects of one YAML document (the typed pass's `Objects`, as a
+/// type serde-saphyr can read).
+struct Document(Vec<Object>);
+
+impl<'de> Deserialize<'de> for Document {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut out = Vec::new();
+        Objects(&mut out).deserialize(d)?;
+        Ok(Document(out))
+    }
+}
+
+/// Reads one document or `List` item into the objects it holds, typed,
+/// without a tree of the whole: the entries before `apiVersion` and `kind`
+/// (none, as `kubectl` and most writers order them) are kept aside, then
+/// the object they name is read from them and the rest of the map. Other
+/// kinds are skipped unread.
+struct Objects<'a>(&'a mut Vec<Object>);
+
+impl<'de> DeserializeSeed<'de> for Objects<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Objects<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a Kubernetes object")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut aside: Vec<(String, serde_json::Value)> = Vec::new();
+        let (mut api_version, mut kind) = (None, None);
+        while api_version.is_none() || kind.is_none() {
+            let Some(key) = map.next_key::<String>()? else {
+                return Err(de::Error::custom("no apiVersion or kind"));
+            };
+            let value: serde_json::Value = map.next_value()?;
+            match (key.as_str(), value.as_str()) {
+                ("apiVersion", Some(v)) => api_version = Some(v.to_owned()),
+                ("kind", Some(v)) => kind = Some(v.to_owned()),
+                _ => {}
+            }
+            aside.push((key, value));
+        }
+        let (api_version, kind) = (api_version.unwrap_or_default(), kind.unwrap_or_default());
+        if let Some(typed) = TypedKind::of(&api_version, &kind) {
+            let map = Prefixed { aside: aside.into_iter(), value: None, rest: map };
+            self.0.push(typed.read(MapAccessDeserializer::new(map))?);
+        } else if kind == "List" || kind.ends_with("List") {
+            let items = aside.into_iter().find(|(k, _)| k == "items").map(|(_, v)| v);
+            if let Some(items) = items {
+                Items(self.0).deserialize(items).map_err(de::Error::custom)?;
+            }
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "items" {
+                    map.next_value_seed(Items(self.0))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        } else {
+            // Other kinds (Deployments, ConfigMaps, ...) are not ours.
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        }
+        Ok(())
+    }
+}
+
+/// The `items` of a `List`.
+struct Items<'a>(&'a mut Vec<Object>);
+
+impl<'de> DeserializeSeed<'de> for Items<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Items<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of Kubernetes objects")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        while seq.next_element_seed(Objects(self.0))?.is_some() {}
+        Ok(())
+    }
+}
+
+/// A map whose first entries were read already (`aside`): hands them out
+/// again, then the rest of `rest`.
+struct Prefixed<A> {
+    aside: std::vec::IntoIter<(String, serde_json::Value)>,
+    value: Option<serde_json::Value>,
+    rest: A,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for Prefixed<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        if let Some((key, value)) = self.aside.next() {
+            self.value = Some(value);
+            return seed.deserialize(IntoDeserializer::<A::Error>::into_deserializer(key)).map(Some);
+        }
+        self.rest.next_key_seed(seed)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        match self.value.take() {
+            Some(value) => seed.deserialize(value).map_err(de::Error::custom),
+            None => self.rest.next_value_seed(seed),
+        }
+    }
+}
+
+/// The exact pass: every document through `serde_json::Value`, problems
+/// named by document and object.
+fn parse_values(path: &Path, reader: &mut impl Read) -> Result<Vec<Object>, Error> {
     let mut out = Vec::new();
     // Empty documents are skipped by the reader; `doc` counts the others.
-    for (doc, value) in serde_saphyr::read_with_options::<_, serde_json::Value>(reader, options).enumerate() {
+    for (doc, value) in serde_saphyr::read_with_options::<_, serde_json::Value>(reader, options()).enumerate() {
         let value = value.map_err(|e| Error::File { path: path.to_owned(), reason: format!("not valid YAML: {e}") })?;
         if value.is_null() {
             continue;
@@ -146,15 +448,17 @@ fn add_object(json: serde_json::Value, out: &mut Vec<Object>) -> Result<(), Stri
     let name = json.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or("<unnamed>").to_owned();
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => {
-            let svc = serde_json::from_value(json).map_err(|e| format!("Service {name}: {e}"))?;
+            let mut svc = serde_json::from_value(json).map_err(|e| format!("Service {name}: {e}"))?;
+            slim::service(&mut svc);
             out.push(Object::Service(Arc::new(svc)));
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let slice = serde_json::from_value(json).map_err(|e| format!("EndpointSlice {name}: {e}"))?;
-            out.push(Object::Slice(Arc::new(slice)));
+            out.push(Object::slice(slice));
         }
         ("v1", "Node") => {
-            let node = serde_json::from_value(json).map_err(|e| format!("Node {name}: {e}"))?;
+            let mut node = serde_json::from_value(json).map_err(|e| format!("Node {name}: {e}"))?;
+            slim::node(&mut node);
             out.push(Object::Node(Arc::new(node)));
         }
         (_, kind) if kind == "List" || kind.ends_with("List") => {
@@ -403,8 +707,7 @@ fn read(path: &Path) -> Result<Vec<Object>, Error> {
     if meta.len() > MAX_FILE_BYTES {
         return Err(err(format!("{} bytes, more than the {MAX_FILE_BYTES} a manifest may have", meta.len())));
     }
-    let file = fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    parse(path, &mut std::io::BufReader::new(file))
+    parse(path, || fs::File::open(path).map(std::io::BufReader::new))
 }
 
 /// The running source: a task that turns file changes into events.
@@ -560,6 +863,55 @@ mod tests {
         let objs = parse_file(Path::new("x.yaml"), &text).expect("parses");
         assert_eq!(objs.iter().filter(|o| o.kind() == ObjectKind::Service).count(), 2);
         assert_eq!(objs.iter().filter(|o| o.kind() == ObjectKind::EndpointSlice).count(), 1);
+    }
+
+    /// `SVC` and `SLICE` as JSON.
+    const SVC_JSON: &str = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"}, "spec": {"clusterIP": "198.19.0.10", "ports": [{"port": 80}]}}"#;
+    const SLICE_JSON: &str = r#"{"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1", "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}}, "addressType": "IPv4", "endpoints": [{"addresses": ["198.18.2.2"]}], "ports": [{"port": 8080}]}"#;
+
+    #[test]
+    fn json_and_yaml_documents_in_any_key_order_read_the_same_objects() {
+        let yaml = format!("{SVC}---\n{SLICE}");
+        let json = format!("{SVC_JSON}\n---\n# a comment\n{SLICE_JSON}\n");
+        let list =
+            format!(r#"{{"apiVersion": "v1", "kind": "List", "metadata": {{}}, "items": [{SVC_JSON}, {SLICE_JSON}]}}"#);
+        // apiVersion and kind last, in JSON and in YAML.
+        let late_json = SVC_JSON.replace(r#""apiVersion": "v1", "kind": "Service", "#, "").replace(
+            r#""ports": [{"port": 80}]}"#,
+            r#""ports": [{"port": 80}]}, "apiVersion": "v1", "kind": "Service""#,
+        );
+        let late_json = format!("{late_json}\n---\n{SLICE_JSON}");
+        let late_yaml = format!(
+            "{}---\n{SLICE}",
+            SVC.replace("apiVersion: v1\nkind: Service\n", "") + "kind: Service\napiVersion: v1\n"
+        );
+        // Directives are left to the YAML parser whole.
+        let directive = format!("%YAML 1.2\n---\n{SVC}---\n{SLICE}");
+        let want = parse_values(Path::new("x"), &mut yaml.as_bytes()).expect("exact pass");
+        assert_eq!(want.len(), 2);
+        for (what, text, typed_pass) in [
+            ("yaml", &yaml, true),
+            ("json", &json, true),
+            ("list", &list, true),
+            ("late json", &late_json, true),
+            ("late yaml", &late_yaml, true),
+            ("directive", &directive, false),
+        ] {
+            assert_eq!(typed(&mut text.as_bytes()).is_some(), typed_pass, "{what}: taken by the typed pass");
+            assert_eq!(parse_file(Path::new("x"), text).expect(what), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_json_document_too_deep_for_the_budget_is_refused() {
+        let deep = format!(
+            r#"{{"apiVersion": "v1", "kind": "Service", "spec": {}{}}}"#,
+            r#"{"a": "#.repeat(40),
+            "}".repeat(40)
+        );
+        assert!(typed(&mut deep.as_bytes()).is_none(), "the typed pass leaves it to the exact pass");
+        let e = parse_file(Path::new("deep.json"), &deep).expect_err("too deep").to_string();
+        assert!(e.contains("not valid YAML"), "{e}");
     }
 
     #[test]

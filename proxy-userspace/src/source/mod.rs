@@ -18,9 +18,11 @@
 //!   problem never replaces its last good version.
 //!
 //! Sources: `manifests` (a directory of YAML/JSON files, watched) and
-//! `kube` (the Kubernetes API through kube-rs watchers).
+//! `kube` (the Kubernetes API through kube-rs watchers). Both keep only
+//! what `slim` says of each object.
 pub mod kube;
 pub mod manifests;
+pub mod slim;
 pub mod watch;
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use k8s_openapi::api::{
 };
 use tokio::sync::mpsc;
 
+pub use self::slim::Slice;
 use crate::store::ns_name;
 
 /// The kinds of object the agent reads.
@@ -53,15 +56,21 @@ impl ObjectKind {
     }
 }
 
-/// An object, shared (sources and the store hold the same allocation).
+/// An object as kept (`slim`), shared: sources and the store hold the
+/// same allocation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Arc<Service>),
-    Slice(Arc<EndpointSlice>),
+    Slice(Arc<Slice>),
     Node(Arc<Node>),
 }
 
 impl Object {
+    /// An EndpointSlice, kept compact.
+    pub fn slice(slice: EndpointSlice) -> Self {
+        Object::Slice(Arc::new(Slice::from(slice)))
+    }
+
     pub fn kind(&self) -> ObjectKind {
         match self {
             Object::Service(_) => ObjectKind::Service,
@@ -71,16 +80,16 @@ impl Object {
     }
 
     pub fn key(&self) -> ObjectKey {
-        let meta = match self {
-            Object::Service(o) => &o.metadata,
-            Object::Slice(o) => &o.metadata,
-            Object::Node(o) => &o.metadata,
+        let (namespace, name) = match self {
+            Object::Service(o) => (o.metadata.namespace.as_deref(), o.metadata.name.as_deref().unwrap_or_default()),
+            Object::Slice(o) => (o.meta.namespace(), o.meta.name()),
+            Object::Node(o) => (None, o.metadata.name.as_deref().unwrap_or_default()),
         };
         let namespace = match self {
             Object::Node(_) => String::new(),
-            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            _ => namespace.unwrap_or("default").to_owned(),
         };
-        ObjectKey { kind: self.kind(), namespace, name: meta.name.clone().unwrap_or_default() }
+        ObjectKey { kind: self.kind(), namespace, name: name.to_owned() }
     }
 }
 
