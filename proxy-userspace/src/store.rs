@@ -3,8 +3,7 @@
 //! trackers). Applying an event costs what the event holds, not what the
 //! store holds: EndpointSlices are indexed by the Service they feed, so a
 //! sync recomputes only the Services whose object or slices changed.
-//! Slices are held compact (`source::Slice`) and handed to the model as
-//! `EndpointSlice`s of the Service it recomputes.
+//! Slices are held compact (`source::Slice`), as the model reads them.
 //!
 //! **Relist gate.** While EndpointSlices are being relisted (from
 //! `Relisting(EndpointSlice)` to its `Replace`), a Service that appears
@@ -20,10 +19,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Node, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, Service},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -81,11 +77,6 @@ pub struct Store {
 /// `kubectl apply` does for manifests without one).
 pub fn ns_name(meta: &ObjectMeta) -> String {
     format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
-}
-
-/// `namespace/name` of a slice.
-fn slice_name(slice: &Slice) -> String {
-    format!("{}/{}", slice.meta.namespace().unwrap_or("default"), slice.meta.name())
 }
 
 /// The Service a slice feeds, from its `kubernetes.io/service-name` label.
@@ -174,7 +165,7 @@ impl Store {
                 self.dirty.add(name);
             }
             Object::Slice(slice) => {
-                let name = slice_name(&slice);
+                let name = slice.ns_name();
                 let new_owner = owner(&slice);
                 if let Some(old) = self.slices.get(&name) {
                     if !changed(slice_version(old), slice_version(&slice)) {
@@ -287,10 +278,9 @@ impl Store {
         self.services.iter()
     }
 
-    /// The slices labelled for Service `name`, in name order, as the
-    /// model reads them.
-    pub fn slices_of(&self, name: &str) -> Vec<EndpointSlice> {
-        self.by_service.get(name).into_iter().flatten().filter_map(|s| self.slices.get(s)).map(|s| s.to_k8s()).collect()
+    /// The slices labelled for Service `name`, in name order.
+    pub fn slices_of(&self, name: &str) -> Vec<&Slice> {
+        self.by_service.get(name).into_iter().flatten().filter_map(|s| self.slices.get(s).map(|s| &**s)).collect()
     }
 
     pub fn node(&self) -> Option<&Node> {

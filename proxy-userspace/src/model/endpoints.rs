@@ -22,10 +22,11 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use super::parse_proto;
-use crate::types::{Family, Proto};
+use crate::{
+    source::{Slice, slim::Address},
+    types::{Family, Proto},
+};
 
 /// One endpoint of one Service port, with what kube-proxy keeps of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,9 +77,9 @@ fn refused_endpoint(addr: IpAddr) -> Option<&'static str> {
 
 /// Fold one slice into `acc` (kube-proxy's merge rule), or say why it is
 /// rejected; a rejected slice contributes nothing.
-pub fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints) -> Result<(), String> {
+pub fn add_slice(slice: &Slice, family: Family, acc: &mut PortEndpoints) -> Result<(), String> {
     let mut ports = Vec::new();
-    for p in slice.ports.iter().flatten() {
+    for p in slice.ports() {
         // kube-proxy ignores ports without a number (and 0).
         let Some(number) = p.port.filter(|n| *n != 0) else { continue };
         let number = u16::try_from(number).map_err(|_| format!("port {number} is out of range 1-65535"))?;
@@ -86,10 +87,14 @@ pub fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints)
         ports.push((p.name.clone().unwrap_or_default(), proto, number));
     }
     let mut endpoints = Vec::new();
-    for (i, ep) in slice.endpoints.iter().enumerate() {
-        let Some(first) = ep.addresses.first() else { continue };
-        let addr: IpAddr =
-            first.parse().map_err(|_| format!("endpoints[{i}] address {first:?} is not an IP address"))?;
+    for (i, ep) in slice.endpoints().iter().enumerate() {
+        let addr = match ep.first_address() {
+            None => continue,
+            Some(Address::Ip(addr)) => addr,
+            Some(Address::Text(first)) => {
+                first.parse().map_err(|_| format!("endpoints[{i}] address {first:?} is not an IP address"))?
+            }
+        };
         if Family::of(addr) != family {
             return Err(format!(
                 "endpoints[{i}] address {addr} is {} but the slice's addressType is {}",
@@ -100,15 +105,15 @@ pub fn add_slice(slice: &EndpointSlice, family: Family, acc: &mut PortEndpoints)
         if let Some(what) = refused_endpoint(addr) {
             return Err(format!("endpoints[{i}] address {addr} is {what}, which an endpoint may not be"));
         }
-        let cond = ep.conditions.as_ref();
-        let hints = ep.hints.as_ref();
+        let cond = ep.conditions();
+        let hints = ep.hints();
         endpoints.push(Endpoint {
             addr,
             port: 0,
             ready: cond.and_then(|c| c.ready).unwrap_or(true),
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-            node: ep.node_name.clone(),
+            node: ep.node_name().map(str::to_owned),
             zone_hints: hints
                 .and_then(|h| h.for_zones.as_ref())
                 .into_iter()
@@ -673,10 +678,10 @@ mod tests {
 
         use super::super::testkit::{ep, slice};
         let port = || json!([{"name": "port-0", "port": 80, "protocol": "TCP"}]);
-        let merged = |slices: &[EndpointSlice]| {
+        let merged = |slices: &[k8s_openapi::api::discovery::v1::EndpointSlice]| {
             let mut acc = PortEndpoints::new();
             for s in slices {
-                add_slice(s, Family::V4, &mut acc).expect("valid slice");
+                add_slice(&Slice::from(s.clone()), Family::V4, &mut acc).expect("valid slice");
             }
             let set = &acc[&("port-0".to_owned(), Proto::Tcp)];
             set.values()

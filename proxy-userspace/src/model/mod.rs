@@ -56,7 +56,7 @@ pub use self::{
 };
 pub use crate::types::{Backend, Desired, Family, Frontend, FrontendSpec, Proto};
 use crate::{
-    source::{Event, Object, ObjectKind},
+    source::{Event, Object, ObjectKind, Slice},
     store::{Dirty, Store, ns_name},
     types::{Cidr, Scope},
 };
@@ -159,11 +159,11 @@ struct Computed {
     warnings: Vec<Warning>,
 }
 
-fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext, config: &Config) -> Computed {
+fn compute_service(svc: &Service, slices: &[&Slice], node: &NodeContext, config: &Config) -> Computed {
     let mut out = Computed::default();
     let mut by_family: Vec<(Family, PortEndpoints)> = Vec::new();
     for slice in slices {
-        let Some(family) = Family::from_k8s(&slice.address_type) else {
+        let Some(family) = Family::from_k8s(slice.address_type()) else {
             continue; // FQDN slices are not proxied.
         };
         let mut scratch = PortEndpoints::new();
@@ -181,7 +181,7 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext,
                 }
             }
             Err(reason) => {
-                out.rejected.push(Rejected { kind: "EndpointSlice", name: ns_name(&slice.metadata), reason });
+                out.rejected.push(Rejected { kind: "EndpointSlice", name: slice.ns_name(), reason });
             }
         }
     }
@@ -261,8 +261,7 @@ impl Cache {
         for name in names {
             match store.service(&name) {
                 Some(svc) => {
-                    let slices = store.slices_of(&name);
-                    let computed = compute_service(svc, &slices.iter().collect::<Vec<_>>(), &node, config);
+                    let computed = compute_service(svc, &store.slices_of(&name), &node, config);
                     changed.push((name, Some(computed)));
                 }
                 None => {

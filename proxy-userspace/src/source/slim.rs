@@ -2,16 +2,15 @@
 //! what the model, the store and the metrics read. Services and the Node
 //! stay `k8s-openapi` objects, slimmed; EndpointSlices, most of the
 //! memory (a `k8s-openapi` endpoint is 352 bytes before its strings), are
-//! kept in a compact form (`Slice`) and turned back into `EndpointSlice`s
-//! when the model recomputes their Service.
+//! kept in a compact form (`Slice`) that the model reads as it is.
 //!
 //! Kept of a slice: name, namespace, resourceVersion, labels and the
 //! `KEPT_ANNOTATIONS`; its address type and ports; per endpoint the
 //! addresses, conditions, node name, zone and hints. Dropped: everything
 //! else (managed fields, owner references, target references, hostnames,
 //! deprecated topology). A field the model starts to read must be kept
-//! here too; `Slice::to_k8s` of `Slice::from` is the slimmed slice, which
-//! a test checks field by field.
+//! here too; what `Slice`'s accessors give back is the slimmed slice,
+//! which a test checks field by field.
 use std::{
     collections::{BTreeMap, HashSet},
     hash::Hash,
@@ -110,10 +109,6 @@ fn pairs(map: Option<BTreeMap<String, String>>) -> Option<Pairs> {
     map.map(|m| m.into_iter().map(|(k, v)| (intern(&k), v.into_boxed_str())).collect())
 }
 
-fn unpairs(pairs: Option<&Pairs>) -> Option<BTreeMap<String, String>> {
-    pairs.map(|p| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
-}
-
 /// The metadata of a slice, as kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Meta {
@@ -133,17 +128,6 @@ impl Meta {
             resource_version: m.resource_version.map(String::into_boxed_str),
             labels: pairs(m.labels),
             annotations: pairs(m.annotations),
-        }
-    }
-
-    fn to_k8s(&self) -> ObjectMeta {
-        ObjectMeta {
-            name: self.name.as_deref().map(str::to_owned),
-            namespace: self.namespace.as_deref().map(str::to_owned),
-            resource_version: self.resource_version.as_deref().map(str::to_owned),
-            labels: unpairs(self.labels.as_ref()),
-            annotations: unpairs(self.annotations.as_ref()),
-            ..ObjectMeta::default()
         }
     }
 
@@ -171,6 +155,19 @@ impl Meta {
     pub fn annotation(&self, key: &str) -> Option<&str> {
         Self::get(self.annotations.as_ref(), key)
     }
+
+    /// The kept labels (`labels`) or annotations, in key order.
+    fn all(pairs: Option<&Pairs>) -> impl Iterator<Item = (&str, &str)> {
+        pairs.into_iter().flatten().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn labels(&self) -> impl Iterator<Item = (&str, &str)> {
+        Self::all(self.labels.as_ref())
+    }
+
+    pub fn annotations(&self) -> impl Iterator<Item = (&str, &str)> {
+        Self::all(self.annotations.as_ref())
+    }
 }
 
 /// Where an endpoint runs: shared by the endpoints of one node.
@@ -192,9 +189,17 @@ struct EndpointRest {
     hints: Option<EndpointHints>,
 }
 
+/// An endpoint's first address: parsed when its text was the canonical
+/// form of an IP address, else the text as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Address<'a> {
+    Ip(IpAddr),
+    Text(&'a str),
+}
+
 /// One endpoint, as kept: 40 bytes.
 #[derive(Clone, Debug, PartialEq)]
-struct CompactEndpoint {
+pub struct CompactEndpoint {
     /// `addresses[0]`, when its text is the canonical form of an address.
     first: Option<IpAddr>,
     conditions: Option<EndpointConditions>,
@@ -222,21 +227,35 @@ impl CompactEndpoint {
         Self { first, conditions: ep.conditions, place, rest }
     }
 
-    fn to_k8s(&self) -> Endpoint {
-        let mut addresses = Vec::with_capacity(1 + self.rest.as_ref().map_or(0, |r| r.addresses.len()));
-        addresses.extend(self.first.as_ref().map(IpAddr::to_string));
-        if let Some(rest) = &self.rest {
-            addresses.extend(rest.addresses.iter().cloned());
+    /// `addresses[0]`; consumers read no other.
+    pub fn first_address(&self) -> Option<Address<'_>> {
+        match (self.first, &self.rest) {
+            (Some(ip), _) => Some(Address::Ip(ip)),
+            (None, Some(rest)) => rest.addresses.first().map(|a| Address::Text(a)),
+            (None, None) => None,
         }
-        let place = self.place.as_deref();
-        Endpoint {
-            addresses,
-            conditions: self.conditions.clone(),
-            node_name: place.and_then(|p| p.node_name.as_deref()).map(str::to_owned),
-            zone: place.and_then(|p| p.zone.as_deref()).map(str::to_owned),
-            hints: self.rest.as_ref().and_then(|r| r.hints.clone()),
-            ..Endpoint::default()
-        }
+    }
+
+    pub fn conditions(&self) -> Option<&EndpointConditions> {
+        self.conditions.as_ref()
+    }
+
+    pub fn node_name(&self) -> Option<&str> {
+        self.place.as_deref().and_then(|p| p.node_name.as_deref())
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        self.place.as_deref().and_then(|p| p.zone.as_deref())
+    }
+
+    pub fn hints(&self) -> Option<&EndpointHints> {
+        self.rest.as_ref().and_then(|r| r.hints.as_ref())
+    }
+
+    /// Every address, as written.
+    pub fn addresses(&self) -> impl Iterator<Item = String> + '_ {
+        let rest = self.rest.iter().flat_map(|r| r.addresses.iter().cloned());
+        self.first.as_ref().map(IpAddr::to_string).into_iter().chain(rest)
     }
 }
 
@@ -261,19 +280,22 @@ impl From<EndpointSlice> for Slice {
 }
 
 impl Slice {
-    /// The slice as the model reads it.
-    pub fn to_k8s(&self) -> EndpointSlice {
-        EndpointSlice {
-            metadata: self.meta.to_k8s(),
-            address_type: self.address_type.to_string(),
-            ports: self.ports.as_ref().map(|p| p.to_vec()),
-            endpoints: self.endpoints.iter().map(CompactEndpoint::to_k8s).collect(),
-        }
-    }
-
     /// `addressType` (`IPv4`, `IPv6`, `FQDN`).
     pub fn address_type(&self) -> &str {
         &self.address_type
+    }
+
+    pub fn ports(&self) -> &[EndpointPort] {
+        self.ports.as_deref().unwrap_or_default()
+    }
+
+    pub fn endpoints(&self) -> &[CompactEndpoint] {
+        &self.endpoints
+    }
+
+    /// `namespace/name`.
+    pub fn ns_name(&self) -> String {
+        format!("{}/{}", self.meta.namespace().unwrap_or("default"), self.meta.name())
     }
 }
 
@@ -313,35 +335,42 @@ mod tests {
     #[test]
     fn a_kept_slice_reads_back_as_the_slimmed_slice() {
         let original = full();
-        let back = Slice::from(original.clone()).to_k8s();
-        let m = &back.metadata;
-        assert_eq!((m.name.as_deref(), m.namespace.as_deref()), (Some("web-abc"), Some("shop")));
-        assert_eq!(m.resource_version.as_deref(), Some("42"));
-        assert_eq!(m.labels, original.metadata.labels, "every label");
-        let annotations: Vec<&str> = m.annotations.iter().flatten().map(|(k, _)| k.as_str()).collect();
+        let s = Slice::from(original.clone());
+        let m = &s.meta;
+        assert_eq!((m.name(), m.namespace(), s.ns_name().as_str()), ("web-abc", Some("shop"), "shop/web-abc"));
+        assert_eq!(m.resource_version(), Some("42"));
+        let labels: Vec<(&str, &str)> = original.metadata.labels.iter().flatten().map(|(k, v)| (&**k, &**v)).collect();
+        assert_eq!(m.labels().collect::<Vec<_>>(), labels, "every label");
+        let annotations: Vec<&str> = m.annotations().map(|(k, _)| k).collect();
         assert_eq!(annotations, ["endpoints.kubernetes.io/last-change-trigger-time"], "the kept annotations only");
-        assert!(m.managed_fields.is_none() && m.owner_references.is_none());
-        assert_eq!((back.address_type.as_str(), &back.ports), (original.address_type.as_str(), &original.ports));
-        assert_eq!(back.endpoints.len(), 3);
-        let e = &back.endpoints[0];
-        assert_eq!(e.addresses, ["fd00::2"]);
-        assert_eq!(e.conditions, original.endpoints[0].conditions);
-        assert_eq!((e.node_name.as_deref(), e.zone.as_deref()), (Some("node-a"), Some("z1")));
         assert_eq!(
-            e.hints,
-            Some(EndpointHints {
+            (s.address_type(), s.ports()),
+            (original.address_type.as_str(), &original.ports.clone().unwrap()[..])
+        );
+        let eps = s.endpoints();
+        assert_eq!(eps.len(), 3);
+        let e = &eps[0];
+        assert_eq!(e.first_address(), Some(Address::Ip("fd00::2".parse().unwrap())));
+        assert_eq!(e.addresses().collect::<Vec<_>>(), ["fd00::2"]);
+        assert_eq!(e.conditions(), original.endpoints[0].conditions.as_ref());
+        assert_eq!((e.node_name(), e.zone()), (Some("node-a"), Some("z1")));
+        assert_eq!(
+            e.hints(),
+            Some(&EndpointHints {
                 for_zones: Some(vec![ForZone { name: "z1".into() }]),
                 for_nodes: Some(vec![ForNode { name: "node-a".into() }]),
             })
         );
-        assert!(e.target_ref.is_none() && e.hostname.is_none() && e.deprecated_topology.is_none(), "dropped");
-        assert_eq!(back.endpoints[1].addresses, ["FD00::3", "fd00::4"], "addresses verbatim, all of them");
-        assert_eq!(back.endpoints[1].conditions, original.endpoints[1].conditions);
-        assert!(back.endpoints[2].addresses.is_empty());
+        // Target references, hostnames and deprecated topology have no field to be kept in.
+        assert_eq!(eps[1].first_address(), Some(Address::Text("FD00::3")), "a non-canonical address as written");
+        assert_eq!(eps[1].addresses().collect::<Vec<_>>(), ["FD00::3", "fd00::4"], "addresses verbatim, all of them");
+        assert_eq!(eps[1].conditions(), original.endpoints[1].conditions.as_ref());
+        assert_eq!((eps[1].node_name(), eps[1].hints()), (None, None));
+        assert_eq!((eps[2].first_address(), eps[2].addresses().count()), (None, 0));
     }
 
     #[test]
-    fn kept_fields_are_readable_without_turning_the_slice_back() {
+    fn kept_labels_and_annotations_are_found_by_key() {
         let s = Slice::from(full());
         assert_eq!(s.meta.label("kubernetes.io/service-name"), Some("web"));
         assert_eq!(s.meta.label("nope"), None);
