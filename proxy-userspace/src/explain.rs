@@ -204,7 +204,7 @@ pub fn explain(q: &Query, snap: &Snapshot) -> Result<Explanation, Error> {
     if let Some(timeout) = s.affinity_timeout {
         let sticky = snap.affinity.get(&(value.rev_nat_id, q.src.ip())).filter(|(_, age)| *age < u64::from(timeout));
         let id_backend =
-            sticky.and_then(|(id, _)| snap.prog.family(family).backends.get(id)).filter(|b| backends.contains(b));
+            sticky.and_then(|(id, _)| snap.prog.family(family).backend(*id)).filter(|b| backends.contains(b));
         match id_backend {
             Some(b) => {
                 e.reason = format!(
@@ -376,7 +376,7 @@ mod tests {
     fn a_fresh_sticky_backend_is_the_only_candidate() {
         let mut snap = snapshot();
         let id = web_id(&snap);
-        let b3 = *snap.prog.backend_index.get(&backend("198.18.3.2")).expect("backend id");
+        let b3 = snap.prog.v4.id_of(&backend("198.18.3.2")).expect("backend id");
         snap.affinity.insert((id, ip("198.18.1.2")), (b3, 10));
         let e = ask(&snap, "198.18.1.2:40001", "198.19.0.10:80", From::Pod);
         assert_eq!(e.candidates, vec![BackendView { address: ip("198.18.3.2"), port: 8080 }], "{e:?}");
