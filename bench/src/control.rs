@@ -1,8 +1,12 @@
 //! Control plane: programming N Services x E endpoints per family from
-//! cold, one endpoint change at that scale, the agent's peak memory, and
-//! the same ruleset loaded by `iptables-restore` and `nft -f`.
+//! cold, one endpoint change at that scale, the agent binary from start to
+//! its first sync and its peak memory in both source modes (a manifest
+//! directory, and the Kubernetes API through the fake API server), at
+//! several sizes; and the same ruleset loaded by `iptables-restore` and
+//! `nft -f`.
 use std::{
     net::IpAddr,
+    path::Path,
     process::Command,
     sync::Arc,
     time::{Duration, Instant},
@@ -18,36 +22,61 @@ use dsproxy::{
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::e2e::{self, fake_endpoint};
+use crate::{
+    e2e::{self, fake_endpoint},
+    reliability::peak_rss_mib,
+};
 use dsproxy_tests::{
     TempDir,
     agent::Agent,
+    fakeapi::FakeApi,
     manifests::documents,
     netns::{BpfFs, NetNs},
 };
 
+/// Services per manifest file in manifests mode.
+const SERVICES_PER_FILE: usize = 1_000;
+
+/// The agent binary from start to its first complete sync.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct AgentRun {
+    pub start_to_synced_ms: f64,
+    /// `VmHWM` right after the first sync.
+    pub peak_rss_mib: f64,
+}
+
+/// One size.
 #[derive(Clone, Debug, Serialize)]
-pub struct Result {
+pub struct Row {
     pub services: usize,
     pub endpoints_per_family: usize,
     /// In-process, from empty maps: model, then map writes.
     pub cold_model_ms: f64,
     pub cold_sync_ms: f64,
     pub cold_total_ms: f64,
-    /// One endpoint changed: model + diff + map writes.
+    /// One endpoint changed: store + model + diff + map writes.
     pub change_p50_ms: f64,
     pub change_p99_ms: f64,
-    /// A sync with nothing changed: the scan of every object's
-    /// resourceVersion, the floor under `change_*`.
+    /// A sync with nothing changed, the floor under `change_*`.
     pub unchanged_sync_ms: f64,
-    /// The `dsproxy` binary from start to its first complete sync, reading
-    /// the same objects as manifests (YAML parsing included).
-    pub agent_start_to_synced_ms: f64,
-    pub agent_peak_rss_mib: f64,
     /// Kernel memory of the BPF maps (memlock), all maps.
     pub bpf_maps_mib: f64,
+    /// The objects as manifest files of `SERVICES_PER_FILE` Services
+    /// (YAML parsing included).
+    pub manifests: AgentRun,
+    /// The objects served by the fake API server (list or streaming list,
+    /// JSON decoding included).
+    pub kube: AgentRun,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Result {
+    /// One row per size, smallest first.
+    pub rows: Vec<Row>,
+    /// Services in the ruleset comparison (the plan's main size).
+    pub services: usize,
     /// The equivalent rulesets, IPv4 plus IPv6.
     pub iptables_restore_ms: f64,
     pub nft_ms: f64,
@@ -55,6 +84,13 @@ pub struct Result {
     pub nft_services: usize,
     /// false: the rulesets were loaded for IPv4 only and the time doubled.
     pub rules_both_families: bool,
+}
+
+impl Result {
+    /// The row at `n` Services.
+    pub fn at(&self, n: usize) -> Option<&Row> {
+        self.rows.iter().find(|r| r.services == n)
+    }
 }
 
 fn objects(n: usize, per: usize) -> Vec<Value> {
@@ -87,35 +123,34 @@ fn percentile(v: &mut [f64], p: usize) -> f64 {
     v[(v.len() * p / 100).min(v.len() - 1)]
 }
 
-pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize) -> Result {
-    let (n, per, changes) = (plan.control_services, plan.control_endpoints, plan.control_changes);
-    let objs = objects(n, per);
+fn capacities(n: usize, per: usize) -> Capacities {
+    Capacities {
+        svc: u32::try_from(n * (per + 1) * 2 + 1024).expect("fits"),
+        backend: u32::try_from(n * per).expect("fits") + 1024,
+        revnat: u32::try_from(n).expect("fits") + 16,
+        ct: 65_536,
+        ..Capacities::default()
+    }
+}
+
+/// In-process, at `n` Services: cold programming, a sync with nothing
+/// changed, then `changes` single endpoint changes.
+fn in_process(objs: &[Value], n: usize, per: usize, changes: usize) -> Row {
     let mut services: Vec<Service> = Vec::new();
     let mut slices: Vec<EndpointSlice> = Vec::new();
-    for o in &objs {
+    for o in objs {
         // As the API server sends them: every object has a resourceVersion,
-        // which the model's cache keys on.
+        // which the store compares.
         let mut o = o.clone();
-        o["metadata"]["resourceVersion"] = serde_json::json!("1");
+        o["metadata"]["resourceVersion"] = json!("1");
         if o["kind"] == "Service" {
             services.push(serde_json::from_value(o).expect("Service"));
         } else {
             slices.push(serde_json::from_value(o).expect("EndpointSlice"));
         }
     }
-    let total = u32::try_from(n * per).expect("fits");
-    let slots = u32::try_from(n * (per + 1) * 2 + 1024).expect("fits");
-    let caps = Capacities {
-        svc: slots,
-        backend: total + 1024,
-        revnat: u32::try_from(n).expect("fits") + 16,
-        ct: 65_536,
-        ..Capacities::default()
-    };
-
-    // In-process: cold programming, then single endpoint changes.
     let bpf = BpfFs::new();
-    let (_ebpf, mut maps) = attach::load(&bpf.pin_dir(), &caps).expect("load datapath");
+    let (_ebpf, mut maps) = attach::load(&bpf.pin_dir(), &capacities(n, per)).expect("load datapath");
     let cfg = Config::default();
     let mut cache = model::Cache::default();
     let mut store = Store::default();
@@ -129,6 +164,7 @@ pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize)
     let update = cache.update(&store, &dirty, &cfg);
     let cold_model = t.elapsed();
     assert!(update.rejected.is_empty(), "{:?}", update.rejected);
+    drop(services);
     let mut prog = Programmed::default();
     let t = Instant::now();
     let report = sync::sync(&mut maps, &mut prog, &cache.desired);
@@ -142,7 +178,7 @@ pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize)
     let dirty = store.take_dirty();
     let idle = cache.update(&store, &dirty, &cfg);
     let r = sync::sync_dirty(&mut maps, &mut prog, &cache.desired, &idle.dirty);
-    let scan = t.elapsed();
+    let unchanged = t.elapsed();
     assert_eq!(r.ops, 0);
     assert!(idle.dirty.is_empty(), "nothing changed");
     let mut lat = Vec::with_capacity(changes);
@@ -160,38 +196,88 @@ pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize)
         lat.push(ms(t.elapsed()));
         assert!(r.errors.is_empty() && r.upserted <= 1, "at most one frontend changes: {r:?}");
     }
-    drop(maps);
-    drop(bpf);
+    Row {
+        services: n,
+        endpoints_per_family: per,
+        cold_model_ms: ms(cold_model),
+        cold_sync_ms: ms(cold_sync),
+        cold_total_ms: ms(cold_model + cold_sync),
+        change_p50_ms: percentile(&mut lat, 50),
+        change_p99_ms: percentile(&mut lat, 99),
+        unchanged_sync_ms: ms(unchanged),
+        bpf_maps_mib: bpf_bytes as f64 / (1024.0 * 1024.0),
+        manifests: AgentRun { start_to_synced_ms: f64::NAN, peak_rss_mib: f64::NAN },
+        kube: AgentRun { start_to_synced_ms: f64::NAN, peak_rss_mib: f64::NAN },
+    }
+}
 
-    // The real agent on the same objects as manifests.
+/// Run `launch` (which starts the agent) and time it to its first sync.
+fn agent_run(launch: impl FnOnce() -> Agent, n: usize) -> AgentRun {
+    let t = Instant::now();
+    let a = launch();
+    // Generous: 100,000 Services take tens of seconds on a loaded machine.
+    a.wait_for_line(
+        |l| l.contains("synced generation=1 "),
+        Duration::from_mins(2) + Duration::from_millis(n as u64 * 6),
+    );
+    let start_to_synced = t.elapsed();
+    let run = AgentRun { start_to_synced_ms: ms(start_to_synced), peak_rss_mib: peak_rss_mib(a.pid()) };
+    drop(a);
+    run
+}
+
+/// The agent binary on `objs` as manifest files.
+fn manifests_run(agent: &Path, node: &NetNs, objs: &[Value], caps: &[&str], n: usize) -> AgentRun {
+    let dir = TempDir::new("dsproxy-bench-manifests-");
+    // A Service's documents are consecutive (the Service, then its slices).
+    for (k, chunk) in objs.chunks(3 * SERVICES_PER_FILE).enumerate() {
+        std::fs::write(dir.0.join(format!("services-{k:03}.yaml")), documents(chunk)).expect("write manifests");
+    }
+    let bpf = BpfFs::new();
+    agent_run(|| Agent::launch_manifests(agent, node, &dir.0, &bpf.pin_dir(), caps), n)
+}
+
+/// The agent binary on `objs` served by the fake API server.
+fn kube_run(agent: &Path, node: &NetNs, objs: &[Value], caps: &[&str], n: usize) -> AgentRun {
+    let api = FakeApi::start(node);
+    api.apply(&json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "bench-node"}}));
+    for o in objs {
+        api.apply(o);
+    }
+    let dir = TempDir::new("dsproxy-bench-kubeconfig-");
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+    let bpf = BpfFs::new();
+    agent_run(|| Agent::launch_kube(agent, node, &kubeconfig, "bench-node", &bpf.pin_dir(), caps), n)
+}
+
+pub fn measure(agent: &Path, plan: &crate::Plan, nft_services: usize) -> Result {
+    let (main, per, changes) = (plan.control_services, plan.control_endpoints, plan.control_changes);
     let node = NetNs::new("ctl");
     node.ip(&["link", "add", "dsp0", "type", "veth", "peer", "name", "dsp1"]);
-    let dir = TempDir::new("dsproxy-bench-manifests-");
-    std::fs::write(dir.0.join("services.yaml"), documents(&objs)).expect("write manifests");
-    let bpf = BpfFs::new();
-    let caps_args = [
-        "--svc-capacity".to_owned(),
-        caps.svc.to_string(),
-        "--backend-capacity".to_owned(),
-        caps.backend.to_string(),
-        "--revnat-capacity".to_owned(),
-        caps.revnat.to_string(),
-    ];
-    let extra: Vec<&str> = caps_args.iter().map(String::as_str).collect();
-    let t = Instant::now();
-    let a = Agent::start_with(agent, &node, &dir.0, &bpf.pin_dir(), &extra);
-    a.wait_for_line(|l| l.contains("synced generation=1 "), Duration::from_mins(2));
-    let start_to_synced = t.elapsed();
-    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", a.pid()))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().to_owned()))
-        })
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(f64::NAN);
-    drop(a);
+    let mut rows = Vec::new();
+    for &n in &plan.control_sizes {
+        eprintln!("  {n} Services x {per} endpoints per family");
+        let objs = objects(n, per);
+        let mut row = in_process(&objs, n, per, changes);
+        let caps = capacities(n, per);
+        let caps_args = [
+            "--svc-capacity".to_owned(),
+            caps.svc.to_string(),
+            "--backend-capacity".to_owned(),
+            caps.backend.to_string(),
+            "--revnat-capacity".to_owned(),
+            caps.revnat.to_string(),
+        ];
+        let caps_args: Vec<&str> = caps_args.iter().map(String::as_str).collect();
+        row.manifests = manifests_run(agent, &node, &objs, &caps_args, n);
+        row.kube = kube_run(agent, &node, &objs, &caps_args, n);
+        eprintln!("  {row:?}");
+        rows.push(row);
+    }
 
     // iptables-restore and nft -f of the same Services, both families.
+    let n = main;
     let eps = |v6: bool| move |i: usize| -> Vec<IpAddr> { (0..per).map(|k| fake_endpoint(i, k, per, v6)).collect() };
     // Quick runs load IPv4 only and count it twice: the IPv6 ruleset has
     // the same shape and size.
@@ -215,17 +301,8 @@ pub fn measure(agent: &std::path::Path, plan: &crate::Plan, nft_services: usize)
     let _ = Command::new("ip").args(["netns", "exec", &node.name, "nft", "flush", "ruleset"]).status();
 
     Result {
-        services: n,
-        endpoints_per_family: per,
-        cold_model_ms: ms(cold_model),
-        cold_sync_ms: ms(cold_sync),
-        cold_total_ms: ms(cold_model + cold_sync),
-        change_p50_ms: percentile(&mut lat, 50),
-        change_p99_ms: percentile(&mut lat, 99),
-        unchanged_sync_ms: ms(scan),
-        agent_start_to_synced_ms: ms(start_to_synced),
-        agent_peak_rss_mib: rss_kib / 1024.0,
-        bpf_maps_mib: bpf_bytes as f64 / (1024.0 * 1024.0),
+        rows,
+        services: main,
         iptables_restore_ms: ms(ipt),
         nft_ms: ms(nft),
         nft_services,

@@ -49,7 +49,8 @@ fn probe(c: &Cluster, client: usize, i: usize) -> Vec<std::io::Result<String>> {
     })
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
+/// `VmHWM` of process `pid`, MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
         .lines()

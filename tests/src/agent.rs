@@ -74,10 +74,7 @@ impl Agent {
         pin_dir: &Path,
         extra: &[&str],
     ) -> Self {
-        let mut args: Vec<OsString> =
-            vec!["--kubeconfig".into(), kubeconfig.into(), "--node-name".into(), node_name.into()];
-        args.extend(extra.iter().map(OsString::from));
-        Self::spawn(&[], bin, node, pin_dir, &args)
+        Self::spawn(&[], bin, node, pin_dir, &Self::kube_args(kubeconfig, node_name, extra))
     }
 
     fn spawn(wrapper: &[&str], bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
@@ -87,11 +84,30 @@ impl Agent {
     }
 
     /// Start `bin run` on a manifest directory without waiting for anything
-    /// (to kill it in the middle of its work).
+    /// (to kill it in the middle of its work, or to time its start).
     pub fn launch_manifests(bin: &Path, node: &NetNs, manifests: &Path, pin_dir: &Path, extra: &[&str]) -> Self {
         let mut args: Vec<OsString> = vec!["--manifests".into(), manifests.into()];
         args.extend(extra.iter().map(OsString::from));
         Self::launch(&[], bin, node, pin_dir, &args)
+    }
+
+    /// `start_kube_with` without waiting for anything.
+    pub fn launch_kube(
+        bin: &Path,
+        node: &NetNs,
+        kubeconfig: &Path,
+        node_name: &str,
+        pin_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
+        Self::launch(&[], bin, node, pin_dir, &Self::kube_args(kubeconfig, node_name, extra))
+    }
+
+    fn kube_args(kubeconfig: &Path, node_name: &str, extra: &[&str]) -> Vec<OsString> {
+        let mut args: Vec<OsString> =
+            vec!["--kubeconfig".into(), kubeconfig.into(), "--node-name".into(), node_name.into()];
+        args.extend(extra.iter().map(OsString::from));
+        args
     }
 
     fn launch(wrapper: &[&str], bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {

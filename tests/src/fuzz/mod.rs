@@ -156,7 +156,8 @@ pub fn load(scene: &Scene) -> Env {
     for (f, spec) in desired.frontends.iter().filter(|(_, s)| s.settings.affinity_timeout.is_some()) {
         let frontend_id = env.prog.frontends[f].rev_nat_id;
         for b in &spec.backends {
-            let key = AffMatchKey { frontend_id, backend_id: env.prog.backend_index[b] };
+            let key =
+                AffMatchKey { frontend_id, backend_id: env.prog.family(b.family()).id_of(b).expect("backend written") };
             let map = if f.addr.is_ipv6() { &mut env.maps.affmatch6 } else { &mut env.maps.affmatch4 };
             map.insert(key, 1, 0).expect("affinity membership");
         }
