@@ -35,7 +35,7 @@ use std::{
     borrow::Borrow,
     collections::{BTreeSet, HashMap},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -216,9 +216,19 @@ struct Held {
 /// the frontends that may have changed are reported, so a sync costs what
 /// changed, not what exists (kube-proxy's partial sync). `desired` always
 /// holds the full state.
+/// Does `desired` hold a NodePort frontend (the unspecified address)? The
+/// frontends are ordered by address, the unspecified address first in its
+/// family, and no frontend has port 0: one look-up per family, not a walk.
+fn has_nodeport(desired: &Desired) -> bool {
+    [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)].into_iter().any(|addr| {
+        desired.frontends.range(Frontend::new(addr, 0, Proto::Tcp)..).next().is_some_and(|(f, _)| f.addr == addr)
+    })
+}
+
 #[derive(Default)]
 pub struct Cache {
-    /// Service (`ns/name`) -> its rejections and warnings.
+    /// Service (`ns/name`) -> its rejections and warnings, for the
+    /// Services that have any: an update walks these, not every Service.
     entries: HashMap<String, (Vec<Rejected>, Vec<Warning>)>,
     /// Service -> what it holds in `desired`.
     held: HashMap<String, Vec<Held>>,
@@ -253,7 +263,12 @@ impl Cache {
         let mut names: BTreeSet<String> = match dirty {
             Dirty::None => BTreeSet::new(),
             Dirty::Services(set) => set.clone(),
-            Dirty::All => store.services().map(|(n, _)| n.clone()).chain(self.entries.keys().cloned()).collect(),
+            Dirty::All => store
+                .services()
+                .map(|(n, _)| n.clone())
+                .chain(self.entries.keys().cloned())
+                .chain(self.held.keys().cloned())
+                .collect(),
         };
         names.extend(self.contenders.iter().cloned());
         let mut update = Update { recomputed: names.len(), ..Update::default() };
@@ -285,13 +300,15 @@ impl Cache {
             for claim in computed.claims {
                 self.place(&shared, claim, &mut rejected, &mut update.dirty);
             }
-            self.entries.insert(name, (rejected, warnings));
+            if !rejected.is_empty() || !warnings.is_empty() {
+                self.entries.insert(name, (rejected, warnings));
+            }
         }
         for (rejected, warnings) in self.entries.values() {
             update.rejected.extend(rejected.iter().cloned());
             update.warnings.extend(warnings.iter().cloned());
         }
-        if !node.known && self.desired.frontends.keys().any(|f| f.addr.is_unspecified()) {
+        if !node.known && has_nodeport(&self.desired) {
             update.warnings.push(Warning {
                 kind: "Node",
                 name: node.name.clone().unwrap_or_else(|| "(no node name)".into()),
@@ -394,6 +411,21 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn a_nodeport_frontend_of_either_family_is_found_among_any_others() {
+        let mut d = Desired::default();
+        let fe = |a: &str, port| Frontend::new(a.parse().unwrap(), port, Proto::Udp);
+        for f in [fe("198.19.0.1", 1), fe("1.0.0.0", 80), fe("fd00::1", 1), fe("::1", 53)] {
+            d.frontends.insert(f, FrontendSpec::default());
+        }
+        assert!(!has_nodeport(&d), "no unspecified address");
+        for nodeport in [fe("0.0.0.0", 65535), fe("::", 30080)] {
+            let mut d = d.clone();
+            d.frontends.insert(nodeport, FrontendSpec::default());
+            assert!(has_nodeport(&d), "{nodeport}");
+        }
+    }
 
     fn svc(name: &str, ips: &[&str], families: &[&str], ports: Value) -> Service {
         serde_json::from_value(json!({
