@@ -74,13 +74,17 @@ impl Agent {
         pin_dir: &Path,
         extra: &[&str],
     ) -> Self {
-        Self::spawn(&[], bin, node, pin_dir, &Self::kube_args(kubeconfig, node_name, extra))
+        Self::launch_kube(bin, node, kubeconfig, node_name, pin_dir, extra).started()
     }
 
     fn spawn(wrapper: &[&str], bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
-        let agent = Self::launch(wrapper, bin, node, pin_dir, source);
-        agent.wait_for_line(|l| l.contains("attached to") || l.contains("waiting for one"), Duration::from_secs(20));
-        agent
+        Self::launch(wrapper, bin, node, pin_dir, source).started()
+    }
+
+    /// Wait until the agent has attached (or waits for an interface).
+    fn started(self) -> Self {
+        self.wait_for_line(|l| l.contains("attached to") || l.contains("waiting for one"), Duration::from_secs(20));
+        self
     }
 
     /// Start `bin run` on a manifest directory without waiting for anything
@@ -100,14 +104,10 @@ impl Agent {
         pin_dir: &Path,
         extra: &[&str],
     ) -> Self {
-        Self::launch(&[], bin, node, pin_dir, &Self::kube_args(kubeconfig, node_name, extra))
-    }
-
-    fn kube_args(kubeconfig: &Path, node_name: &str, extra: &[&str]) -> Vec<OsString> {
         let mut args: Vec<OsString> =
             vec!["--kubeconfig".into(), kubeconfig.into(), "--node-name".into(), node_name.into()];
         args.extend(extra.iter().map(OsString::from));
-        args
+        Self::launch(&[], bin, node, pin_dir, &args)
     }
 
     fn launch(wrapper: &[&str], bin: &Path, node: &NetNs, pin_dir: &Path, source: &[OsString]) -> Self {
