@@ -16,12 +16,6 @@ pub struct DatapathConfig {
     pub tcp_close_ns: u64,
     /// UDP, refreshed by traffic in either direction, nanoseconds.
     pub udp_ns: u64,
-    /// This node's address per family, network order: the source external
-    /// clients are masqueraded to (externalTrafficPolicy Cluster). All
-    /// zero: no masquerade for that family.
-    pub node_ip4: [u8; 4],
-    pub _pad4: [u8; 4],
-    pub node_ip6: [u8; 16],
     /// Cookie of the node's network namespace: socket-level load balancing
     /// tells host clients from pod clients by it.
     pub host_netns_cookie: u64,
@@ -29,7 +23,7 @@ pub struct DatapathConfig {
     pub flags: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<DatapathConfig>() == 72);
+const _: () = assert!(size_of::<DatapathConfig>() == 48);
 
 /// `DatapathConfig::flags`.
 pub mod config_flags {
@@ -38,15 +32,12 @@ pub mod config_flags {
 }
 
 impl DatapathConfig {
-    /// The built-in timeouts, no masquerade address, host clients only.
+    /// The built-in timeouts, host clients only.
     pub const DEFAULT: Self = Self {
         tcp_syn_ns: ct_timeout::TCP_SYN,
         tcp_established_ns: ct_timeout::TCP_ESTABLISHED,
         tcp_close_ns: ct_timeout::TCP_CLOSE,
         udp_ns: ct_timeout::UDP,
-        node_ip4: [0; 4],
-        _pad4: [0; 4],
-        node_ip6: [0; 16],
         host_netns_cookie: 0,
         flags: 0,
         _pad: 0,

@@ -69,8 +69,8 @@ pub mod names {
     pub const SOCK4_CONN: &str = "SOCK4_CONN_V1";
     pub const SOCK6_CONN: &str = "SOCK6_CONN_V1";
     pub const IFACES: &str = "IFACES_V1";
-    pub const STATS: &str = "STATS_V2";
-    pub const CONFIG: &str = "CONFIG_V1";
+    pub const STATS: &str = "STATS_V3";
+    pub const CONFIG: &str = "CONFIG_V2";
     pub const NAMES4: &str = "NAMES4_V1";
     pub const NAMES6: &str = "NAMES6_V1";
 }

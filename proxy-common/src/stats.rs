@@ -72,10 +72,15 @@ pub enum Stat {
     SockReject = 28,
     /// Socket LB showed the service address to recvmsg() or getpeername().
     SockRevXlate = 29,
+    /// A new external flow to an externalTrafficPolicy Cluster frontend
+    /// whose backend is not reached through one of our interfaces (or has
+    /// no source address to masquerade to): dropped, its replies could not
+    /// come back through this node.
+    MasqueradeNoRoute = 30,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::PassNotIp,
         Stat::PassNotL4,
@@ -107,6 +112,7 @@ impl Stat {
         Stat::SockXlate,
         Stat::SockReject,
         Stat::SockRevXlate,
+        Stat::MasqueradeNoRoute,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -141,6 +147,7 @@ impl Stat {
             Stat::SockXlate => "sock_xlate",
             Stat::SockReject => "sock_reject",
             Stat::SockRevXlate => "sock_rev_xlate",
+            Stat::MasqueradeNoRoute => "masquerade_no_route",
         }
     }
 }

@@ -16,7 +16,7 @@ use proxy_common::{CtKey, DatapathConfig, Stat, ct_state, ct_timeout};
 
 use crate::{
     family::{Back, Family},
-    maps::CONFIG_V1,
+    maps::CONFIG_V2,
     parse::{L4, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     stats,
     work::Work,
@@ -31,7 +31,7 @@ pub fn now() -> u64 {
 /// The agent's runtime settings (all zero before it wrote them).
 #[inline(always)]
 pub fn config() -> DatapathConfig {
-    CONFIG_V1.get(0).copied().unwrap_or_default()
+    CONFIG_V2.get(0).copied().unwrap_or_default()
 }
 
 /// State after a packet with these TCP flags, sent by the client

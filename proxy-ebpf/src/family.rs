@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use proxy_common::{
-    AffMatchKey, CtFwd, CtKey, CtRev, DatapathConfig, FragKey4, FragKey6, FragPorts, SockConn, SockFwd, SockKey4,
-    SockKey6, SockRev, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, StatSlot, Svc4Key, Svc6Key, SvcValue,
+    AffMatchKey, CtFwd, CtKey, CtRev, FragKey4, FragKey6, FragPorts, SockConn, SockFwd, SockKey4, SockKey6, SockRev,
+    SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, StatSlot, Svc4Key, Svc6Key, SvcValue,
 };
 
 use crate::{
@@ -63,8 +63,6 @@ pub trait Family: Sized {
     fn affinity_match(frontend_id: u32, backend_id: u32) -> bool;
     /// The address as an affinity client id (zero-padded to 16 bytes).
     fn client_id(addr: Self::Addr) -> [u8; 16];
-    /// This node's address for masquerading, if configured.
-    fn node_addr(cfg: &DatapathConfig) -> Option<Self::Addr>;
 
     fn fwd_get(key: &CtKey<Self::Addr>) -> Option<*mut Flow<Self::Addr>>;
     fn fwd_insert(key: &CtKey<Self::Addr>, flow: &Flow<Self::Addr>, flags: u64) -> Result<(), i32>;
@@ -85,8 +83,19 @@ pub trait Family: Sized {
     /// would reach zero (the host stack must answer with time exceeded).
     fn decrement_ttl(ctx: &TcContext) -> Result<bool, Verdict>;
     /// FIB lookup for forwarding `src -> dst` in from `ifindex`; the result
-    /// is left in `w.fib` / `w.nh`.
-    fn fib(ctx: &TcContext, w: &mut Work<Self>, src: Self::Addr, dst: Self::Addr, ifindex: u32) -> route::Fib;
+    /// is left in `w.fib` / `w.nh`. With `route::SOURCE` in `flags`, the
+    /// lookup also finds the source address the node would send from on
+    /// that route (`fib_source`).
+    fn fib(
+        ctx: &TcContext,
+        w: &mut Work<Self>,
+        src: Self::Addr,
+        dst: Self::Addr,
+        ifindex: u32,
+        flags: u32,
+    ) -> route::Fib;
+    /// The source address a `route::SOURCE` lookup found, if any.
+    fn fib_source(w: &Work<Self>) -> Option<Self::Addr>;
     /// Refuse a new connection to a frontend without backends.
     fn reject(ctx: &TcContext, w: &Work<Self>) -> Verdict;
 
@@ -149,11 +158,10 @@ macro_rules! family_impl {
         affinity_match_map: $affmatch:ident,
         ct_maps: ($fwd_map:ident, $rev_map:ident),
         frag: ($frag_key:ident, $frag_map:ident),
-        node_addr: $node_addr:ident,
         ip_offsets: ($ip_saddr:expr, $ip_daddr:expr, $ip_csum:expr),
         rewrite: $rewrite:path,
         ttl: $ttl:path,
-        fib: $fib:path,
+        fib: ($fib:path, $fib_source:path),
         reject: $reject:path,
         sock: ($sock_key:ident, $sock_fwd:ident, $sock_rev_key:ident, $sock_rev:ident, $sock_conn:ident) $(,)?
     ) => {
@@ -209,12 +217,6 @@ macro_rules! family_impl {
             }
 
             #[inline(always)]
-            fn node_addr(cfg: &DatapathConfig) -> Option<$addr> {
-                let a = cfg.$node_addr;
-                (a != Self::UNSPECIFIED).then_some(a)
-            }
-
-            #[inline(always)]
             fn fwd_get(key: &CtKey<$addr>) -> Option<*mut Flow<$addr>> {
                 $fwd_map.get_ptr_mut(key)
             }
@@ -263,8 +265,21 @@ macro_rules! family_impl {
             }
 
             #[inline(always)]
-            fn fib(ctx: &TcContext, w: &mut Work<Self>, src: $addr, dst: $addr, ifindex: u32) -> route::Fib {
-                $fib(ctx, w, src, dst, ifindex)
+            fn fib(
+                ctx: &TcContext,
+                w: &mut Work<Self>,
+                src: $addr,
+                dst: $addr,
+                ifindex: u32,
+                flags: u32,
+            ) -> route::Fib {
+                $fib(ctx, w, src, dst, ifindex, flags)
+            }
+
+            #[inline(always)]
+            fn fib_source(w: &Work<Self>) -> Option<$addr> {
+                let a = $fib_source(&w.fib);
+                (a != Self::UNSPECIFIED).then_some(a)
             }
 
             #[inline(always)]
@@ -325,11 +340,10 @@ family_impl!(
     affinity_match_map: AFFMATCH4_V1,
     ct_maps: (CT4_FWD_V2, CT4_REV_V2),
     frag: (FragKey4, FRAG4_V1),
-    node_addr: node_ip4,
     ip_offsets: (12, 16, Some(10)),
     rewrite: nat::rewrite_v4,
     ttl: nat::decrement_ttl_v4,
-    fib: route::fib_v4,
+    fib: (route::fib_v4, route::source_v4),
     reject: reject::reject_v4,
     sock: (SockKey4, SOCK4_FWD_V1, SockRevKey4, SOCK4_REV_V1, SOCK4_CONN_V1),
 );
@@ -346,11 +360,10 @@ family_impl!(
     affinity_match_map: AFFMATCH6_V1,
     ct_maps: (CT6_FWD_V2, CT6_REV_V2),
     frag: (FragKey6, FRAG6_V1),
-    node_addr: node_ip6,
     ip_offsets: (8, 24, None),
     rewrite: nat::rewrite_v6,
     ttl: nat::decrement_ttl_v6,
-    fib: route::fib_v6,
+    fib: (route::fib_v6, route::source_v6),
     reject: reject::reject_v6,
     sock: (SockKey6, SOCK6_FWD_V1, SockRevKey6, SOCK6_REV_V1, SOCK6_CONN_V1),
 );

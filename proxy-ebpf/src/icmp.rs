@@ -126,7 +126,7 @@ fn finish<F: Family, const EGRESS: bool>(ctx: TcContext, w: &mut Work<F>, bypass
         return stats::pass(F::SLOT, Stat::Stack);
     }
     let src = if w.change.which & OUTER_SRC != 0 { w.change.outer_src } else { w.err.saddr };
-    let fib = F::fib(ctx, w, src, to, route::ingress_ifindex(ctx));
+    let fib = F::fib(ctx, w, src, to, route::ingress_ifindex(ctx), 0);
     route::deliver::<F>(ctx, w, fib)
 }
 

@@ -77,10 +77,10 @@ pub static SOCK6_CONN_V1: SkStorage<SockConn6> = SkStorage::new();
 #[map]
 pub static IFACES_V1: HashMap<u32, IfaceInfo> = HashMap::pinned(capacity::IFACES, 0);
 #[map]
-pub static STATS_V2: PerCpuArray<u64> = PerCpuArray::pinned(StatSlot::ENTRIES, 0);
-// Runtime settings (conntrack timeouts, masquerade addresses), written by the agent.
+pub static STATS_V3: PerCpuArray<u64> = PerCpuArray::pinned(StatSlot::ENTRIES, 0);
+// Runtime settings (conntrack timeouts, socket LB), written by the agent.
 #[map]
-pub static CONFIG_V1: Array<DatapathConfig> = Array::pinned(1, 0);
+pub static CONFIG_V2: Array<DatapathConfig> = Array::pinned(1, 0);
 // Service port names by reverse-NAT id, for the agent's restart and
 // `dsproxy inspect`; no program reads them. Not preallocated: they take
 // memory for the frontends that exist only (BPF_F_NO_PREALLOC).

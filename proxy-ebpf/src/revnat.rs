@@ -38,7 +38,7 @@ pub fn ingress<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
             }
             stats::count(F::SLOT, Stat::RevNat);
             let (src, dst) = (w.back.frontend, w.back.client);
-            let fib = F::fib(ctx, w, src, dst, route::ingress_ifindex(ctx));
+            let fib = F::fib(ctx, w, src, dst, route::ingress_ifindex(ctx), 0);
             route::deliver::<F>(ctx, w, fib)
         }
     }

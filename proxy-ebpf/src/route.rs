@@ -12,8 +12,8 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
-        bpf_fib_lookup as FibParams, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup as FibParams, bpf_redir_neigh,
     },
     helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
@@ -36,6 +36,12 @@ const NH_LEN: i32 = size_of::<bpf_redir_neigh>() as i32;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+
+/// Lookup flag: also find the source address the node would send from on
+/// the route found (`BPF_FIB_LOOKUP_SRC`, Linux 6.7): the route's
+/// preferred source, else the outgoing interface's address for the next
+/// hop, as the host stack (and so netfilter's MASQUERADE) picks it.
+pub const SOURCE: u32 = BPF_FIB_LOOKUP_SRC;
 
 /// What the FIB says about a destination (the MACs and the next hop stay in
 /// the `Work`'s `fib` and `nh`).
@@ -67,9 +73,9 @@ impl Fib {
 
 /// The FIB lookup proper, in a BPF subprogram of its own.
 #[inline(never)]
-fn lookup(ctx: &TcContext, p: &mut FibParams, nh: &mut bpf_redir_neigh) -> Fib {
+fn lookup(ctx: &TcContext, p: &mut FibParams, nh: &mut bpf_redir_neigh, flags: u32) -> Fib {
     // SAFETY: `p` is a valid, initialised bpf_fib_lookup in map memory.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut *p, FIB_LEN, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut *p, FIB_LEN, flags) };
     match u32::try_from(rc) {
         Ok(BPF_FIB_LKUP_RET_SUCCESS) => Fib::Out(p.ifindex),
         Ok(BPF_FIB_LKUP_RET_NO_NEIGH) => {
@@ -86,26 +92,41 @@ fn lookup(ctx: &TcContext, p: &mut FibParams, nh: &mut bpf_redir_neigh) -> Fib {
 
 /// FIB lookup for forwarding `src -> dst` in from `ifindex`, IPv4.
 #[inline(always)]
-pub fn fib_v4(ctx: &TcContext, w: &mut Work<V4>, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> Fib {
+pub fn fib_v4(ctx: &TcContext, w: &mut Work<V4>, src: [u8; 4], dst: [u8; 4], ifindex: u32, flags: u32) -> Fib {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
     w.fib = unsafe { core::mem::zeroed() };
     w.fib.family = AF_INET;
     w.fib.ifindex = ifindex;
     w.fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     w.fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    lookup(ctx, &mut w.fib, &mut w.nh)
+    lookup(ctx, &mut w.fib, &mut w.nh, flags)
 }
 
 /// FIB lookup for forwarding `src -> dst` in from `ifindex`, IPv6.
 #[inline(always)]
-pub fn fib_v6(ctx: &TcContext, w: &mut Work<V6>, src: [u8; 16], dst: [u8; 16], ifindex: u32) -> Fib {
+pub fn fib_v6(ctx: &TcContext, w: &mut Work<V6>, src: [u8; 16], dst: [u8; 16], ifindex: u32, flags: u32) -> Fib {
     // SAFETY: as in `fib_v4`.
     w.fib = unsafe { core::mem::zeroed() };
     w.fib.family = AF_INET6;
     w.fib.ifindex = ifindex;
     w.fib.__bindgen_anon_3.ipv6_src = words(&src);
     w.fib.__bindgen_anon_4.ipv6_dst = words(&dst);
-    lookup(ctx, &mut w.fib, &mut w.nh)
+    lookup(ctx, &mut w.fib, &mut w.nh, flags)
+}
+
+/// The source address a `SOURCE` lookup left in `p`, IPv4.
+#[inline(always)]
+pub fn source_v4(p: &FibParams) -> [u8; 4] {
+    // SAFETY: plain-data union; every member is plain integers.
+    unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes()
+}
+
+/// The source address a `SOURCE` lookup left in `p`, IPv6.
+#[inline(always)]
+pub fn source_v6(p: &FibParams) -> [u8; 16] {
+    // SAFETY: as in `source_v4`; the words are the address in network
+    // order, and [u32; 4] and [u8; 16] have the same size with no padding.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(p.__bindgen_anon_3.ipv6_src) }
 }
 
 #[inline(always)]

@@ -6,9 +6,12 @@
 //! affinity first), a source translation when the backend would otherwise
 //! not answer through us (a pod reaching its own Service: hairpin; an
 //! external client of an externalTrafficPolicy Cluster frontend:
-//! masquerade to the node's address), its conntrack entries, and a delivery
-//! mode: past the host stack when the route to the backend leaves by one
-//! of our interfaces, through it otherwise.
+//! masquerade to the node's address on the route to the backend), its
+//! conntrack entries, and a delivery mode: past the host stack when the
+//! route to the backend leaves by one of our interfaces, through it
+//! otherwise. A masqueraded flow must leave by one of ours: its replies
+//! are addressed to the node, and only our ingress can translate them
+//! before the host stack takes them for its own.
 use aya_ebpf::programs::TcContext;
 use proxy_common::{CtKey, Stat, ct_flags, svc_flags};
 
@@ -65,8 +68,11 @@ fn new_flow<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, st
     let Some(chosen) = lb::select::<F>(&w.fe, Client::Addr(w.pkt.saddr), now) else {
         return empty::<F>(ctx, w);
     };
+    let ifindex = route::ingress_ifindex(ctx);
     let mut flags = if EXTERNAL { ct_flags::EXTERNAL } else { 0 };
     let mut nat = w.pkt.src();
+    // The route to the backend, when choosing the source needed it.
+    let mut found = None;
     if chosen.backend.0 == w.pkt.saddr {
         // A pod reaching its own Service: a packet from its own address
         // would be dropped as martian, so it comes from the address it
@@ -74,14 +80,20 @@ fn new_flow<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, st
         // a loopback address).
         flags |= ct_flags::SNAT | ct_flags::HAIRPIN;
         nat.0 = w.pkt.daddr;
-    } else if EXTERNAL
-        && svc.flags & svc_flags::EXTERNAL_LOCAL == 0
-        && let Some(node) = F::node_addr(&conntrack::config())
-    {
+    } else if EXTERNAL && svc.flags & svc_flags::EXTERNAL_LOCAL == 0 {
         // externalTrafficPolicy Cluster: the backend answers the node,
-        // which answers the client.
+        // which answers the client. The node's address is the one the host
+        // stack would send from towards the backend, as kube-proxy's
+        // MASQUERADE picks it. The replies come back through our ingress
+        // only if the route leaves by one of our interfaces.
+        let client = w.pkt.saddr;
+        let fib = F::fib(ctx, w, client, chosen.backend.0, ifindex, route::SOURCE);
+        let Some(node) = fib.ours().and(F::fib_source(w)) else {
+            return stats::drop(F::SLOT, Stat::MasqueradeNoRoute);
+        };
         flags |= ct_flags::SNAT;
         nat.0 = node;
+        found = Some(fib);
     }
     if flags & ct_flags::SNAT != 0 {
         match conntrack::snat_port::<F>(w, chosen.backend, nat.0, nat.1) {
@@ -89,7 +101,11 @@ fn new_flow<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, st
             None => return stats::drop(F::SLOT, Stat::SnatNoPort),
         }
     }
-    let fib = F::fib(ctx, w, nat.0, chosen.backend.0, route::ingress_ifindex(ctx));
+    // The route from the masquerade address is the one just found.
+    let fib = match found {
+        Some(fib) => fib,
+        None => F::fib(ctx, w, nat.0, chosen.backend.0, ifindex, 0),
+    };
     if fib.ours().is_some() {
         flags |= ct_flags::BYPASS;
     }
@@ -145,7 +161,7 @@ fn send<F: Family>(ctx: &TcContext, w: &mut Work<F>) -> Verdict {
         return stats::pass(F::SLOT, Stat::Stack);
     }
     let (src, dst) = (w.flow.nat, w.flow.backend);
-    let fib = F::fib(ctx, w, src, dst, route::ingress_ifindex(ctx));
+    let fib = F::fib(ctx, w, src, dst, route::ingress_ifindex(ctx), 0);
     route::deliver::<F>(ctx, w, fib)
 }
 

@@ -49,7 +49,7 @@ use crate::{
     conntrack,
     family::{Family, V4, V6},
     lb::{self, Chosen, Client, Frontend},
-    maps::CONFIG_V1,
+    maps::CONFIG_V2,
     stats,
 };
 
@@ -230,24 +230,13 @@ pub fn reverse6(ctx: &SockAddrContext, datagram: bool) -> i32 {
 /// and whether that is the node's own.
 #[inline(always)]
 fn client(ctx: &SockAddrContext) -> Option<(u64, bool)> {
-    let cfg = CONFIG_V1.get_ptr(0)?;
+    let cfg = CONFIG_V2.get_ptr(0)?;
     // SAFETY: helper reading the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: pointer from a successful lookup, valid for this run.
     let (host_netns, flags) = unsafe { ((*cfg).host_netns_cookie, (*cfg).flags) };
     let host = host_netns != 0 && netns == host_netns;
     (host || flags & config_flags::SOCKET_LB_PODS != 0).then_some((netns, host))
-}
-
-/// May this node's own address reach frontend `id` (loadBalancerSourceRanges)?
-/// A host socket has no source address yet at connect time; the address
-/// it will use towards the frontend is the node's (kube-proxy admits the
-/// node by its node IP, too).
-#[inline(always)]
-fn host_admitted<F: Family>(id: u32) -> bool {
-    let Some(cfg) = CONFIG_V1.get_ptr(0) else { return false };
-    // SAFETY: pointer from a successful lookup, valid for this run.
-    F::node_addr(unsafe { &*cfg }).is_some_and(|a| F::in_source_range(id, a))
 }
 
 /// A socket connecting or sending to `dst` (address, port): the backend it
@@ -269,10 +258,12 @@ fn forward<F: Family>(ctx: &SockAddrContext, dst: (F::Addr, u16), unconnected: b
             // A pod's packets meet the source ranges at its interface.
             return Xlate::Pass;
         }
-        if !host_admitted::<F>(svc.rev_nat_id) {
-            stats::count(F::SLOT, Stat::DropSourceRange);
-            return Xlate::Fail(EHOSTUNREACH);
-        }
+        // A host socket has no source address yet at connect time, and
+        // the datapath knows no single address of the node to check in its
+        // place (masquerade takes the route's source): a frontend behind
+        // source ranges is not for the node's own sockets.
+        stats::count(F::SLOT, Stat::DropSourceRange);
+        return Xlate::Fail(EHOSTUNREACH);
     }
     let client = Client::Cookie(netns);
     let chosen = if unconnected {

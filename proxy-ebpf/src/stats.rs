@@ -2,11 +2,11 @@
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use proxy_common::{Stat, StatSlot};
 
-use crate::{maps::STATS_V2, parse::Verdict};
+use crate::{maps::STATS_V3, parse::Verdict};
 
 #[inline(always)]
 pub fn count(slot: StatSlot, stat: Stat) {
-    if let Some(c) = STATS_V2.get_ptr_mut(slot.index(stat)) {
+    if let Some(c) = STATS_V3.get_ptr_mut(slot.index(stat)) {
         // SAFETY: per-CPU value, so no other CPU writes it; TC and cgroup
         // programs do not preempt each other on one CPU.
         unsafe { *c += 1 };

@@ -11,6 +11,15 @@
 //!    the switch is atomic for the datapath;
 //! 4. deletion of the old generation's slots.
 //!
+//! Side tables keyed by the frontend's id follow the same order: session
+//! affinity memberships (`(frontend id, backend id)`, for frontends with
+//! ClientIP affinity) and source ranges are added before the flip and
+//! removed after it, so the datapath never sees a frontend whose flags ask
+//! for an entry that is not there yet (for source ranges, during a change
+//! the union of the old and new ranges is admitted, never less than
+//! either). The node addresses NodePorts answer on are one more table,
+//! planned on their own (`plan_node_addresses`).
+//!
 //! Backends are deleted only by `plan_gc`, once no slot references them.
 //! Many steps can be planned against one mirror before any is applied
 //! (`Reserved` hands out fresh ids), which is what lets `sync` batch them.
@@ -18,13 +27,14 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     hash::BuildHasher as _,
+    net::IpAddr,
 };
 
 use hashbrown::HashTable;
 
 use proxy_common::{MAX_BACKENDS_PER_SVC, SLOT_GEN_A, SLOT_GEN_B};
 
-use crate::types::{Backend, Desired, Family, Frontend, FrontendSpec, Settings};
+use crate::types::{Backend, Cidr, Desired, Family, Frontend, FrontendSpec, Settings};
 
 /// Slot 0 of a frontend: its active generation and its settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +84,35 @@ pub enum Op {
     DeleteFrontend {
         frontend: Frontend,
     },
+    /// Backend `backend_id` is in the active set of frontend `frontend_id`:
+    /// the datapath keeps a client on its sticky backend only while this
+    /// entry exists (session affinity).
+    PutAffinityMatch {
+        family: Family,
+        frontend_id: u32,
+        backend_id: u32,
+    },
+    DeleteAffinityMatch {
+        family: Family,
+        frontend_id: u32,
+        backend_id: u32,
+    },
+    /// A source range of frontend `frontend_id` (`loadBalancerSourceRanges`).
+    PutSourceRange {
+        frontend_id: u32,
+        cidr: Cidr,
+    },
+    DeleteSourceRange {
+        frontend_id: u32,
+        cidr: Cidr,
+    },
+    /// A node address NodePort frontends answer on.
+    PutNodeAddress {
+        addr: IpAddr,
+    },
+    DeleteNodeAddress {
+        addr: IpAddr,
+    },
 }
 
 impl Op {
@@ -86,7 +125,11 @@ impl Op {
             | Op::DeleteSlot { frontend, .. }
             | Op::PutFrontend { frontend, .. }
             | Op::DeleteFrontend { frontend } => frontend.family(),
-            Op::ClearRevNat { family, .. } => *family,
+            Op::ClearRevNat { family, .. }
+            | Op::PutAffinityMatch { family, .. }
+            | Op::DeleteAffinityMatch { family, .. } => *family,
+            Op::PutSourceRange { cidr, .. } | Op::DeleteSourceRange { cidr, .. } => cidr.family(),
+            Op::PutNodeAddress { addr } | Op::DeleteNodeAddress { addr } => Family::of(*addr),
         }
     }
 }
@@ -97,6 +140,8 @@ pub enum Owner {
     /// A Service port (`ns/name:port`) and the frontend it programs.
     Port(String, Frontend),
     Removed(Frontend),
+    /// The node addresses NodePorts answer on.
+    NodeAddresses,
     GarbageCollection,
 }
 
@@ -105,6 +150,7 @@ impl fmt::Display for Owner {
         match self {
             Owner::Port(port, frontend) => write!(f, "{port} ({frontend})"),
             Owner::Removed(frontend) => write!(f, "removed frontend {frontend}"),
+            Owner::NodeAddresses => f.write_str("node addresses for NodePorts"),
             Owner::GarbageCollection => f.write_str("garbage collection"),
         }
     }
@@ -189,6 +235,10 @@ pub struct FamilyState {
     pub freed: Vec<u32>,
     /// Reverse-NAT id -> the Service port name written beside it.
     pub names: FastMap<u32, String>,
+    /// Frontend id -> the backend ids of its affinity memberships.
+    pub affinity: FastMap<u32, BTreeSet<u32>>,
+    /// Frontend id -> its source ranges.
+    pub ranges: FastMap<u32, BTreeSet<Cidr>>,
 }
 
 impl PartialEq for FamilyState {
@@ -199,6 +249,8 @@ impl PartialEq for FamilyState {
             && self.backends == other.backends
             && self.freed == other.freed
             && self.names == other.names
+            && self.affinity == other.affinity
+            && self.ranges == other.ranges
     }
 }
 
@@ -277,6 +329,8 @@ pub struct Programmed {
     pub frontends: FastMap<Frontend, FrontendValue>,
     /// Every backend slot in the maps, both generations.
     pub slots: FastMap<Frontend, BTreeMap<u16, u32>>,
+    /// The node addresses NodePorts answer on, both families.
+    pub node_addresses: BTreeSet<IpAddr>,
     pub v4: FamilyState,
     pub v6: FamilyState,
 }
@@ -298,15 +352,16 @@ impl Programmed {
 
     /// The backends of `frontend`'s active generation, in slot order.
     pub fn active_backends(&self, frontend: &Frontend) -> Option<Vec<Backend>> {
+        let fam = self.family(frontend.family());
+        self.active_ids(frontend)?.map(|id| fam.backend(id?).copied()).collect()
+    }
+
+    /// The backend ids of `frontend`'s active generation, in slot order
+    /// (`None` for a slot that is missing).
+    fn active_ids(&self, frontend: &Frontend) -> Option<impl Iterator<Item = Option<u32>>> {
         let value = self.frontends.get(frontend)?;
         let slots = self.slots.get(frontend);
-        let fam = self.family(frontend.family());
-        (0..value.count)
-            .map(|i| {
-                let id = slots?.get(&(value.slot_base + i))?;
-                fam.backend(*id).copied()
-            })
-            .collect()
+        Some((0..value.count).map(move |i| slots?.get(&(value.slot_base + i)).copied()))
     }
 
     /// Fold an operation the kernel accepted into the mirror.
@@ -348,6 +403,34 @@ impl Programmed {
             Op::DeleteFrontend { frontend } => {
                 self.frontends.remove(frontend);
             }
+            Op::PutAffinityMatch { family, frontend_id, backend_id } => {
+                self.family_mut(*family).affinity.entry(*frontend_id).or_default().insert(*backend_id);
+            }
+            Op::DeleteAffinityMatch { family, frontend_id, backend_id } => {
+                remove_member(&mut self.family_mut(*family).affinity, *frontend_id, backend_id);
+            }
+            Op::PutSourceRange { frontend_id, cidr } => {
+                self.family_mut(cidr.family()).ranges.entry(*frontend_id).or_default().insert(*cidr);
+            }
+            Op::DeleteSourceRange { frontend_id, cidr } => {
+                remove_member(&mut self.family_mut(cidr.family()).ranges, *frontend_id, cidr);
+            }
+            Op::PutNodeAddress { addr } => {
+                self.node_addresses.insert(*addr);
+            }
+            Op::DeleteNodeAddress { addr } => {
+                self.node_addresses.remove(addr);
+            }
+        }
+    }
+}
+
+/// Remove `member` from the set of `id`, and the set once empty.
+fn remove_member<T: Ord>(sets: &mut FastMap<u32, BTreeSet<T>>, id: u32, member: &T) {
+    if let Some(set) = sets.get_mut(&id) {
+        set.remove(member);
+        if set.is_empty() {
+            sets.remove(&id);
         }
     }
 }
@@ -360,10 +443,72 @@ pub enum Change<'a> {
 }
 
 /// Is `frontend` programmed exactly as `spec` says: same settings, same
-/// name, same backends in the active generation?
+/// name, same backends in the active generation, side tables in step?
 fn up_to_date(prog: &Programmed, frontend: &Frontend, spec: &FrontendSpec) -> bool {
-    prog.frontends.get(frontend).is_some_and(|v| v.settings == spec.settings && named(prog, frontend, v, &spec.owner))
-        && prog.active_backends(frontend).as_deref() == Some(spec.backends.as_slice())
+    prog.frontends.get(frontend).is_some_and(|v| {
+        v.settings == spec.settings && named(prog, frontend, v, &spec.owner) && sides_match(prog, frontend, v)
+    }) && prog.active_backends(frontend).as_deref() == Some(spec.backends.as_slice())
+}
+
+/// Do the side tables of the programmed `frontend` hold what its settings
+/// (`v`) and active backends ask for, and nothing else?
+fn sides_match(prog: &Programmed, frontend: &Frontend, v: &FrontendValue) -> bool {
+    let fam = prog.family(frontend.family());
+    let want = &v.settings.source_ranges;
+    let ranges = fam
+        .ranges
+        .get(&v.rev_nat_id)
+        .map_or(want.is_empty(), |have| have.len() == want.len() && want.iter().all(|c| have.contains(c)));
+    let members = fam.affinity.get(&v.rev_nat_id);
+    let affinity = match v.settings.affinity_timeout {
+        None => members.is_none(),
+        Some(_) => {
+            let mut n = 0;
+            let all_members = prog.active_ids(frontend).into_iter().flatten().all(|id| {
+                n += 1;
+                matches!((id, members), (Some(id), Some(m)) if m.contains(&id))
+            });
+            all_members && members.map_or(0, BTreeSet::len) == n
+        }
+    };
+    ranges && affinity
+}
+
+/// The side-table writes that bring frontend `id` (of `family`) from what
+/// the mirror holds to `settings` over backend ids `ids`.
+#[derive(Default)]
+struct Sides {
+    /// Entries to add, before the flip (undone by `rollback`).
+    add: Vec<Op>,
+    rollback: Vec<Op>,
+    /// Entries to remove.
+    remove: Vec<Op>,
+}
+
+fn sides(prog: &Programmed, family: Family, id: u32, settings: &Settings, ids: &[u32]) -> Sides {
+    let fam = prog.family(family);
+    let mut out = Sides::default();
+    let empty = BTreeSet::new();
+    let have = fam.ranges.get(&id).unwrap_or(&empty);
+    for cidr in settings.source_ranges.iter().filter(|c| !have.contains(c)) {
+        out.add.push(Op::PutSourceRange { frontend_id: id, cidr: *cidr });
+        out.rollback.push(Op::DeleteSourceRange { frontend_id: id, cidr: *cidr });
+    }
+    for cidr in have.iter().filter(|c| !settings.source_ranges.contains(c)) {
+        out.remove.push(Op::DeleteSourceRange { frontend_id: id, cidr: *cidr });
+    }
+    let empty = BTreeSet::new();
+    let have = fam.affinity.get(&id).unwrap_or(&empty);
+    let want: BTreeSet<u32> =
+        if settings.affinity_timeout.is_some() { ids.iter().copied().collect() } else { BTreeSet::new() };
+    for backend_id in want.iter().filter(|b| !have.contains(b)) {
+        out.add.push(Op::PutAffinityMatch { family, frontend_id: id, backend_id: *backend_id });
+        out.rollback.push(Op::DeleteAffinityMatch { family, frontend_id: id, backend_id: *backend_id });
+    }
+    for backend_id in have.iter().filter(|b| !want.contains(b)) {
+        out.remove.push(Op::DeleteAffinityMatch { family, frontend_id: id, backend_id: *backend_id });
+    }
+    out
 }
 
 /// Does the programmed frontend carry the name `owner`?
@@ -460,16 +605,19 @@ pub fn plan_upsert(
         frontend,
         owner: spec.owner.clone(),
     });
+    let family = frontend.family();
     if let Some(v) = existing
         && prog.active_backends(&frontend).as_deref() == Some(spec.backends.as_slice())
     {
+        let ids: Vec<u32> = prog.active_ids(&frontend).into_iter().flatten().flatten().collect();
+        let side = sides(prog, family, v.rev_nat_id, &spec.settings, &ids);
         let value = FrontendValue { settings: spec.settings.clone(), ..v.clone() };
-        let mut ops: Vec<Op> = rename.into_iter().collect();
+        let mut ops: Vec<Op> = rename.into_iter().chain(side.add).collect();
+        let commit = ops.len();
         ops.push(Op::PutFrontend { frontend, value });
-        let commit = ops.len() - 1;
-        return Ok(Step { owner, ops, commit, rollback: vec![] });
+        ops.extend(side.remove);
+        return Ok(Step { owner, ops, commit, rollback: side.rollback });
     }
-    let family = frontend.family();
     let mut ops = Vec::with_capacity(2 * spec.backends.len() + 3);
     ops.extend(rename);
     let mut ids = Vec::with_capacity(spec.backends.len());
@@ -497,7 +645,13 @@ pub fn plan_upsert(
         ops.push(Op::PutSlot { frontend, slot: slot_base + i, backend_id: *id });
         rollback.push(Op::DeleteSlot { frontend, slot: slot_base + i });
     }
+    let side = sides(prog, family, rev_nat_id, &spec.settings, &ids);
+    ops.extend(side.add);
+    rollback.extend(side.rollback);
     if existing.is_none() {
+        // A fresh id: nothing can reach its entries yet, and leftovers of
+        // an earlier holder (a delete that failed) go before it is used.
+        ops.extend(side.remove.iter().cloned());
         rollback.push(Op::ClearRevNat { id: rev_nat_id, family });
     }
     let commit = ops.len();
@@ -508,6 +662,9 @@ pub fn plan_upsert(
         if !new_range.contains(slot) {
             ops.push(Op::DeleteSlot { frontend, slot: *slot });
         }
+    }
+    if existing.is_some() {
+        ops.extend(side.remove);
     }
     Ok(Step { owner, ops, commit, rollback })
 }
@@ -520,9 +677,27 @@ pub fn plan_remove(prog: &Programmed, frontend: Frontend) -> Step {
         ops.push(Op::DeleteSlot { frontend, slot: *slot });
     }
     if let Some(v) = prog.frontends.get(&frontend) {
+        ops.extend(side_entries(prog.family(frontend.family()), frontend.family(), v.rev_nat_id));
         ops.push(Op::ClearRevNat { id: v.rev_nat_id, family: frontend.family() });
     }
     Step { owner: Owner::Removed(frontend), ops, commit: 0, rollback: vec![] }
+}
+
+/// Deletes of every side-table entry of frontend `id`.
+fn side_entries(fam: &FamilyState, family: Family, id: u32) -> impl Iterator<Item = Op> + '_ {
+    let ranges = fam.ranges.get(&id).into_iter().flatten();
+    let members = fam.affinity.get(&id).into_iter().flatten();
+    ranges.map(move |cidr| Op::DeleteSourceRange { frontend_id: id, cidr: *cidr }).chain(
+        members.map(move |backend_id| Op::DeleteAffinityMatch { family, frontend_id: id, backend_id: *backend_id }),
+    )
+}
+
+/// Plan bringing the node addresses NodePorts answer on to `wanted`.
+pub fn plan_node_addresses(prog: &Programmed, wanted: &[IpAddr]) -> Step {
+    let wanted: BTreeSet<IpAddr> = wanted.iter().copied().collect();
+    let added = wanted.difference(&prog.node_addresses).map(|a| Op::PutNodeAddress { addr: *a });
+    let gone = prog.node_addresses.difference(&wanted).map(|a| Op::DeleteNodeAddress { addr: *a });
+    Step { owner: Owner::NodeAddresses, ops: added.chain(gone).collect(), commit: 0, rollback: vec![] }
 }
 
 /// Plan deleting the backends that lost their last slot since the last gc
@@ -545,10 +720,20 @@ pub fn plan_gc_freed(prog: &Programmed) -> Step {
 }
 
 /// Plan deleting what nothing uses: slots outside their frontend's active
-/// generation (left by an interrupted agent), then unreferenced backends.
-/// Call again after applying: freed slots free backends.
+/// generation (left by an interrupted agent) and side-table entries of
+/// frontend ids no frontend has, then unreferenced backends. Call again
+/// after applying: freed slots free backends.
 pub fn plan_gc(prog: &Programmed) -> Step {
     let mut ops = Vec::new();
+    for family in Family::ALL {
+        let used: BTreeSet<u32> =
+            prog.frontends.iter().filter(|(f, _)| f.family() == family).map(|(_, v)| v.rev_nat_id).collect();
+        let fam = prog.family(family);
+        let ids: BTreeSet<u32> = fam.ranges.keys().chain(fam.affinity.keys()).copied().collect();
+        for id in ids.difference(&used) {
+            ops.extend(side_entries(fam, family, *id));
+        }
+    }
     for (frontend, slots) in &prog.slots {
         let active = prog.frontends.get(frontend).map(|v| v.slot_base..v.slot_base + v.count);
         for slot in slots.keys() {

@@ -11,19 +11,19 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use proxy_common::{
     AffMatchKey, AffinityKey, AffinityValue, Backend4, Backend6, CtFwd4, CtFwd6, CtKey4, CtKey6, CtRev4, CtRev6,
     DatapathConfig, FragKey4, FragKey6, FragPorts, FrontendName, IfaceInfo, MapSpec, RevNat4, RevNat6, SockFwd4,
     SockFwd6, SockKey4, SockKey6, SockRev4, SockRev6, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, Stat, StatSlot,
-    Svc4Key, Svc6Key, SvcValue, maps as spec,
+    Svc4Key, Svc6Key, SvcValue, maps as spec, svc_flags,
 };
 
 use crate::{
     batch,
     diff::{FrontendValue, Op, Programmed},
-    types::{Backend, Family, Frontend, Proto, Scope, Settings},
+    types::{Backend, Cidr, Family, Frontend, Proto, Scope, Settings},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -273,33 +273,88 @@ impl Maps {
                 ops.push(Op::PutBackend { id, backend });
             }
         }
+        // Frontends whose slot 0 says they have source ranges.
+        let mut ranged = Vec::new();
         for item in &self.svc4 {
             let (k, v) = item.map_err(read(&spec::SVC4))?;
             let owner = names.get(&(Family::V4, v.rev_nat_id));
-            svc_entry(IpAddr::V4(Ipv4Addr::from(k.addr)), (k.port, k.proto, k.scope, k.slot), &v, owner, &mut ops);
+            let addr = IpAddr::V4(Ipv4Addr::from(k.addr));
+            ranged.extend(svc_entry(addr, (k.port, k.proto, k.scope, k.slot), &v, owner, &mut ops));
         }
         for item in &self.svc6 {
             let (k, v) = item.map_err(read(&spec::SVC6))?;
             let owner = names.get(&(Family::V6, v.rev_nat_id));
-            svc_entry(IpAddr::V6(Ipv6Addr::from(k.addr)), (k.port, k.proto, k.scope, k.slot), &v, owner, &mut ops);
+            let addr = IpAddr::V6(Ipv6Addr::from(k.addr));
+            ranged.extend(svc_entry(addr, (k.port, k.proto, k.scope, k.slot), &v, owner, &mut ops));
         }
+        self.read_side_tables(&mut ops)?;
         for op in &ops {
             prog.apply(op);
         }
+        // Slot 0 says whether a frontend has source ranges; the trie, which.
+        for f in ranged {
+            let Some(v) = prog.frontends.get_mut(&f) else { continue };
+            let fam = match f.family() {
+                Family::V4 => &prog.v4,
+                Family::V6 => &prog.v6,
+            };
+            v.settings.source_ranges = fam.ranges.get(&v.rev_nat_id).into_iter().flatten().copied().collect();
+        }
         Ok(prog)
     }
+
+    /// The ops that rebuild the affinity memberships, source ranges and
+    /// node addresses in the mirror.
+    fn read_side_tables(&self, ops: &mut Vec<Op>) -> Result<()> {
+        let read = |m: &'static MapSpec| move |source| Error::Read { map: m.name, source };
+        for (map, family, spec) in
+            [(&self.affmatch4, Family::V4, &spec::AFFMATCH4), (&self.affmatch6, Family::V6, &spec::AFFMATCH6)]
+        {
+            for key in map.keys() {
+                let k = key.map_err(read(spec))?;
+                ops.push(Op::PutAffinityMatch { family, frontend_id: k.frontend_id, backend_id: k.backend_id });
+            }
+        }
+        for key in self.srcrange4.keys() {
+            let k = key.map_err(read(&spec::SRCRANGE4))?;
+            let d = k.data();
+            ops.extend(range_op(d.frontend_id, IpAddr::V4(d.addr.into()), k.prefix_len() - SrcRange4::ID_BITS));
+        }
+        for key in self.srcrange6.keys() {
+            let k = key.map_err(read(&spec::SRCRANGE6))?;
+            let d = k.data();
+            ops.extend(range_op(d.frontend_id, IpAddr::V6(d.addr.into()), k.prefix_len() - SrcRange6::ID_BITS));
+        }
+        for key in self.nodeport4.keys() {
+            let a = key.map_err(read(&spec::NODEPORT4))?;
+            ops.push(Op::PutNodeAddress { addr: IpAddr::V4(a.into()) });
+        }
+        for key in self.nodeport6.keys() {
+            let a = key.map_err(read(&spec::NODEPORT6))?;
+            ops.push(Op::PutNodeAddress { addr: IpAddr::V6(a.into()) });
+        }
+        Ok(())
+    }
+}
+
+/// The op that rebuilds one source-range entry (`frontend_id` as stored,
+/// big-endian); `None` for a prefix no agent writes.
+fn range_op(frontend_id: [u8; 4], addr: IpAddr, len: u32) -> Option<Op> {
+    let cidr = Cidr::new(addr, u8::try_from(len).ok()?)?;
+    Some(Op::PutSourceRange { frontend_id: u32::from_be_bytes(frontend_id), cidr })
 }
 
 /// The ops that rebuild one service-map entry (`(port, proto, scope, slot)`
 /// as in the key) in the mirror; `owner`: the frontend's name, if pinned.
+/// Returns the frontend when it is a slot 0 with source ranges.
 fn svc_entry(
     addr: IpAddr,
     (port, proto, scope, slot): (u16, u8, u8, u16),
     v: &SvcValue,
     owner: Option<&String>,
     ops: &mut Vec<Op>,
-) {
-    let (Some(proto), Some(scope)) = (Proto::from_number(proto), Scope::from_number(scope)) else { return };
+) -> Option<Frontend> {
+    let (Some(proto), Some(scope)) = (Proto::from_number(proto), Scope::from_number(scope)) else { return None };
     let frontend = Frontend { addr, port: u16::from_be(port), proto, scope };
     if slot == 0 {
         let settings = Settings::from_flags(v.flags, v.affinity_timeout);
@@ -307,23 +362,15 @@ fn svc_entry(
         let owner = owner.cloned().unwrap_or_default();
         ops.push(Op::PutRevNat { id: v.rev_nat_id, frontend, owner });
         ops.push(Op::PutFrontend { frontend, value });
+        (v.flags & svc_flags::SOURCE_RANGES != 0).then_some(frontend)
     } else {
         ops.push(Op::PutSlot { frontend, slot, backend_id: v.backend_id });
+        None
     }
 }
 
 fn backend_from(addr: IpAddr, port: u16, proto: u8) -> Option<Backend> {
     Some(Backend { addr, port: u16::from_be(port), proto: Proto::from_number(proto)? })
-}
-
-fn svc4_key(f: &Frontend, slot: u16) -> Svc4Key {
-    let IpAddr::V4(a) = f.addr else { unreachable!("IPv4 frontend") };
-    Svc4Key::new(a, f.port, f.proto.number(), f.scope.number(), slot)
-}
-
-fn svc6_key(f: &Frontend, slot: u16) -> Svc6Key {
-    let IpAddr::V6(a) = f.addr else { unreachable!("IPv6 frontend") };
-    Svc6Key::new(a, f.port, f.proto.number(), f.scope.number(), slot)
 }
 
 /// A map error in words, with the errno and, for a full map, the flag
@@ -368,6 +415,14 @@ fn object(op: &Op) -> String {
         }
         Op::ClearRevNat { id, family } => format!("{} reverse-NAT id {id}", family.k8s_name()),
         Op::PutSlot { frontend, slot, .. } | Op::DeleteSlot { frontend, slot } => format!("{frontend} slot {slot}"),
+        Op::PutAffinityMatch { family, frontend_id, backend_id }
+        | Op::DeleteAffinityMatch { family, frontend_id, backend_id } => {
+            format!("{} frontend {frontend_id} backend {backend_id}", family.k8s_name())
+        }
+        Op::PutSourceRange { frontend_id, cidr } | Op::DeleteSourceRange { frontend_id, cidr } => {
+            format!("frontend {frontend_id} source range {cidr}")
+        }
+        Op::PutNodeAddress { addr } | Op::DeleteNodeAddress { addr } => format!("node address {addr}"),
     }
 }
 
@@ -432,72 +487,185 @@ impl<K: Pod, V: Pod> Writes<K, V> {
     }
 }
 
+/// The map layout of one family: key and value types, and how `Op`s'
+/// objects become them.
+trait Layout {
+    type SvcKey: Pod;
+    type Backend: Pod;
+    type RevNat: Pod + Default;
+    type Range: Pod;
+    type Addr: Pod;
+    /// Service, backend, reverse-NAT, names, affinity-membership,
+    /// source-range and node-address maps, in this order.
+    const MAPS: [&'static MapSpec; 7];
+    fn svc_key(f: &Frontend, slot: u16) -> Self::SvcKey;
+    fn backend(b: &Backend) -> Self::Backend;
+    fn revnat(f: &Frontend) -> Self::RevNat;
+    fn range(frontend_id: u32, cidr: &Cidr) -> Key<Self::Range>;
+    fn addr(a: &IpAddr) -> Self::Addr;
+}
+
+struct V4;
+struct V6;
+
+impl Layout for V4 {
+    type SvcKey = Svc4Key;
+    type Backend = Backend4;
+    type RevNat = RevNat4;
+    type Range = SrcRange4;
+    type Addr = [u8; 4];
+    const MAPS: [&'static MapSpec; 7] = [
+        &spec::SVC4,
+        &spec::BACKEND4,
+        &spec::REVNAT4,
+        &spec::NAMES4,
+        &spec::AFFMATCH4,
+        &spec::SRCRANGE4,
+        &spec::NODEPORT4,
+    ];
+
+    fn svc_key(f: &Frontend, slot: u16) -> Svc4Key {
+        Svc4Key::new(v4(f.addr), f.port, f.proto.number(), f.scope.number(), slot)
+    }
+
+    fn backend(b: &Backend) -> Backend4 {
+        Backend4 { addr: v4(b.addr).octets(), port: b.port.to_be(), proto: b.proto.number(), flags: 0 }
+    }
+
+    fn revnat(f: &Frontend) -> RevNat4 {
+        RevNat4 { addr: v4(f.addr).octets(), port: f.port.to_be(), _pad: [0; 2] }
+    }
+
+    fn range(frontend_id: u32, cidr: &Cidr) -> Key<SrcRange4> {
+        let data = SrcRange4 { frontend_id: frontend_id.to_be_bytes(), addr: v4(cidr.addr).octets() };
+        Key::new(SrcRange4::ID_BITS + u32::from(cidr.len), data)
+    }
+
+    fn addr(a: &IpAddr) -> [u8; 4] {
+        v4(*a).octets()
+    }
+}
+
+impl Layout for V6 {
+    type SvcKey = Svc6Key;
+    type Backend = Backend6;
+    type RevNat = RevNat6;
+    type Range = SrcRange6;
+    type Addr = [u8; 16];
+    const MAPS: [&'static MapSpec; 7] = [
+        &spec::SVC6,
+        &spec::BACKEND6,
+        &spec::REVNAT6,
+        &spec::NAMES6,
+        &spec::AFFMATCH6,
+        &spec::SRCRANGE6,
+        &spec::NODEPORT6,
+    ];
+
+    fn svc_key(f: &Frontend, slot: u16) -> Svc6Key {
+        Svc6Key::new(v6(f.addr), f.port, f.proto.number(), f.scope.number(), slot)
+    }
+
+    fn backend(b: &Backend) -> Backend6 {
+        Backend6 { addr: v6(b.addr).octets(), port: b.port.to_be(), proto: b.proto.number(), flags: 0 }
+    }
+
+    fn revnat(f: &Frontend) -> RevNat6 {
+        RevNat6 { addr: v6(f.addr).octets(), port: f.port.to_be(), _pad: [0; 2] }
+    }
+
+    fn range(frontend_id: u32, cidr: &Cidr) -> Key<SrcRange6> {
+        let data = SrcRange6 { frontend_id: frontend_id.to_be_bytes(), addr: v6(cidr.addr).octets() };
+        Key::new(SrcRange6::ID_BITS + u32::from(cidr.len), data)
+    }
+
+    fn addr(a: &IpAddr) -> [u8; 16] {
+        v6(*a).octets()
+    }
+}
+
+fn v4(a: IpAddr) -> Ipv4Addr {
+    let IpAddr::V4(a) = a else { unreachable!("ops are sorted by family: an IPv4 address") };
+    a
+}
+
+fn v6(a: IpAddr) -> Ipv6Addr {
+    let IpAddr::V6(a) = a else { unreachable!("ops are sorted by family: an IPv6 address") };
+    a
+}
+
+/// Puts and deletes of one map.
+struct PutDelete<K, V> {
+    put: Writes<K, V>,
+    delete: Writes<K, u8>,
+}
+
+impl<K: Pod, V: Pod> PutDelete<K, V> {
+    fn new(map: &'static MapSpec) -> Self {
+        Self { put: Writes::new(map), delete: Writes::new(map) }
+    }
+
+    fn len(&self) -> usize {
+        self.put.at.len() + self.delete.at.len()
+    }
+}
+
 /// The writes of one family, by map.
-struct FamilyWrites<K, B, R> {
-    svc: Writes<K, SvcValue>,
-    svc_delete: Writes<K, u8>,
-    backend: Writes<u32, B>,
-    backend_delete: Writes<u32, u8>,
-    revnat: Writes<u32, R>,
-    names: Writes<u32, FrontendName>,
-    names_delete: Writes<u32, u8>,
+struct FamilyWrites<L: Layout> {
+    svc: PutDelete<L::SvcKey, SvcValue>,
+    backend: PutDelete<u32, L::Backend>,
+    revnat: Writes<u32, L::RevNat>,
+    names: PutDelete<u32, FrontendName>,
+    affmatch: PutDelete<AffMatchKey, u8>,
+    srcrange: PutDelete<Key<L::Range>, u8>,
+    nodeport: PutDelete<L::Addr, u8>,
 }
 
-/// The maps of one family, by their file descriptors.
-struct FamilyFds<'a> {
-    svc: BorrowedFd<'a>,
-    backend: BorrowedFd<'a>,
-    revnat: BorrowedFd<'a>,
-    names: BorrowedFd<'a>,
-}
+/// The maps of one family, by their file descriptors, in `Layout::MAPS`
+/// order.
+type FamilyFds<'a> = [BorrowedFd<'a>; 7];
 
-impl<K: Pod, B: Pod, R: Pod + Default> FamilyWrites<K, B, R> {
-    fn new(specs: [&'static MapSpec; 4]) -> Self {
-        let [svc, backend, revnat, names] = specs;
+impl<L: Layout> FamilyWrites<L> {
+    fn new() -> Self {
+        let [svc, backend, revnat, names, affmatch, srcrange, nodeport] = L::MAPS;
         Self {
-            svc: Writes::new(svc),
-            svc_delete: Writes::new(svc),
-            backend: Writes::new(backend),
-            backend_delete: Writes::new(backend),
+            svc: PutDelete::new(svc),
+            backend: PutDelete::new(backend),
             revnat: Writes::new(revnat),
-            names: Writes::new(names),
-            names_delete: Writes::new(names),
+            names: PutDelete::new(names),
+            affmatch: PutDelete::new(affmatch),
+            srcrange: PutDelete::new(srcrange),
+            nodeport: PutDelete::new(nodeport),
         }
     }
 
     fn len(&self) -> usize {
-        self.svc.at.len()
-            + self.svc_delete.at.len()
-            + self.backend.at.len()
-            + self.backend_delete.at.len()
+        self.svc.len()
+            + self.backend.len()
             + self.revnat.at.len()
+            + self.affmatch.len()
+            + self.srcrange.len()
+            + self.nodeport.len()
     }
 
-    /// Sort `op` (of this family) into its maps; `key` makes its service
-    /// key, `backend` and `revnat` its values.
-    fn add(
-        &mut self,
-        at: usize,
-        op: &Op,
-        key: impl Fn(&Frontend, u16) -> K,
-        backend: impl Fn(&Backend) -> B,
-        revnat: impl Fn(&Frontend) -> R,
-    ) {
+    /// Sort `op` (of this family) into its maps.
+    fn add(&mut self, at: usize, op: &Op) {
         match op {
-            Op::PutBackend { id, backend: b } => self.backend.put(at, *id, backend(b)),
-            Op::DeleteBackend { id, .. } => self.backend_delete.delete(at, *id),
+            Op::PutBackend { id, backend } => self.backend.put.put(at, *id, L::backend(backend)),
+            Op::DeleteBackend { id, .. } => self.backend.delete.delete(at, *id),
             Op::PutRevNat { id, frontend, owner } => {
-                self.names.put(at, *id, FrontendName::new(owner));
-                self.revnat.put(at, *id, revnat(frontend));
+                self.names.put.put(at, *id, FrontendName::new(owner));
+                self.revnat.put(at, *id, L::revnat(frontend));
             }
             Op::ClearRevNat { id, .. } => {
-                self.revnat.put(at, *id, R::default());
-                self.names_delete.delete(at, *id);
+                self.revnat.put(at, *id, L::RevNat::default());
+                self.names.delete.delete(at, *id);
             }
             Op::PutSlot { frontend, slot, backend_id } => {
-                self.svc.put(at, key(frontend, *slot), SvcValue { backend_id: *backend_id, ..SvcValue::default() });
+                let v = SvcValue { backend_id: *backend_id, ..SvcValue::default() };
+                self.svc.put.put(at, L::svc_key(frontend, *slot), v);
             }
-            Op::DeleteSlot { frontend, slot } => self.svc_delete.delete(at, key(frontend, *slot)),
+            Op::DeleteSlot { frontend, slot } => self.svc.delete.delete(at, L::svc_key(frontend, *slot)),
             Op::PutFrontend { frontend, value } => {
                 let (flags, affinity_timeout) = value.settings.to_flags();
                 let v = SvcValue {
@@ -508,27 +676,46 @@ impl<K: Pod, B: Pod, R: Pod + Default> FamilyWrites<K, B, R> {
                     affinity_timeout,
                     ..SvcValue::default()
                 };
-                self.svc.put(at, key(frontend, 0), v);
+                self.svc.put.put(at, L::svc_key(frontend, 0), v);
             }
-            Op::DeleteFrontend { frontend } => self.svc_delete.delete(at, key(frontend, 0)),
+            Op::DeleteFrontend { frontend } => self.svc.delete.delete(at, L::svc_key(frontend, 0)),
+            Op::PutAffinityMatch { frontend_id, backend_id, .. } => {
+                self.affmatch.put.put(at, AffMatchKey { frontend_id: *frontend_id, backend_id: *backend_id }, 1);
+            }
+            Op::DeleteAffinityMatch { frontend_id, backend_id, .. } => {
+                self.affmatch.delete.delete(at, AffMatchKey { frontend_id: *frontend_id, backend_id: *backend_id });
+            }
+            Op::PutSourceRange { frontend_id, cidr } => self.srcrange.put.put(at, L::range(*frontend_id, cidr), 1),
+            Op::DeleteSourceRange { frontend_id, cidr } => {
+                self.srcrange.delete.delete(at, L::range(*frontend_id, cidr));
+            }
+            Op::PutNodeAddress { addr } => self.nodeport.put.put(at, L::addr(addr), 1),
+            Op::DeleteNodeAddress { addr } => self.nodeport.delete.delete(at, L::addr(addr)),
         }
     }
 
     fn run(self, fds: &FamilyFds<'_>, ops: &[Op]) -> Vec<(usize, Error)> {
+        let [svc, backend, revnat, names, affmatch, srcrange, nodeport] = *fds;
         let mut failed = Vec::new();
         // Independent ops, any order would do; this one is the order of a
         // single step. An op with two writes stops at its first failure: a
         // reverse-NAT entry is written after its name and cleared before it,
         // so it never exists without one.
-        self.backend.run(fds.backend, ops, &mut failed);
-        self.names.run(fds.names, ops, &mut failed);
+        self.backend.put.run(backend, ops, &mut failed);
+        self.names.put.run(names, ops, &mut failed);
         let done: HashSet<usize> = failed.iter().map(|(at, _)| *at).collect();
-        self.revnat.without(&done).run(fds.revnat, ops, &mut failed);
+        self.revnat.without(&done).run(revnat, ops, &mut failed);
         let done: HashSet<usize> = failed.iter().map(|(at, _)| *at).collect();
-        self.names_delete.without(&done).run(fds.names, ops, &mut failed);
-        self.svc.run(fds.svc, ops, &mut failed);
-        self.svc_delete.run(fds.svc, ops, &mut failed);
-        self.backend_delete.run(fds.backend, ops, &mut failed);
+        self.names.delete.without(&done).run(names, ops, &mut failed);
+        self.affmatch.put.run(affmatch, ops, &mut failed);
+        self.srcrange.put.run(srcrange, ops, &mut failed);
+        self.nodeport.put.run(nodeport, ops, &mut failed);
+        self.svc.put.run(svc, ops, &mut failed);
+        self.svc.delete.run(svc, ops, &mut failed);
+        self.affmatch.delete.run(affmatch, ops, &mut failed);
+        self.srcrange.delete.run(srcrange, ops, &mut failed);
+        self.nodeport.delete.run(nodeport, ops, &mut failed);
+        self.backend.delete.run(backend, ops, &mut failed);
         failed
     }
 }
@@ -539,26 +726,32 @@ const PARALLEL_MIN: usize = 512;
 
 impl Kernel for Maps {
     fn apply_all(&mut self, ops: &[Op]) -> Vec<(usize, Error)> {
-        let mut v4 = FamilyWrites::new([&spec::SVC4, &spec::BACKEND4, &spec::REVNAT4, &spec::NAMES4]);
-        let mut v6 = FamilyWrites::new([&spec::SVC6, &spec::BACKEND6, &spec::REVNAT6, &spec::NAMES6]);
+        let mut v4 = FamilyWrites::<V4>::new();
+        let mut v6 = FamilyWrites::<V6>::new();
         for (at, op) in ops.iter().enumerate() {
             match op.family() {
-                Family::V4 => v4.add(at, op, svc4_key, backend4, revnat4),
-                Family::V6 => v6.add(at, op, svc6_key, backend6, revnat6),
+                Family::V4 => v4.add(at, op),
+                Family::V6 => v6.add(at, op),
             }
         }
-        let fds4 = FamilyFds {
-            svc: self.svc4.map().fd().as_fd(),
-            backend: self.backend4.map().fd().as_fd(),
-            revnat: self.revnat4.map().fd().as_fd(),
-            names: self.names4.map().fd().as_fd(),
-        };
-        let fds6 = FamilyFds {
-            svc: self.svc6.map().fd().as_fd(),
-            backend: self.backend6.map().fd().as_fd(),
-            revnat: self.revnat6.map().fd().as_fd(),
-            names: self.names6.map().fd().as_fd(),
-        };
+        let fds4 = [
+            self.svc4.map().fd().as_fd(),
+            self.backend4.map().fd().as_fd(),
+            self.revnat4.map().fd().as_fd(),
+            self.names4.map().fd().as_fd(),
+            self.affmatch4.map().fd().as_fd(),
+            self.srcrange4.map().fd().as_fd(),
+            self.nodeport4.map().fd().as_fd(),
+        ];
+        let fds6 = [
+            self.svc6.map().fd().as_fd(),
+            self.backend6.map().fd().as_fd(),
+            self.revnat6.map().fd().as_fd(),
+            self.names6.map().fd().as_fd(),
+            self.affmatch6.map().fd().as_fd(),
+            self.srcrange6.map().fd().as_fd(),
+            self.nodeport6.map().fd().as_fd(),
+        ];
         // The families' maps are disjoint: write them side by side.
         let (mut failed, failed6) = if v4.len().min(v6.len()) >= PARALLEL_MIN {
             std::thread::scope(|s| {
@@ -572,24 +765,4 @@ impl Kernel for Maps {
         failed.extend(failed6);
         failed
     }
-}
-
-fn revnat4(f: &Frontend) -> RevNat4 {
-    let IpAddr::V4(a) = f.addr else { unreachable!("IPv4 frontend") };
-    RevNat4 { addr: a.octets(), port: f.port.to_be(), _pad: [0; 2] }
-}
-
-fn revnat6(f: &Frontend) -> RevNat6 {
-    let IpAddr::V6(a) = f.addr else { unreachable!("IPv6 frontend") };
-    RevNat6 { addr: a.octets(), port: f.port.to_be(), _pad: [0; 2] }
-}
-
-fn backend4(b: &Backend) -> Backend4 {
-    let IpAddr::V4(a) = b.addr else { unreachable!("IPv4 backend") };
-    Backend4 { addr: a.octets(), port: b.port.to_be(), proto: b.proto.number(), flags: 0 }
-}
-
-fn backend6(b: &Backend) -> Backend6 {
-    let IpAddr::V6(a) = b.addr else { unreachable!("IPv6 backend") };
-    Backend6 { addr: a.octets(), port: b.port.to_be(), proto: b.proto.number(), flags: 0 }
 }

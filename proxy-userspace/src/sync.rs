@@ -29,7 +29,10 @@ pub fn sync(kernel: &mut impl Kernel, prog: &mut Programmed, desired: &Desired) 
     let mut report = Report::default();
     let fresh = prog.frontends.is_empty()
         && prog.slots.is_empty()
-        && prog.v4.backends().chain(prog.v6.backends()).next().is_none();
+        && [&prog.v4, &prog.v6]
+            .iter()
+            .all(|f| f.backends().next().is_none() && f.affinity.is_empty() && f.ranges.is_empty());
+    run_one(kernel, prog, diff::plan_node_addresses(prog, &desired.nodeport_addresses), &mut report);
     apply(kernel, prog, diff::changes(prog, desired), &mut report);
     // From empty maps, a pass without failures leaves nothing to collect:
     // skip the walk over every entry.
@@ -50,6 +53,7 @@ pub fn sync_dirty(
     dirty: &BTreeSet<Frontend>,
 ) -> Report {
     let mut report = Report::default();
+    run_one(kernel, prog, diff::plan_node_addresses(prog, &desired.nodeport_addresses), &mut report);
     apply(kernel, prog, diff::changes_in(prog, desired, dirty), &mut report);
     collect(kernel, prog, diff::plan_gc_freed, &mut report);
     report
@@ -58,14 +62,19 @@ pub fn sync_dirty(
 /// Run a garbage-collection plan, then forget the freed-backend candidates
 /// (every pass ends with them collected).
 fn collect(kernel: &mut impl Kernel, prog: &mut Programmed, plan: fn(&Programmed) -> Step, report: &mut Report) {
-    let step = plan(prog);
+    run_one(kernel, prog, plan(prog), report);
+    prog.v4.freed.clear();
+    prog.v6.freed.clear();
+}
+
+/// Apply one step on its own (node addresses, a clean-up); its failure
+/// is reported.
+fn run_one(kernel: &mut impl Kernel, prog: &mut Programmed, step: Step, report: &mut Report) {
     if !step.ops.is_empty()
         && let Some(Some(e)) = run_steps(kernel, prog, vec![step], report).pop()
     {
         report.errors.push(e);
     }
-    prog.v4.freed.clear();
-    prog.v6.freed.clear();
 }
 
 /// Steps planned and applied together (a bound on what is in flight).
@@ -268,7 +277,7 @@ mod tests {
         diff::{FrontendValue, Op},
         maps,
         rand::XorShift,
-        types::{Backend, Family, Frontend, FrontendSpec, Proto, Settings},
+        types::{Backend, Cidr, Family, Frontend, FrontendSpec, Proto, Settings},
     };
 
     /// The maps, in memory, with capacities and failure injection. A batch
@@ -282,12 +291,19 @@ mod tests {
         backends: BTreeMap<(Family, u32), Backend>,
         revnat: BTreeMap<(Family, u32), Frontend>,
         names: BTreeMap<(Family, u32), String>,
+        /// `(family, frontend id, backend id)`.
+        affinity: BTreeSet<(Family, u32, u32)>,
+        /// `(frontend id, range)`; the range gives the family.
+        ranges: BTreeSet<(u32, Cidr)>,
+        node_addresses: BTreeSet<IpAddr>,
         /// Most service-map entries (frontends plus slots) per family.
         svc_capacity: usize,
         /// Most backends per family.
         backend_capacity: usize,
         /// A backend whose write fails.
         poisoned: Option<Backend>,
+        /// Source-range deletes fail.
+        stuck_ranges: bool,
         ops: usize,
         batches: usize,
         order: XorShift,
@@ -301,9 +317,13 @@ mod tests {
                 backends: BTreeMap::new(),
                 revnat: BTreeMap::new(),
                 names: BTreeMap::new(),
+                affinity: BTreeSet::new(),
+                ranges: BTreeSet::new(),
+                node_addresses: BTreeSet::new(),
                 svc_capacity,
                 backend_capacity: usize::MAX,
                 poisoned: None,
+                stuck_ranges: false,
                 ops: 0,
                 batches: 0,
                 order: XorShift::new(0x9e37_79b9_7f4a_7c15),
@@ -334,6 +354,11 @@ mod tests {
                 .collect()
         }
 
+        /// The source ranges of frontend `id` of `family`.
+        fn ranges_of(&self, family: Family, id: u32) -> BTreeSet<Cidr> {
+            self.ranges.iter().filter(|(i, c)| *i == id && c.family() == family).map(|(_, c)| *c).collect()
+        }
+
         fn check(&self) {
             for (f, v) in &self.frontends {
                 for b in self.reachable(f) {
@@ -341,6 +366,22 @@ mod tests {
                 }
                 assert_eq!(self.revnat.get(&(f.family(), v.rev_nat_id)), Some(f), "{f}: reverse-NAT entry");
                 assert!(self.names.contains_key(&(f.family(), v.rev_nat_id)), "{f}: a name beside it");
+                // Side tables are complete before slot 0 asks for them: a
+                // client is never refused a range it is in, nor a sticky
+                // backend of the active set.
+                let ranges = self.ranges_of(f.family(), v.rev_nat_id);
+                for c in &v.settings.source_ranges {
+                    assert!(ranges.contains(c), "{f}: range {c} missing while slot 0 has it");
+                }
+                if v.settings.affinity_timeout.is_some() {
+                    for i in 0..v.count {
+                        let id = self.slots[&(*f, v.slot_base + i)];
+                        assert!(
+                            self.affinity.contains(&(f.family(), v.rev_nat_id, id)),
+                            "{f}: active backend {id} without its affinity membership"
+                        );
+                    }
+                }
             }
         }
     }
@@ -401,6 +442,27 @@ mod tests {
                 }
                 Op::DeleteFrontend { frontend } => {
                     self.frontends.remove(frontend);
+                }
+                Op::PutAffinityMatch { family, frontend_id, backend_id } => {
+                    self.affinity.insert((*family, *frontend_id, *backend_id));
+                }
+                Op::DeleteAffinityMatch { family, frontend_id, backend_id } => {
+                    self.affinity.remove(&(*family, *frontend_id, *backend_id));
+                }
+                Op::PutSourceRange { frontend_id, cidr } => {
+                    self.ranges.insert((*frontend_id, *cidr));
+                }
+                Op::DeleteSourceRange { frontend_id, cidr } => {
+                    if self.stuck_ranges {
+                        return Err(full_err(format!("range {cidr}")));
+                    }
+                    self.ranges.remove(&(*frontend_id, *cidr));
+                }
+                Op::PutNodeAddress { addr } => {
+                    self.node_addresses.insert(*addr);
+                }
+                Op::DeleteNodeAddress { addr } => {
+                    self.node_addresses.remove(addr);
                 }
             }
             self.ops += 1;
@@ -491,22 +553,40 @@ mod tests {
     }
 
     #[test]
-    fn a_change_of_settings_only_is_one_write_of_slot_zero() {
+    fn a_change_of_settings_only_is_one_write_of_slot_zero_and_of_its_side_entries() {
         use crate::types::{Kind, WhenEmpty};
         let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
         let a = fe("198.19.0.10", 80);
         let mut d = want(&[(a, &["198.18.2.2", "198.18.3.2"])]);
         sync(&mut k, &mut prog, &d);
-        for settings in [
-            Settings { affinity_timeout: Some(10_800), ..Settings::default() },
-            Settings { affinity_timeout: Some(30), ..Settings::default() },
-            Settings { kind: Kind::ExternalIp, when_empty: WhenEmpty::Drop, ..Settings::default() },
+        // Writes besides slot 0: affinity on or off writes or deletes a
+        // membership per backend, a range change one entry per range.
+        for (settings, side) in [
+            (Settings { affinity_timeout: Some(10_800), ..Settings::default() }, 2),
+            (Settings { affinity_timeout: Some(30), ..Settings::default() }, 0),
+            (Settings { kind: Kind::ExternalIp, when_empty: WhenEmpty::Drop, ..Settings::default() }, 2),
+            (
+                Settings {
+                    kind: Kind::LoadBalancer,
+                    source_ranges: vec![cidr("198.51.100.0/24")],
+                    ..Settings::default()
+                },
+                1,
+            ),
+            (
+                Settings {
+                    kind: Kind::LoadBalancer,
+                    source_ranges: vec![cidr("203.0.113.0/24")],
+                    ..Settings::default()
+                },
+                2,
+            ),
         ] {
             d.frontends.get_mut(&a).expect("a").settings = settings.clone();
             let before = k.ops;
             let r = sync(&mut k, &mut prog, &d);
             assert!(r.errors.is_empty(), "{:?}", r.errors);
-            assert_eq!((r.upserted, k.ops - before), (1, 1), "one write for {settings:?}");
+            assert_eq!((r.upserted, k.ops - before), (1, 1 + side), "writes for {settings:?}");
             assert_eq!(k.frontends[&a].settings, settings, "the kernel holds the new settings");
             assert_eq!(k.reachable(&a), d.frontends[&a].backends, "the backends are untouched");
             assert_eq!(sync(&mut k, &mut prog, &d).ops, 0, "and the mirror knows it: {settings:?}");
@@ -670,5 +750,123 @@ mod tests {
             assert_eq!(k.backends.len(), used.len(), "backends without slots are collected incrementally");
             before = d;
         }
+    }
+
+    fn cidr(s: &str) -> Cidr {
+        s.parse().expect("cidr")
+    }
+
+    /// What the fake's side tables hold for `f`: its affinity memberships
+    /// (as backends) and its source ranges.
+    fn sides_of(k: &Fake, f: &Frontend) -> (BTreeSet<Backend>, BTreeSet<Cidr>) {
+        let v = &k.frontends[f];
+        let members = k
+            .affinity
+            .iter()
+            .filter(|(fam, id, _)| *fam == f.family() && *id == v.rev_nat_id)
+            .map(|(fam, _, b)| k.backends[&(*fam, *b)])
+            .collect();
+        (members, k.ranges_of(f.family(), v.rev_nat_id))
+    }
+
+    /// Random backends and settings (affinity on or off, a subset of a few
+    /// source ranges) per frontend; after every op the fake checks that
+    /// slot 0 never asks for a side entry that is missing, after every pass
+    /// the side tables hold exactly what the settings say, and a second pass
+    /// writes nothing.
+    #[test]
+    fn side_tables_follow_settings_and_backends_make_before_break() {
+        let frontends = [fe("198.19.0.10", 80), fe("198.19.0.11", 80), fe("fd00:ffff::a", 80)];
+        let pool4: Vec<String> = (2..8).map(|i| format!("198.18.{i}.2")).collect();
+        let pool6: Vec<String> = (2..8).map(|i| format!("fd00::{i}")).collect();
+        let ranges4 = [cidr("198.18.0.0/15"), cidr("198.51.100.0/24"), cidr("0.0.0.0/0")];
+        let ranges6 = [cidr("fd00::/8"), cidr("2001:db8::/32")];
+        let mut rng = XorShift::new(0x5eed_0f_a11_7ab1e);
+        let (mut k, mut prog) = (Fake::new(10_000), Programmed::default());
+        for round in 0..300 {
+            let mut d = random_desired(&mut rng, &frontends, &pool4, &pool6);
+            for (f, spec) in &mut d.frontends {
+                let pool: &[Cidr] = if f.family() == Family::V4 { &ranges4 } else { &ranges6 };
+                let mut ranges: Vec<Cidr> = pool.iter().filter(|_| rng.below(2) == 0).copied().collect();
+                ranges.sort();
+                let affinity = [None, Some(30), Some(10_800)][usize::try_from(rng.below(3)).expect("small")];
+                spec.settings = Settings { affinity_timeout: affinity, source_ranges: ranges, ..Settings::default() };
+            }
+            let r = if round % 2 == 0 {
+                sync(&mut k, &mut prog, &d)
+            } else {
+                sync_dirty(&mut k, &mut prog, &d, &frontends.iter().copied().collect())
+            };
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            for (f, spec) in &d.frontends {
+                let (members, ranges) = sides_of(&k, f);
+                let want: BTreeSet<Backend> = if spec.settings.affinity_timeout.is_some() {
+                    spec.backends.iter().copied().collect()
+                } else {
+                    BTreeSet::new()
+                };
+                assert_eq!(members, want, "{f}: affinity memberships in round {round}");
+                assert_eq!(ranges, spec.settings.source_ranges.iter().copied().collect(), "{f}: ranges");
+            }
+            let ids: BTreeSet<(Family, u32)> = k.frontends.iter().map(|(f, v)| (f.family(), v.rev_nat_id)).collect();
+            assert!(
+                k.affinity.iter().all(|(fam, id, _)| ids.contains(&(*fam, *id))),
+                "no membership of a gone frontend"
+            );
+            assert!(k.ranges.iter().all(|(id, c)| ids.contains(&(c.family(), *id))), "no range of a gone frontend");
+            assert_eq!(sync(&mut k, &mut prog, &d).ops, 0, "round {round}: the mirror knows the side tables");
+        }
+    }
+
+    #[test]
+    fn a_change_of_the_affinity_timeout_alone_is_one_write_and_its_memberships_stay() {
+        let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
+        let a = fe("198.19.0.10", 80);
+        let mut d = want(&[(a, &["198.18.2.2", "198.18.3.2"])]);
+        d.frontends.get_mut(&a).expect("a").settings.affinity_timeout = Some(10_800);
+        let r = sync(&mut k, &mut prog, &d);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(sides_of(&k, &a).0.len(), 2, "a membership per backend");
+        d.frontends.get_mut(&a).expect("a").settings.affinity_timeout = Some(5);
+        let before = k.ops;
+        let r = sync(&mut k, &mut prog, &d);
+        assert_eq!((r.upserted, k.ops - before), (1, 1), "only slot 0");
+        assert_eq!(k.frontends[&a].settings.affinity_timeout, Some(5));
+    }
+
+    #[test]
+    fn node_addresses_follow_the_desired_state_on_both_paths() {
+        let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
+        let ips = |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|a| a.parse().expect("ip")).collect() };
+        let mut d = want(&[]);
+        d.nodeport_addresses = ips(&["198.18.251.2", "fd00:0:0:fb::2"]);
+        assert!(sync(&mut k, &mut prog, &d).errors.is_empty());
+        assert_eq!(k.node_addresses, d.nodeport_addresses.iter().copied().collect());
+        assert_eq!(sync(&mut k, &mut prog, &d).ops, 0, "unchanged: nothing written");
+        d.nodeport_addresses = ips(&["198.18.250.1", "fd00:0:0:fb::2"]);
+        let r = sync_dirty(&mut k, &mut prog, &d, &BTreeSet::new());
+        assert_eq!((r.ops, r.errors.len()), (2, 0), "one put, one delete, with no frontend dirty");
+        assert_eq!(k.node_addresses, d.nodeport_addresses.iter().copied().collect());
+    }
+
+    #[test]
+    fn a_frontend_id_taken_over_never_inherits_source_ranges_left_behind() {
+        let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
+        let (a, b) = (fe("198.19.0.10", 80), fe("198.19.0.11", 80));
+        let mut d = want(&[(a, &["198.18.2.2"])]);
+        d.frontends.get_mut(&a).expect("a").settings.source_ranges = vec![cidr("198.51.100.0/24")];
+        assert!(sync(&mut k, &mut prog, &d).errors.is_empty());
+        let id = k.frontends[&a].rev_nat_id;
+        // `a` goes, but its range cannot be deleted; `b` takes its id.
+        k.stuck_ranges = true;
+        let r = sync(&mut k, &mut prog, &want(&[]));
+        assert_eq!(r.errors.len(), 2, "the removal and the clean-up report the stuck range: {:?}", r.errors);
+        assert!(k.ranges.contains(&(id, cidr("198.51.100.0/24"))), "left behind");
+        k.stuck_ranges = false;
+        let d = want(&[(b, &["198.18.2.2"])]);
+        let r = sync_dirty(&mut k, &mut prog, &d, &BTreeSet::from([b]));
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(k.frontends[&b].rev_nat_id, id, "the lowest free id");
+        assert!(k.ranges.is_empty(), "removed before the new frontend could meet it");
     }
 }

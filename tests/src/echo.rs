@@ -158,18 +158,36 @@ pub fn udp_request(target: SocketAddr) -> std::io::Result<Reply> {
 
 /// `udp_request` with an answer timeout of its own.
 pub fn udp_request_within(target: SocketAddr, timeout: Duration) -> std::io::Result<Reply> {
-    udp_exchange(0, target, 6, timeout)
+    udp_exchange(SocketAddr::new(unspecified(target), 0), target, 6, timeout)
+}
+
+/// One TCP or UDP request to `target` from the local address `from` (any
+/// port), connected (TCP) or answered (UDP) within `timeout`.
+pub fn request_from(
+    from: std::net::IpAddr,
+    target: SocketAddr,
+    udp: bool,
+    timeout: Duration,
+) -> std::io::Result<Reply> {
+    let local = SocketAddr::new(from, 0);
+    if udp {
+        return udp_exchange(local, target, 6, timeout);
+    }
+    let sock = socket2::Socket::new(socket2::Domain::for_address(target), socket2::Type::STREAM, None)?;
+    sock.bind(&local.into())?;
+    sock.connect_timeout(&target.into(), timeout)?;
+    Conn::from_stream(sock.into())?.request()
 }
 
 /// `udp_request` from local port `port` (0: any) with a datagram of `size`
 /// bytes, answered by one as large: above the link MTU both travel as
 /// fragments.
 pub fn udp_request_on(port: u16, target: SocketAddr, size: usize) -> std::io::Result<Reply> {
-    udp_exchange(port, target, size, IO_TIMEOUT)
+    udp_exchange(SocketAddr::new(unspecified(target), port), target, size, IO_TIMEOUT)
 }
 
-fn udp_exchange(port: u16, target: SocketAddr, size: usize, timeout: Duration) -> std::io::Result<Reply> {
-    let sock = UdpSocket::bind(SocketAddr::new(unspecified(target), port))?;
+fn udp_exchange(local: SocketAddr, target: SocketAddr, size: usize, timeout: Duration) -> std::io::Result<Reply> {
+    let sock = UdpSocket::bind(local)?;
     sock.set_read_timeout(Some(timeout))?;
     sock.connect(target)?;
     sock.send(padded("hello".to_owned(), size).as_bytes())?;

@@ -59,17 +59,27 @@ pub fn slice(
     ports: &[(&str, u16, &str)],
     endpoints: &[(IpAddr, Cond)],
 ) -> Value {
+    slice_of(name, service, address_type, ports, endpoints.iter().map(|(ip, c)| endpoint(*ip, *c)).collect())
+}
+
+/// An endpoint of a slice (callers may add `nodeName`, `zone`, `hints`).
+pub fn endpoint(ip: IpAddr, c: Cond) -> Value {
+    json!({
+        "addresses": [ip.to_string()],
+        "conditions": {"ready": c.ready, "serving": c.serving, "terminating": c.terminating},
+    })
+}
+
+/// `slice` with endpoints given as objects (`endpoint`).
+pub fn slice_of(
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: Vec<Value>,
+) -> Value {
     let ports: Vec<Value> =
         ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto})).collect();
-    let endpoints: Vec<Value> = endpoints
-        .iter()
-        .map(|(ip, c)| {
-            json!({
-                "addresses": [ip.to_string()],
-                "conditions": {"ready": c.ready, "serving": c.serving, "terminating": c.terminating},
-            })
-        })
-        .collect();
     json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -82,6 +92,23 @@ pub fn slice(
         "ports": ports,
         "endpoints": endpoints,
     })
+}
+
+/// A Node object named `name` with InternalIP `addresses` and, when given,
+/// the zone label kube-proxy reads topology from.
+pub fn node(name: &str, zone: Option<&str>, addresses: &[IpAddr]) -> Value {
+    let addresses: Vec<Value> =
+        addresses.iter().map(|a| json!({"type": "InternalIP", "address": a.to_string()})).collect();
+    let mut n = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name},
+        "status": {"addresses": addresses},
+    });
+    if let Some(z) = zone {
+        n["metadata"]["labels"] = json!({"topology.kubernetes.io/zone": z});
+    }
+    n
 }
 
 /// Several objects as one multi-document YAML text.

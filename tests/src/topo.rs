@@ -8,7 +8,9 @@
 //! - pod link `k`: pod 198.18.k.2/24 and fd00:0:0:k::2/64, node side .1 / ::1;
 //! - service VIPs: 198.19.0.0/16 and fd00:ffff::/64 (see `vip4`/`vip6`);
 //! - node-to-node link: 198.18.250.0/24 and fd00:0:0:fa::/64;
-//! - uplink: 198.18.251.0/24 and fd00:0:0:fb::/64 (node .2, upstream .1).
+//! - uplink: 198.18.251.0/24 and fd00:0:0:fb::/64 (node .2, upstream .1);
+//!   the upstream namespace is the external client beyond the node (it
+//!   routes only the service ranges to the node, `route_services_upstream`).
 //!
 //! A `Profile` dresses the nodes as real nodes are dressed (kube-proxy's
 //! INVALID-drop rule in one of three firewalls, strict reverse-path
@@ -16,6 +18,15 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::netns::NetNs;
+
+/// The node's and the upstream's addresses on the uplink.
+pub const UPLINK_NODE4: &str = "198.18.251.2";
+pub const UPLINK_NODE6: &str = "fd00:0:0:fb::2";
+pub const UPSTREAM4: &str = "198.18.251.1";
+pub const UPSTREAM6: &str = "fd00:0:0:fb::1";
+/// The node's and the remote node's addresses on the node-to-node link.
+pub const LINK_NODE4: &str = "198.18.250.1";
+pub const LINK_NODE6: &str = "fd00:0:0:fa::1";
 
 /// Pod-facing interfaces the agent attaches to on every node.
 pub const ATTACH_GLOB: &str = "dsp*";
@@ -166,11 +177,11 @@ impl Topology {
         router(&node);
         let upstream = NetNs::new("up");
         node.ip(&["link", "add", "dsx0", "type", "veth", "peer", "name", "up0", "netns", &upstream.name]);
-        node.ip(&["addr", "add", "198.18.251.2/24", "dev", "dsx0"]);
-        node.ip(&["-6", "addr", "add", "fd00:0:0:fb::2/64", "dev", "dsx0", "nodad"]);
+        node.ip(&["addr", "add", &format!("{UPLINK_NODE4}/24"), "dev", "dsx0"]);
+        node.ip(&["-6", "addr", "add", &format!("{UPLINK_NODE6}/64"), "dev", "dsx0", "nodad"]);
         node.ip(&["link", "set", "dsx0", "up"]);
-        upstream.ip(&["addr", "add", "198.18.251.1/24", "dev", "up0"]);
-        upstream.ip(&["-6", "addr", "add", "fd00:0:0:fb::1/64", "dev", "up0", "nodad"]);
+        upstream.ip(&["addr", "add", &format!("{UPSTREAM4}/24"), "dev", "up0"]);
+        upstream.ip(&["-6", "addr", "add", &format!("{UPSTREAM6}/64"), "dev", "up0", "nodad"]);
         upstream.ip(&["link", "set", "up0", "up"]);
         // The default route, as on a real node; upstream forwards nothing.
         node.ip(&["route", "add", "default", "via", "198.18.251.1"]);
@@ -208,6 +219,14 @@ impl Topology {
         }
         self.pods.push(Pod { ns: pod, v4, v6 });
         self.pods.len() - 1
+    }
+
+    /// The upstream namespace sends the service ranges (external and
+    /// load-balancer IPs live there) to the node, as a router in front of
+    /// a cluster does; nothing else.
+    pub fn route_services_upstream(&self) {
+        self.upstream.ip(&["route", "add", "198.19.0.0/16", "via", UPLINK_NODE4]);
+        self.upstream.ip(&["-6", "route", "add", "fd00:ffff::/64", "via", UPLINK_NODE6]);
     }
 
     fn add_remote_node(&mut self) {
