@@ -7,10 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dsproxy::{
     sync,
-    types::{Backend, Desired, Frontend, FrontendSpec, Proto},
+    types::{Backend, Desired, Family, Frontend, FrontendSpec, Proto},
 };
 use dsproxy_tests::packet::Env;
-use proxy_common::{ct_state, ct_timeout};
+use proxy_common::{Stat, ct_state, ct_timeout, programs};
 
 const TC_ACT_OK: i32 = 0;
 
@@ -491,17 +491,23 @@ fn should_read_back_frontend_settings_and_scopes_from_the_maps() {
         kind: Kind::LoadBalancer,
         affinity_timeout: Some(10_800),
         when_empty: WhenEmpty::Drop,
+        source_ranges: vec!["2001:db8::/32".parse().expect("cidr"), "fd00:0:0:1::/64".parse().expect("cidr")],
         two_scopes: true,
         external_local: true,
-        ..Settings::default()
     };
     desired.frontends.insert(ext, spec.clone());
     desired.frontends.insert(int, FrontendSpec::new("default/web:http", backends(&["fd00:0:0:3::2"], Proto::Tcp)));
+    desired.nodeport_addresses = vec![v4("198.18.251.2"), v4("fd00:0:0:fb::2")];
     let report = sync::sync(&mut env.maps, &mut env.prog, &desired);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let back = env.maps.read_back().expect("read back");
-    assert_eq!(back.frontends[&ext].settings, spec.settings);
+    assert_eq!(back.frontends[&ext].settings, spec.settings, "slot 0 and the source-range trie");
     assert_eq!(back.active_backends(&int), Some(desired.frontends[&int].backends.clone()), "the internal scope");
+    assert_eq!(back.node_addresses, desired.nodeport_addresses.iter().copied().collect());
+    let id = back.frontends[&ext].rev_nat_id;
+    let members: Vec<Backend> = back.v6.affinity[&id].iter().map(|b| back.v6.backends[b]).collect();
+    assert_eq!(members, spec.backends, "the affinity memberships of the external scope");
+    assert!(!back.v6.affinity.contains_key(&back.frontends[&int].rev_nat_id), "none without affinity");
     let mut fresh = back;
     assert_eq!(sync::sync(&mut env.maps, &mut fresh, &desired).ops, 0, "nothing to write after a read-back");
     desired.frontends.get_mut(&ext).expect("ext").settings.affinity_timeout = Some(30);
@@ -660,5 +666,90 @@ fn should_agree_with_the_reference_model_on_20000_fuzzed_frames() {
         Outcome::Dropped,
     ] {
         assert!(report.count(outcome) >= 100, "too few frames {}: {report}", outcome.name());
+    }
+}
+
+/// Per-packet rules of the Service API on crafted frames, both families:
+/// node ports answer only on the node addresses listed; a Local-policy
+/// frontend with no local endpoint drops external clients while pods use
+/// the internal scope (the cluster-wide endpoints); source ranges admit
+/// and drop by client; an external client of a Cluster-policy frontend
+/// whose backend no interface of ours leads to is dropped (its replies
+/// would reach the node, not us), never sent on half translated.
+#[test]
+fn should_apply_node_addresses_scopes_source_ranges_and_masquerade_rules_per_packet() {
+    use dsproxy::types::{Kind, Scope, Settings, WhenEmpty};
+    const TC_ACT_SHOT: i32 = 2;
+    let mut env = env();
+    let mut desired = Desired::default();
+    let fams = [
+        ("198.18.251.2", "198.18.251.1", "198.18.1.2", "198.18.5.2", "198.18.3.2", "198.19.2.10", "198.18.1.0/24"),
+        (
+            "fd00:0:0:fb::2",
+            "fd00:0:0:fb::1",
+            "fd00:0:0:1::2",
+            "fd00:0:0:5::2",
+            "fd00:0:0:3::2",
+            "fd00:ffff::2:10",
+            "fd00:0:0:1::/64",
+        ),
+    ];
+    for (node, _, _, _, remote, lb, range) in fams {
+        // A node port with externalTrafficPolicy Local and no endpoint
+        // here: its external entry drops, its internal one has the cluster.
+        let np = Frontend::new(Family::of(v4(node)).unspecified(), 30_080, Proto::Tcp);
+        let mut ext = FrontendSpec::new("default/np:tcp", vec![]);
+        ext.settings = Settings {
+            kind: Kind::NodePort,
+            when_empty: WhenEmpty::Drop,
+            two_scopes: true,
+            external_local: true,
+            ..Settings::default()
+        };
+        desired.frontends.insert(np, ext);
+        let mut int = FrontendSpec::new("default/np:tcp", backends(&[remote], Proto::Tcp));
+        int.settings.kind = Kind::NodePort;
+        desired.frontends.insert(np.with_scope(Scope::Internal), int);
+        // A load-balancer IP with externalTrafficPolicy Cluster and a range.
+        let mut lb_spec = FrontendSpec::new("default/lb:tcp", backends(&[remote], Proto::Tcp));
+        lb_spec.settings = Settings {
+            kind: Kind::LoadBalancer,
+            source_ranges: vec![range.parse().expect("cidr")],
+            ..Settings::default()
+        };
+        desired.frontends.insert(Frontend::new(v4(lb), 80, Proto::Tcp), lb_spec);
+        desired.nodeport_addresses.push(v4(node));
+    }
+    let report = sync::sync(&mut env.maps, &mut env.prog, &desired);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let stat = |env: &Env, s: Stat| env.maps.stat(s).expect("counters");
+    for (node, outside, pod, stranger, remote, lb, _) in fams {
+        let syn = |from: &str, to: &str, port: u16| frame((v4(from), 40_000), (v4(to), port), TCP, SYN);
+        // Node port, from a pod: the internal scope, the cluster's endpoint.
+        let out = env.run(&syn(pod, node, 30_080));
+        assert_eq!(inspect(&out.frame).dst, (v4(remote), 8080), "{node}: a pod is sent to the cluster");
+        // ... not on an address that is not listed.
+        let other = if v4(node).is_ipv4() { "198.18.9.9" } else { "fd00:0:0:9::9" };
+        let f = syn(pod, other, 30_080);
+        assert_eq!(env.run(&f).frame, f, "{other}: not a node address, untouched");
+        // From outside: no local endpoint, dropped (not refused).
+        let before = stat(&env, Stat::DropNoLocalBackend);
+        let out = env.try_run_prog(programs::FROM_DEVICE, &syn(outside, node, 30_080)).expect("run");
+        assert_eq!(out.verdict, TC_ACT_SHOT, "{node}: external client, no local endpoint");
+        assert_eq!(stat(&env, Stat::DropNoLocalBackend), before + 1);
+        // Source ranges: a pod inside is admitted, one outside dropped.
+        let out = env.run(&syn(pod, lb, 80));
+        assert_eq!(inspect(&out.frame).dst, (v4(remote), 8080), "{lb}: admitted from {pod}");
+        let before = stat(&env, Stat::DropSourceRange);
+        assert_eq!(env.run(&syn(stranger, lb, 80)).verdict, TC_ACT_SHOT, "{lb}: {stranger} is outside the range");
+        assert_eq!(stat(&env, Stat::DropSourceRange), before + 1);
+        // An external client (in range) of a Cluster-policy frontend: the
+        // masquerade needs a route out of one of our interfaces, and
+        // BPF_PROG_TEST_RUN runs where none is ours.
+        let before = stat(&env, Stat::MasqueradeNoRoute);
+        let fresh = frame((v4(pod), 40_001), (v4(lb), 80), TCP, SYN);
+        let out = env.try_run_prog(programs::FROM_DEVICE, &fresh).expect("run");
+        assert_eq!(out.verdict, TC_ACT_SHOT, "{lb}: no masquerade without a route of ours");
+        assert_eq!(stat(&env, Stat::MasqueradeNoRoute), before + 1);
     }
 }
