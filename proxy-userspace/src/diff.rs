@@ -460,16 +460,15 @@ fn sides_match(prog: &Programmed, frontend: &Frontend, v: &FrontendValue) -> boo
         .get(&v.rev_nat_id)
         .map_or(want.is_empty(), |have| have.len() == want.len() && want.iter().all(|c| have.contains(c)));
     let members = fam.affinity.get(&v.rev_nat_id);
-    let affinity = match v.settings.affinity_timeout {
-        None => members.is_none(),
-        Some(_) => {
-            let mut n = 0;
-            let all_members = prog.active_ids(frontend).into_iter().flatten().all(|id| {
-                n += 1;
-                matches!((id, members), (Some(id), Some(m)) if m.contains(&id))
-            });
-            all_members && members.map_or(0, BTreeSet::len) == n
-        }
+    let affinity = if v.settings.affinity_timeout.is_none() {
+        members.is_none()
+    } else {
+        let mut n = 0;
+        let all_members = prog.active_ids(frontend).into_iter().flatten().all(|id| {
+            n += 1;
+            matches!((id, members), (Some(id), Some(m)) if m.contains(&id))
+        });
+        all_members && members.map_or(0, BTreeSet::len) == n
     };
     ranges && affinity
 }

@@ -781,7 +781,7 @@ mod tests {
         let pool6: Vec<String> = (2..8).map(|i| format!("fd00::{i}")).collect();
         let ranges4 = [cidr("198.18.0.0/15"), cidr("198.51.100.0/24"), cidr("0.0.0.0/0")];
         let ranges6 = [cidr("fd00::/8"), cidr("2001:db8::/32")];
-        let mut rng = XorShift::new(0x5eed_0f_a11_7ab1e);
+        let mut rng = XorShift::new(0x005e_ed0f_a117_ab1e);
         let (mut k, mut prog) = (Fake::new(10_000), Programmed::default());
         for round in 0..300 {
             let mut d = random_desired(&mut rng, &frontends, &pool4, &pool6);
@@ -852,21 +852,21 @@ mod tests {
     #[test]
     fn a_frontend_id_taken_over_never_inherits_source_ranges_left_behind() {
         let (mut k, mut prog) = (Fake::new(1000), Programmed::default());
-        let (a, b) = (fe("198.19.0.10", 80), fe("198.19.0.11", 80));
-        let mut d = want(&[(a, &["198.18.2.2"])]);
-        d.frontends.get_mut(&a).expect("a").settings.source_ranges = vec![cidr("198.51.100.0/24")];
-        assert!(sync(&mut k, &mut prog, &d).errors.is_empty());
-        let id = k.frontends[&a].rev_nat_id;
-        // `a` goes, but its range cannot be deleted; `b` takes its id.
+        let (gone, taker) = (fe("198.19.0.10", 80), fe("198.19.0.11", 80));
+        let mut first = want(&[(gone, &["198.18.2.2"])]);
+        first.frontends.get_mut(&gone).expect("gone").settings.source_ranges = vec![cidr("198.51.100.0/24")];
+        assert!(sync(&mut k, &mut prog, &first).errors.is_empty());
+        let id = k.frontends[&gone].rev_nat_id;
+        // `gone` goes, but its range cannot be deleted; `taker` takes its id.
         k.stuck_ranges = true;
         let r = sync(&mut k, &mut prog, &want(&[]));
         assert_eq!(r.errors.len(), 2, "the removal and the clean-up report the stuck range: {:?}", r.errors);
         assert!(k.ranges.contains(&(id, cidr("198.51.100.0/24"))), "left behind");
         k.stuck_ranges = false;
-        let d = want(&[(b, &["198.18.2.2"])]);
-        let r = sync_dirty(&mut k, &mut prog, &d, &BTreeSet::from([b]));
+        let second = want(&[(taker, &["198.18.2.2"])]);
+        let r = sync_dirty(&mut k, &mut prog, &second, &BTreeSet::from([taker]));
         assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert_eq!(k.frontends[&b].rev_nat_id, id, "the lowest free id");
+        assert_eq!(k.frontends[&taker].rev_nat_id, id, "the lowest free id");
         assert!(k.ranges.is_empty(), "removed before the new frontend could meet it");
     }
 }

@@ -59,7 +59,8 @@ pub fn slice(
     ports: &[(&str, u16, &str)],
     endpoints: &[(IpAddr, Cond)],
 ) -> Value {
-    slice_of(name, service, address_type, ports, endpoints.iter().map(|(ip, c)| endpoint(*ip, *c)).collect())
+    let endpoints: Vec<Value> = endpoints.iter().map(|(ip, c)| endpoint(*ip, *c)).collect();
+    slice_of(name, service, address_type, ports, &endpoints)
 }
 
 /// An endpoint of a slice (callers may add `nodeName`, `zone`, `hints`).
@@ -76,7 +77,7 @@ pub fn slice_of(
     service: &str,
     address_type: &str,
     ports: &[(&str, u16, &str)],
-    endpoints: Vec<Value>,
+    endpoints: &[Value],
 ) -> Value {
     let ports: Vec<Value> =
         ports.iter().map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto})).collect();

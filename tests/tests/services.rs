@@ -68,11 +68,11 @@ impl World {
     /// Write the manifests (with this node's Node object) and start the
     /// agent as node `HERE`.
     fn start(&mut self, objs: &[Value]) {
-        self.c.write("objects.yaml", &self.text(objs));
+        self.c.write("objects.yaml", &Self::text(objs));
         self.c.start_agent_with(&["--node-name", HERE]);
     }
 
-    fn text(&self, objs: &[Value]) -> String {
+    fn text(objs: &[Value]) -> String {
         let mut all = vec![node(HERE, Some("zone-a"), &[ip(UPLINK_NODE4), ip(UPLINK_NODE6)])];
         all.extend_from_slice(objs);
         documents(&all)
@@ -80,7 +80,7 @@ impl World {
 
     /// Replace the manifests and wait for the agent to sync them.
     fn change(&self, objs: &[Value]) {
-        let text = self.text(objs);
+        let text = Self::text(objs);
         self.c.change_and_sync(|| self.c.write("objects.yaml", &text));
     }
 
@@ -90,7 +90,7 @@ impl World {
         [false, true]
             .iter()
             .map(|&v6| {
-                let list = eps
+                let list: Vec<Value> = eps
                     .iter()
                     .map(|&(b, node)| {
                         let mut e = endpoint(self.c.addr(self.be[b].0, v6), READY);
@@ -100,7 +100,7 @@ impl World {
                     })
                     .collect();
                 let fam = if v6 { "IPv6" } else { "IPv4" };
-                slice_of(&format!("{name}-{fam}"), name, fam, &[("tcp", TARGET, "TCP"), ("udp", TARGET, "UDP")], list)
+                slice_of(&format!("{name}-{fam}"), name, fam, &[("tcp", TARGET, "TCP"), ("udp", TARGET, "UDP")], &list)
             })
             .collect()
     }
@@ -128,13 +128,19 @@ impl World {
     }
 
     /// Requests to `target` from the external client, from address `from`.
-    fn from_outside(&self, from: IpAddr, target: SocketAddr, udp: bool, n: usize) -> Vec<std::io::Result<Reply>> {
+    fn requests_from_outside(
+        &self,
+        from: IpAddr,
+        target: SocketAddr,
+        udp: bool,
+        n: usize,
+    ) -> Vec<std::io::Result<Reply>> {
         let timeout = ANSWERED;
         self.c.topo.upstream.run(move || (0..n).map(|_| request_from(from, target, udp, timeout)).collect())
     }
 
     /// Requests to `target` from the client pod.
-    fn from_pod(&self, target: SocketAddr, udp: bool, n: usize) -> Vec<std::io::Result<Reply>> {
+    fn requests_from_pod(&self, target: SocketAddr, udp: bool, n: usize) -> Vec<std::io::Result<Reply>> {
         let from = self.c.addr(self.client, target.is_ipv6());
         self.c.in_pod(self.client, move || (0..n).map(|_| request_from(from, target, udp, ANSWERED)).collect())
     }
@@ -243,7 +249,7 @@ fn cluster_policy_serves_external_clients_on_node_ports_external_and_lb_ips_masq
             for (what, target) in targets(30, v6) {
                 for udp in [false, true] {
                     let what = format!("{what} {target} ({})", if udp { "UDP" } else { "TCP" });
-                    let replies = answered(&what, w.from_outside(upstream(v6), target, udp, 16));
+                    let replies = answered(&what, w.requests_from_outside(upstream(v6), target, udp, 16));
                     assert_eq!(backends(&replies).len(), 2, "{what}: both backends serve: {replies:?}");
                     for r in &replies {
                         let b = usize::from(r.backend == "be1");
@@ -257,7 +263,7 @@ fn cluster_policy_serves_external_clients_on_node_ports_external_and_lb_ips_masq
             // Pods on this node reach the same addresses, and keep their
             // own address (the reply comes back through this node anyway).
             for (what, target) in targets(30, v6) {
-                let replies = answered(what, w.from_pod(target, false, 8));
+                let replies = answered(what, w.requests_from_pod(target, false, 8));
                 assert!(replies.iter().all(|r| r.peer.ip() == w.c.addr(w.client, v6)), "{what}: {replies:?}");
             }
         }
@@ -280,7 +286,7 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints_while
         for v6 in [false, true] {
             for (what, target) in targets(31, v6) {
                 for udp in [false, true] {
-                    let replies = answered(what, w.from_outside(upstream(v6), target, udp, 8));
+                    let replies = answered(what, w.requests_from_outside(upstream(v6), target, udp, 8));
                     for r in &replies {
                         assert_eq!(r.backend, "be0", "{what}: only this node's endpoint: {r:?}");
                         assert_eq!(r.peer.ip(), upstream(v6), "{what}: the client's own address: {r:?}");
@@ -299,7 +305,7 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints_while
                 dropped(what, &w.c.topo.upstream, upstream(v6), target);
                 // A pod on this node is sent to the cluster-wide endpoints.
                 for udp in [false, true] {
-                    let replies = answered(what, w.from_pod(target, udp, 12));
+                    let replies = answered(what, w.requests_from_pod(target, udp, 12));
                     assert_eq!(backends(&replies).len(), 2, "{what}: pods reach the cluster: {replies:?}");
                 }
             }
@@ -325,7 +331,7 @@ fn internal_traffic_policy_local_uses_this_nodes_endpoints_and_drops_without_the
         w.start(&with_local);
         for v6 in [false, true] {
             for udp in [false, true] {
-                let replies = answered("ClusterIP", w.from_pod(cluster_ip(32, v6), udp, 12));
+                let replies = answered("ClusterIP", w.requests_from_pod(cluster_ip(32, v6), udp, 12));
                 assert_eq!(backends(&replies), BTreeSet::from(["be0".to_owned()]), "only this node's endpoint");
             }
         }
@@ -354,10 +360,10 @@ fn source_ranges_admit_listed_clients_on_lb_ips_and_drop_the_others_but_not_on_n
             let [(_, node_port), (_, external), (_, lb)] = targets(33, v6);
             let stranger = stranger[usize::from(v6)];
             for udp in [false, true] {
-                answered("LB IP from inside the ranges", w.from_outside(upstream(v6), lb, udp, 4));
+                answered("LB IP from inside the ranges", w.requests_from_outside(upstream(v6), lb, udp, 4));
                 // Node ports and external IPs are not the load balancer's.
-                answered("node port from outside the ranges", w.from_outside(stranger, node_port, udp, 4));
-                answered("external IP from outside the ranges", w.from_outside(stranger, external, udp, 4));
+                answered("node port from outside the ranges", w.requests_from_outside(stranger, node_port, udp, 4));
+                answered("external IP from outside the ranges", w.requests_from_outside(stranger, external, udp, 4));
             }
             let before = w.c.stat(Stat::DropSourceRange);
             dropped("LB IP from outside the ranges", &w.c.topo.upstream, stranger, lb);
@@ -373,7 +379,7 @@ fn source_ranges_admit_listed_clients_on_lb_ips_and_drop_the_others_but_not_on_n
 /// Service ports: each has its own affinity).
 fn sticky(w: &World, target: SocketAddr, n: usize) -> [String; 2] {
     [false, true].map(|udp| {
-        let mut seen = backends(&answered("affinity", w.from_pod(target, udp, n)));
+        let mut seen = backends(&answered("affinity", w.requests_from_pod(target, udp, n)));
         assert_eq!(seen.len(), 1, "{n} connections to {target} (udp={udp}) must reach one backend: {seen:?}");
         seen.pop_first().expect("one")
     })
@@ -407,7 +413,7 @@ fn client_ip_affinity_sticks_until_the_timeout_and_a_timeout_change_alone_is_pro
             first.push(sticky(&w, cluster_ip(34, v6), 20));
             // An external client is sticky on the node port too.
             let [(_, np), _, _] = targets(34, v6);
-            let replies = answered("node port", w.from_outside(upstream(v6), np, false, 20));
+            let replies = answered("node port", w.requests_from_outside(upstream(v6), np, false, 20));
             assert_eq!(backends(&replies).len(), 1, "node port: one backend for one client: {replies:?}");
         }
         assert!(w.c.stat(Stat::AffinityHit) >= hits + 4 * 19, "{}", w.c.stats_dump());
@@ -417,7 +423,7 @@ fn client_ip_affinity_sticks_until_the_timeout_and_a_timeout_change_alone_is_pro
             let start = Instant::now();
             loop {
                 std::thread::sleep(Duration::from_millis(2300));
-                let now = answered("re-pick", w.from_pod(cluster_ip(34, v6), false, 1));
+                let now = answered("re-pick", w.requests_from_pod(cluster_ip(34, v6), false, 1));
                 if now[0].backend != first[i][0] {
                     break;
                 }
@@ -438,7 +444,7 @@ fn client_ip_affinity_sticks_until_the_timeout_and_a_timeout_change_alone_is_pro
         // read back from the pinned maps, and a restart writes nothing.
         assert_eq!(pinned_timeouts(&w), BTreeSet::from([Some(2)]));
         let line = {
-            let text = w.text(&objs(&w, 3600, &rest));
+            let text = World::text(&objs(&w, 3600, &rest));
             w.c.change_and_sync(|| w.c.write("objects.yaml", &text))
         };
         assert!(line.contains("upserted=") && !line.contains("upserted=0 "), "{line}");
@@ -473,14 +479,14 @@ fn topology_hints_keep_traffic_in_this_nodes_zone_and_fall_back_to_every_endpoin
         let zone_a = BTreeSet::from(["be0".to_owned(), "be2".to_owned()]);
         for v6 in [false, true] {
             for udp in [false, true] {
-                let replies = answered("hinted", w.from_pod(cluster_ip(35, v6), udp, 24));
+                let replies = answered("hinted", w.requests_from_pod(cluster_ip(35, v6), udp, 24));
                 assert_eq!(backends(&replies), zone_a, "only endpoints hinted for zone-a");
             }
         }
         // One endpoint without hints: kube-proxy ignores them all.
         w.change(&objs(&w, 2));
         for v6 in [false, true] {
-            let replies = answered("unhinted", w.from_pod(cluster_ip(35, v6), false, 30));
+            let replies = answered("unhinted", w.requests_from_pod(cluster_ip(35, v6), false, 30));
             assert_eq!(backends(&replies).len(), 3, "every endpoint once hints are incomplete: {replies:?}");
         }
     }
