@@ -20,7 +20,7 @@ use dsproxy_tests::{
     Cluster,
     echo::{Reply, request_from},
     http::get,
-    manifests::{READY, documents, endpoint, node, slice_of},
+    manifests::{self, Port, READY, documents, endpoint, node, slice_of},
     netns::NetNs,
     probe::{PORT, TARGET},
     topo::{LINK_NODE4, LINK_NODE6, Profile, UPLINK_NODE4, UPLINK_NODE6, UPSTREAM4, UPSTREAM6, vip4, vip6},
@@ -155,14 +155,40 @@ fn answered(what: &str, results: Vec<std::io::Result<Reply>>) -> Vec<Reply> {
     results.into_iter().enumerate().map(|(i, r)| r.unwrap_or_else(|e| panic!("{what}: request {i}: {e}"))).collect()
 }
 
+/// Every request was refused (TCP RST, ICMP port unreachable), not
+/// dropped.
+fn refused(what: &str, ns: &NetNs, from: IpAddr, target: SocketAddr) {
+    failed(what, ns, (from, target), ANSWERED, ("refused", |k| k == ErrorKind::ConnectionRefused));
+}
+
 /// Every request went unanswered: dropped, not refused.
 fn dropped(what: &str, ns: &NetNs, from: IpAddr, target: SocketAddr) {
+    failed(
+        what,
+        ns,
+        (from, target),
+        DROPPED,
+        ("dropped", |k| matches!(k, ErrorKind::TimedOut | ErrorKind::WouldBlock)),
+    );
+}
+
+/// Every request (TCP and UDP) from `from` to `target` in `ns` failed with
+/// an error kind `how` accepts.
+fn failed(
+    what: &str,
+    ns: &NetNs,
+    (from, target): (IpAddr, SocketAddr),
+    timeout: Duration,
+    how: (&str, fn(ErrorKind) -> bool),
+) {
     for udp in [false, true] {
-        let r = ns.run(move || request_from(from, target, udp, DROPPED));
-        match r {
-            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {}
-            other => panic!("{what} ({}) must be dropped: {other:?}", if udp { "UDP" } else { "TCP" }),
-        }
+        let r = ns.run(move || request_from(from, target, udp, timeout));
+        assert!(
+            matches!(&r, Err(e) if (how.1)(e.kind())),
+            "{what} ({}) must be {}: {r:?}",
+            if udp { "UDP" } else { "TCP" },
+            how.0
+        );
     }
 }
 
@@ -196,24 +222,9 @@ fn cluster_ip(n: u8, v6: bool) -> SocketAddr {
 
 /// Dual-stack Service `name` number `n` with TCP and UDP on `PORT`.
 fn service(name: &str, n: u8) -> Value {
-    let ports = json!([
-        {"name": "tcp", "port": PORT, "protocol": "TCP", "targetPort": TARGET},
-        {"name": "udp", "port": PORT, "protocol": "UDP", "targetPort": TARGET},
-    ]);
-    let ips = [cluster_ip(n, false).ip().to_string(), cluster_ip(n, true).ip().to_string()];
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": ips[0],
-            "clusterIPs": ips,
-            "ipFamilies": ["IPv4", "IPv6"],
-            "ipFamilyPolicy": "RequireDualStack",
-            "ports": ports,
-        }
-    })
+    let ports = [("tcp", "TCP"), ("udp", "UDP")].map(|(name, proto)| Port { name, port: PORT, proto, target: TARGET });
+    let ips = [cluster_ip(n, false).ip(), cluster_ip(n, true).ip()];
+    manifests::service(name, &ips, "RequireDualStack", &ports)
 }
 
 /// Service `name` number `n` as a LoadBalancer: a node port, external IPs
@@ -272,7 +283,8 @@ fn cluster_policy_serves_external_clients_on_node_ports_external_and_lb_ips_masq
 }
 
 #[test]
-fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints_while_pods_reach_the_cluster() {
+fn local_policy_keeps_the_client_address_drops_without_local_endpoints_while_pods_reach_the_cluster_and_refuses_without_any()
+ {
     for profile in Profile::BASIC {
         let mut w = World::new(profile, &[("be0", false), ("be1", true)]);
         let objs = |here: &str| {
@@ -281,6 +293,7 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints_while
             objs
         };
         let (with_local, without_local) = (objs(HERE), objs(THERE));
+        let nowhere = vec![load_balancer("shop", 31, "Local")];
         w.start(&with_local);
         let health = SocketAddr::new(ip(UPLINK_NODE4), node_port(31) + 1);
         for v6 in [false, true] {
@@ -313,6 +326,16 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints_while
         assert!(w.c.stat(Stat::DropNoLocalBackend) >= before + 12, "{}", w.c.stats_dump());
         let hc = get(&w.c.topo.upstream, health, "/");
         assert_eq!(hc.as_ref().map(|r| r.status).ok(), Some(503), "health check without: {hc:?}");
+
+        // No endpoint anywhere: refused, from outside as from a pod.
+        w.change(&nowhere);
+        for v6 in [false, true] {
+            for (what, target) in targets(31, v6) {
+                refused(what, &w.c.topo.upstream, upstream(v6), target);
+                let pod = &w.c.topo.pods[w.client];
+                refused(what, &pod.ns, pod.addr(v6), target);
+            }
+        }
     }
 }
 
