@@ -611,6 +611,18 @@ impl Model {
                 checksums_valid(out).map_err(|e| format!("answer: {e}"))?;
                 Ok(Outcome::Refused)
             }
+            Expect::New { external, ref candidates, ip, .. }
+                if verdict == TC_ACT_SHOT && external && candidates.iter().any(|b| b.0 != ip.src) =>
+            {
+                // An external client of a Cluster-policy frontend is
+                // masqueraded to the node's address on the route to the
+                // backend, and only when that route leaves by one of our
+                // interfaces; BPF_PROG_TEST_RUN runs where none is ours, so
+                // every such flow is dropped (`masquerade_no_route`). An
+                // affinity entry the datapath wrote for it is among the
+                // candidates of the client's next flow, and learnt there.
+                Ok(Outcome::Dropped)
+            }
             Expect::New { key, l4, ip, candidates, fe, external } => {
                 want(TC_ACT_OK)?;
                 self.new_flow(frame, out, key, l4, ip, &candidates, fe, external)?;
@@ -747,7 +759,7 @@ impl Model {
             // Hairpin: from the address the client connected to.
             Some(ip.dst)
         } else if external {
-            Some(self.scene.node_addr(ip.v6))
+            return Err(format!("an external client's flow to {chosen:?} sent on without a route of ours"));
         } else {
             None
         };

@@ -3,7 +3,9 @@
 //! frontends with two backends, one backend on the frontend's own port,
 //! none (refuse), none with a Local policy (drop), a backend that is also a
 //! client (hairpin), ClientIP affinity, and a NodePort answered on the node
-//! address external clients are masqueraded to.
+//! address. (External clients of these Cluster-policy frontends are
+//! dropped unless hairpinned: their masquerade needs a route out of one of
+//! our interfaces, and BPF_PROG_TEST_RUN runs where none is ours.)
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use dsproxy::{
@@ -33,7 +35,7 @@ pub struct Hosts {
     /// Clients on this node; the last one is also a backend (hairpin).
     pub clients: Vec<IpAddr>,
     /// A client outside the node (its frames come in through a node
-    /// device and are masqueraded to `node`).
+    /// device).
     pub external: IpAddr,
     pub node: IpAddr,
     /// Sends ICMP errors (a router on the way).
@@ -158,18 +160,14 @@ impl Scene {
         d
     }
 
-    /// Timeouts far beyond a run (the model keeps no clock), the node's
-    /// addresses for masquerading.
+    /// Timeouts far beyond a run (the model keeps no clock).
     pub fn config(&self) -> DatapathConfig {
         const HOUR: u64 = 3_600_000_000_000;
-        let (IpAddr::V4(n4), IpAddr::V6(n6)) = (self.v4.node, self.v6.node) else { unreachable!("families") };
         DatapathConfig {
             tcp_syn_ns: HOUR,
             tcp_established_ns: HOUR,
             tcp_close_ns: HOUR,
             udp_ns: HOUR,
-            node_ip4: n4.octets(),
-            node_ip6: n6.octets(),
             ..DatapathConfig::DEFAULT
         }
     }
