@@ -664,6 +664,7 @@ fn should_agree_with_the_reference_model_on_20000_fuzzed_frames() {
         Outcome::IcmpError,
         Outcome::Refused,
         Outcome::Dropped,
+        Outcome::NoRoute,
     ] {
         assert!(report.count(outcome) >= 100, "too few frames {}: {report}", outcome.name());
     }

@@ -261,6 +261,7 @@ fn check_counters(env: &Env, epoch: u64, outcomes: &BTreeMap<Outcome, u64>, repo
         ("icmp_xlate", saw(Outcome::IcmpError)),
         ("reject_no_backend", saw(Outcome::Refused)),
         ("drop_no_local_backend", saw(Outcome::Dropped)),
+        ("masquerade_no_route", saw(Outcome::NoRoute)),
         ("drop_rewrite", 0),
         ("ct_insert_failed", 0),
         ("snat_no_port", 0),

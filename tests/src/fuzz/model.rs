@@ -96,6 +96,9 @@ pub enum Outcome {
     Refused,
     /// Dropped (a Local policy without local backends).
     Dropped,
+    /// An external client's new flow dropped: its masquerade needs a route
+    /// out of one of our interfaces (none is ours under BPF_PROG_TEST_RUN).
+    NoRoute,
     /// Refused by BPF_PROG_TEST_RUN itself (too short for its ethertype).
     NotRun,
 }
@@ -110,6 +113,7 @@ impl Outcome {
             Outcome::IcmpError => "icmp error",
             Outcome::Refused => "refused",
             Outcome::Dropped => "dropped",
+            Outcome::NoRoute => "dropped, no route to masquerade on",
             Outcome::NotRun => "not run (too short)",
         }
     }
@@ -621,7 +625,7 @@ impl Model {
                 // every such flow is dropped (`masquerade_no_route`). An
                 // affinity entry the datapath wrote for it is among the
                 // candidates of the client's next flow, and learnt there.
-                Ok(Outcome::Dropped)
+                Ok(Outcome::NoRoute)
             }
             Expect::New { key, l4, ip, candidates, fe, external } => {
                 want(TC_ACT_OK)?;
