@@ -505,7 +505,7 @@ fn should_read_back_frontend_settings_and_scopes_from_the_maps() {
     assert_eq!(back.active_backends(&int), Some(desired.frontends[&int].backends.clone()), "the internal scope");
     assert_eq!(back.node_addresses, desired.nodeport_addresses.iter().copied().collect());
     let id = back.frontends[&ext].rev_nat_id;
-    let members: Vec<Backend> = back.v6.affinity[&id].iter().map(|b| back.v6.backends[b]).collect();
+    let members: Vec<Backend> = back.v6.affinity[&id].iter().map(|b| *back.v6.backend(*b).expect("written")).collect();
     assert_eq!(members, spec.backends, "the affinity memberships of the external scope");
     assert!(!back.v6.affinity.contains_key(&back.frontends[&int].rev_nat_id), "none without affinity");
     let mut fresh = back;
