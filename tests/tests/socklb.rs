@@ -222,6 +222,29 @@ fn host_clients_reach_both_families_over_tcp_and_connected_udp_and_see_the_vip()
 }
 
 #[test]
+fn client_ip_affinity_keeps_every_host_connection_on_one_backend_per_family() {
+    for profile in Profile::BASIC {
+        let s = setup(profile, &[]);
+        for v6 in [false, true] {
+            let target = vip(12, v6);
+            let list: Vec<_> = (0..10).flat_map(|_| [("tcp", target), ("udp", target)]).collect();
+            // Each operation is a new socket; the node's clients are one
+            // client for affinity (the node's network namespace).
+            // Affinity is per frontend: the TCP port and the UDP port each
+            // keep their own backend.
+            let out = host(&s, &ops(&list));
+            for (proto, first) in [("tcp", 0), ("udp", 1)] {
+                let chosen: BTreeSet<SocketAddr> =
+                    out.iter().skip(first).step_by(2).map(|v| check(&s, v, v6, target)).collect();
+                assert_eq!(chosen.len(), 1, "affinity: 10 {proto} sockets went to {chosen:?}");
+            }
+        }
+        // All but the first socket of each frontend (4 of them) met its entry.
+        assert_eq!(s.c.stat(Stat::AffinityHit), 36, "{}", s.c.stats_dump());
+    }
+}
+
+#[test]
 fn unconnected_udp_keeps_one_backend_per_socket_and_recvfrom_shows_the_vip() {
     for profile in Profile::BASIC {
         let s = setup(profile, &[]);
