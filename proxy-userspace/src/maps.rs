@@ -201,11 +201,19 @@ impl Maps {
             m: &'static MapSpec,
             map: &Array<MapData, V>,
         ) -> Result<(u32, u32)> {
-            let mut n = 0u32;
-            for v in map.iter() {
-                n += u32::from(v.map_err(|source| Error::Read { map: m.name, source })? != V::default());
-            }
-            Ok((n, capacity(m, map)?))
+            let max = capacity(m, map)?;
+            let n = match batch::array_values::<V>(map.map().fd().as_fd(), max) {
+                Ok(values) => values.iter().filter(|v| **v != V::default()).count(),
+                // Without batch lookups: one element at a time.
+                Err(_) => {
+                    let mut n = 0usize;
+                    for v in map.iter() {
+                        n += usize::from(v.map_err(|source| Error::Read { map: m.name, source })? != V::default());
+                    }
+                    n
+                }
+            };
+            Ok((u32::try_from(n).unwrap_or(max), max))
         }
         fn trie<K: aya::Pod>(m: &'static MapSpec, map: &LpmTrie<MapData, K, u8>) -> Result<(u32, u32)> {
             let max = capacity(m, map)?;

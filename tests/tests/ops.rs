@@ -442,6 +442,8 @@ fn metrics_move_when_services_change_and_packets_flow() {
     assert_eq!(frontends(&m0), 2, "two ports, one IPv6 ClusterIP each");
     assert_eq!(v(&m0, "dsproxy_bpf_map_entries", "map=\"SVC6_V1\""), 4, "2 frontends + 2 slots");
     assert_eq!(v(&m0, "dsproxy_bpf_map_capacity", "map=\"SVC6_V1\""), 131_072);
+    // An array's entries in use, read in batches of 4,096.
+    assert_eq!(v(&m0, "dsproxy_bpf_map_entries", "map=\"REVNAT6_V1\""), 2, "one reverse-NAT entry per frontend");
     let last0 = secs(&m0, "IPv4");
 
     // A second Service whose slices say when their change was triggered.
