@@ -202,16 +202,15 @@ impl Maps {
             map: &Array<MapData, V>,
         ) -> Result<(u32, u32)> {
             let max = capacity(m, map)?;
-            let n = match batch::array_values::<V>(map.map().fd().as_fd(), max) {
-                Ok(values) => values.iter().filter(|v| **v != V::default()).count(),
+            let n = if let Ok(values) = batch::array_values::<V>(map.map().fd().as_fd(), max) {
+                values.iter().filter(|v| **v != V::default()).count()
+            } else {
                 // Without batch lookups: one element at a time.
-                Err(_) => {
-                    let mut n = 0usize;
-                    for v in map.iter() {
-                        n += usize::from(v.map_err(|source| Error::Read { map: m.name, source })? != V::default());
-                    }
-                    n
+                let mut n = 0usize;
+                for v in map.iter() {
+                    n += usize::from(v.map_err(|source| Error::Read { map: m.name, source })? != V::default());
                 }
+                n
             };
             Ok((u32::try_from(n).unwrap_or(max), max))
         }
