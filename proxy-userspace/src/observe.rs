@@ -158,6 +158,7 @@ impl Observer {
         if outcome.errors == 0 {
             self.health.updated(started, wall);
         }
+        self.services.listen_on(desired.health_check_addresses.as_deref());
         self.services.sync(&desired.health_checks);
     }
 }

@@ -1,6 +1,8 @@
 //! `healthCheckNodePort` servers (kube-proxy's `service_health.go`): one
 //! HTTP server per port in `Desired::health_checks`, on every address of
-//! both families, opened and closed as Services come and go. Any path
+//! both families or, with `--nodeport-addresses`, on the node addresses it
+//! selects (`Desired::health_check_addresses`), opened and closed as
+//! Services come and go. Any path
 //! gets the same answer: 200 when this node has ready endpoints of the
 //! Service and the proxy is healthy, else 503; the body is kube-proxy's,
 //! byte for byte, and `X-Load-Balancing-Endpoint-Weight` carries the count.
@@ -75,14 +77,32 @@ impl Drop for Servers {
 }
 
 /// A listener on `addr`; IPv6 sockets take IPv6 only, so both families
-/// can listen on the same port.
+/// can listen on the same port. `SO_REUSEPORT` lets the listeners of new
+/// addresses bind while those of the old ones are still being closed
+/// (their tasks end when the runtime next polls them).
 pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsRawFd as _;
+
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and a pointer to an int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            std::ptr::from_ref(&one).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -116,6 +136,24 @@ impl Servers {
                 None => Response::new(503, "text/plain; charset=utf-8", "no health check on this port\n".into()),
             }
         })
+    }
+
+    /// Listen on `addrs` from now on (`None`: every address of both
+    /// families); when they change, every port is reopened at the next
+    /// `sync`.
+    pub fn listen_on(&mut self, addrs: Option<&[IpAddr]>) {
+        let addrs =
+            addrs.map_or_else(|| vec![Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()], <[_]>::to_vec);
+        if addrs == self.addrs {
+            return;
+        }
+        for t in self.running.values().flatten() {
+            t.abort();
+        }
+        self.running.clear();
+        self.failed.clear();
+        log::info!("health check node ports listen on {addrs:?}");
+        self.addrs = addrs;
     }
 
     /// Serve exactly `wanted`: open new ports, close those that went, and

@@ -416,6 +416,10 @@ pub struct Desired {
     pub nodeport_addresses: Vec<IpAddr>,
     /// healthCheckNodePort -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Where the healthCheckNodePort servers listen: `None` for every
+    /// address (no `--nodeport-addresses`), else the node addresses it
+    /// selects, as kube-proxy's health servers.
+    pub health_check_addresses: Option<Vec<IpAddr>>,
 }
 
 #[cfg(test)]

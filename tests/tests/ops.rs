@@ -603,11 +603,13 @@ fn health_check_node_ports_come_and_go_with_the_desired_state() {
         types::{Family, HealthCheck},
     };
     use std::{collections::BTreeMap, sync::Arc};
+    /// What the servers are to serve, and where.
+    type Wanted = (BTreeMap<u16, HealthCheck>, Option<Vec<std::net::IpAddr>>);
     let ns = NetNs::new("hcnp");
     let (port_a, port_b) = (30_210, 30_211);
     let check = |n, by_family| HealthCheck { service: "shop/front".into(), local_endpoints: n, by_family };
     // The servers run on a runtime whose thread lives in the namespace.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BTreeMap<u16, HealthCheck>>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Wanted>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<(u16, Family)>>();
     let path = PathBuf::from("/run/netns").join(&ns.name);
     let server = std::thread::spawn(move || {
@@ -617,16 +619,18 @@ fn health_check_node_ports_come_and_go_with_the_desired_state() {
             let proxy = Arc::new(ProxyHealth::new(Duration::from_secs(30), true));
             proxy.updated(Instant::now(), std::time::SystemTime::now());
             let mut servers = Servers::new(proxy);
-            while let Some(wanted) = rx.recv().await {
+            while let Some((wanted, addrs)) = rx.recv().await {
+                servers.listen_on(addrs.as_deref());
                 servers.sync(&wanted);
                 done_tx.send(servers.ports()).expect("report");
             }
         });
     });
-    let sync = |wanted: BTreeMap<u16, HealthCheck>| {
-        tx.send(wanted).expect("send");
+    let sync_on = |wanted: BTreeMap<u16, HealthCheck>, addrs: Option<Vec<std::net::IpAddr>>| {
+        tx.send((wanted, addrs)).expect("send");
         done_rx.recv().expect("synced")
     };
+    let sync = |wanted| sync_on(wanted, None);
     let at = |ip: &str, port: u16| get(&ns, format!("{ip}:{port}").parse().expect("addr"), "/any/path");
     let (v4, v6) = ("198.18.77.1", "[fd00:77::1]");
     ns.ip(&["addr", "add", "198.18.77.1/32", "dev", "lo"]);
@@ -660,6 +664,15 @@ fn health_check_node_ports_come_and_go_with_the_desired_state() {
     assert_eq!(sync(BTreeMap::from([(port_a, check(1, vec![(Family::V6, 1)]))])), vec![(port_a, Family::V6)]);
     assert_eq!(at(v6, port_a).expect("port a, IPv6").status, 200);
     assert!(at(v4, port_a).is_err(), "no IPv4 server for an IPv6-only Service");
+    // --nodeport-addresses narrows where they listen, as kube-proxy's.
+    ns.ip(&["addr", "add", "198.18.77.2/32", "dev", "lo"]);
+    let narrowed = vec!["198.18.77.2".parse().expect("ip"), "fd00:77::1".parse().expect("ip")];
+    sync_on(BTreeMap::from([(port_a, dual(1))]), Some(narrowed));
+    assert_eq!(at("198.18.77.2", port_a).expect("a selected address").status, 200);
+    assert_eq!(at(v6, port_a).expect("a selected address").status, 200);
+    assert!(at(v4, port_a).is_err(), "{v4} is not selected: nothing listens there");
+    sync(BTreeMap::from([(port_a, dual(1))]));
+    assert_eq!(at(v4, port_a).expect("every address again").status, 200);
     assert!(sync(BTreeMap::new()).is_empty());
     drop(tx);
     server.join().expect("server thread");

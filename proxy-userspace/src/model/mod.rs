@@ -260,6 +260,8 @@ impl Cache {
     pub fn update(&mut self, store: &Store, dirty: &Dirty, config: &Config) -> Update {
         let node = NodeContext::new(store.node(), config);
         self.desired.nodeport_addresses = node.nodeport_addresses(config);
+        self.desired.health_check_addresses =
+            (config.nodeport_addresses != NodePortAddresses::All).then(|| self.desired.nodeport_addresses.clone());
         let mut names: BTreeSet<String> = match dirty {
             Dirty::None => BTreeSet::new(),
             Dirty::Services(set) => set.clone(),

@@ -385,6 +385,16 @@ mod model_tests {
             "node ports, both families, two scopes"
         );
         assert_eq!(ok.desired.health_checks.keys().copied().collect::<Vec<_>>(), vec![30081]);
+        assert_eq!(ok.desired.health_check_addresses, None, "every address without --nodeport-addresses");
+        let mut primary = cfg.clone();
+        primary.nodeport_addresses = "primary".parse().expect("flag");
+        let m = model_with(np(30080, 30081), &primary);
+        assert!(!m.desired.nodeport_addresses.is_empty());
+        assert_eq!(
+            m.desired.health_check_addresses.as_ref(),
+            Some(&m.desired.nodeport_addresses),
+            "the selected node addresses, as kube-proxy's health servers"
+        );
         assert_refused(
             &model_with(np(22, 30081), &cfg),
             "22",
