@@ -137,11 +137,11 @@ fn node() -> (NetNs, u32) {
     std::fs::write(&file, batch).expect("write ip batch");
     ns.ip(&["-batch", &file.to_string_lossy()]);
     let _ = std::fs::remove_file(&file);
-    let ifindex = ns.run(|| nix_ifindex("dpod0"));
+    let ifindex = ns.run(|| ifindex_of("dpod0"));
     (ns, ifindex)
 }
 
-fn nix_ifindex(name: &str) -> u32 {
+fn ifindex_of(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).expect("name");
     // SAFETY: a valid NUL-terminated string; if_nametoindex only reads it.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };

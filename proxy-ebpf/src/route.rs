@@ -174,7 +174,7 @@ pub fn deliver<F: Family>(ctx: &TcContext, w: &Work<F>, fib: Fib) -> Verdict {
             return stats::pass(F::SLOT, Stat::Stack);
         }
     }
-    // ... and the TTL.
+    // The TTL / hop limit.
     match F::decrement_ttl(ctx) {
         Ok(true) => {}
         Ok(false) => return stats::pass(F::SLOT, Stat::Stack),
