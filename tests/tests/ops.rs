@@ -416,8 +416,16 @@ fn healthz_and_livez_answer_as_kube_proxy_and_fail_when_a_change_cannot_be_synce
     assert!(count(&m, "dsproxy_sync_errors_total", "").is_some_and(|n| n >= 2), "failed syncs are retried: {m}");
     assert!(count(&m, "kubeproxy_proxy_healthz_total", "code=\"503\"").is_some_and(|n| n >= 1), "{m}");
 
-    // Back to what fits: the next sync succeeds and both recover.
-    c.change_and_sync(|| c.write("web.yaml", &documents(&web(&c, "web", 40, &[be], None))));
+    // Back to what fits: the next sync succeeds and both recover. A retry of
+    // the failed change may land between the write and the watcher's event,
+    // so wait for a sync without errors rather than for the next one.
+    let g = c.agent().generation();
+    c.write("web.yaml", &documents(&web(&c, "web", 40, &[be], None)));
+    let clean = |l: &str| {
+        l.contains(" errors=0 ")
+            && l.split("synced generation=").nth(1).and_then(|r| r.split(' ').next()?.parse::<u64>().ok()) > Some(g)
+    };
+    c.agent().wait_for_line(clean, Duration::from_secs(15));
     assert_eq!(probe(&c, health, "/healthz").status, 200);
     assert_eq!(probe(&c, health, "/livez").status, 200);
     assert!(probe(&c, METRICS, "/proxyMode").body == "ebpf");
