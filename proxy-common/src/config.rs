@@ -21,7 +21,10 @@ pub struct DatapathConfig {
     pub host_netns_cookie: u64,
     /// `config_flags::*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// Generation of the routes flows cache (`Hop`): the agent bumps it
+    /// whenever it writes this configuration or the interfaces it handles
+    /// change, and every cached route is looked up again.
+    pub route_gen: u32,
 }
 const _: () = assert!(size_of::<DatapathConfig>() == 48);
 
@@ -40,7 +43,7 @@ impl DatapathConfig {
         udp_ns: ct_timeout::UDP,
         host_netns_cookie: 0,
         flags: 0,
-        _pad: 0,
+        route_gen: 0,
     };
 }
 

@@ -66,14 +66,55 @@ pub struct CtFwd<A> {
     /// `ct_flags::*`.
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// The route of a flow delivered past the host stack
+    /// (`ct_flags::BYPASS`), towards the backend and back to the client,
+    /// cached from the FIB lookup of an earlier packet.
+    pub to_backend: Hop,
+    pub to_client: Hop,
 }
 
 /// Forward entry, IPv4.
 pub type CtFwd4 = CtFwd<[u8; 4]>;
 /// Forward entry, IPv6.
 pub type CtFwd6 = CtFwd<[u8; 16]>;
-const _: () = assert!(size_of::<CtFwd4>() == 32);
-const _: () = assert!(size_of::<CtFwd6>() == 56);
+const _: () = assert!(size_of::<CtFwd4>() == 96);
+const _: () = assert!(size_of::<CtFwd6>() == 120);
+
+/// A route cached in a flow: where its packets in one direction leave
+/// and with which MACs. Used while `until` is in the future and `gen` is
+/// the configuration's `route_gen` (the agent bumps it whenever the
+/// interfaces it handles change); otherwise the next packet looks the
+/// route up again and caches it anew. So a changed route or neighbour
+/// reaches a flow within `ROUTE_CACHE_NS`, an interface dsproxy stops
+/// handling at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Hop {
+    /// `bpf_ktime_get_ns` time until which the route holds; 0: none cached.
+    pub until: u64,
+    /// `DatapathConfig::route_gen` when it was cached.
+    pub route_gen: u32,
+    /// The interface the packets leave by (one of ours).
+    pub ifindex: u32,
+    /// Its MTU, for the check the FIB lookup made on the first packet.
+    pub mtu: u16,
+    /// `hop_flags::*`.
+    pub flags: u16,
+    /// Destination MAC, then source MAC: the Ethernet header's first 12
+    /// bytes.
+    pub macs: [u8; 12],
+}
+const _: () = assert!(size_of::<Hop>() == 32);
+
+/// `Hop::flags`.
+pub mod hop_flags {
+    /// The interface faces a pod: `bpf_redirect_peer` into its namespace.
+    pub const POD: u16 = 1 << 0;
+}
+
+/// How long a flow keeps a route it looked up: one FIB lookup per second
+/// and direction of a flow, instead of one per packet.
+pub const ROUTE_CACHE_NS: u64 = 1_000_000_000;
 
 /// Reverse entry: where a reply goes back to.
 #[repr(C)]

@@ -23,7 +23,10 @@ pub mod svc;
 use core::mem::size_of;
 
 pub use config::{DatapathConfig, IfaceInfo, config_flags, iface_role};
-pub use ct::{CtFwd, CtFwd4, CtFwd6, CtKey, CtKey4, CtKey6, CtRev, CtRev4, CtRev6, ct_flags, ct_state, ct_timeout};
+pub use ct::{
+    CtFwd, CtFwd4, CtFwd6, CtKey, CtKey4, CtKey6, CtRev, CtRev4, CtRev6, Hop, ROUTE_CACHE_NS, ct_flags, ct_state,
+    ct_timeout, hop_flags,
+};
 pub use lb::{AffMatchKey, AffinityKey, AffinityValue, FragKey4, FragKey6, FragPorts, SrcRange4, SrcRange6};
 pub use sock::{
     SockConn, SockConn4, SockConn6, SockFwd, SockFwd4, SockFwd6, SockKey4, SockKey6, SockRev, SockRev4, SockRev6,
@@ -49,9 +52,9 @@ pub mod names {
     pub const BACKEND6: &str = "BACKEND6_V1";
     pub const REVNAT4: &str = "REVNAT4_V1";
     pub const REVNAT6: &str = "REVNAT6_V1";
-    pub const CT4_FWD: &str = "CT4_FWD_V2";
+    pub const CT4_FWD: &str = "CT4_FWD_V3";
     pub const CT4_REV: &str = "CT4_REV_V2";
-    pub const CT6_FWD: &str = "CT6_FWD_V2";
+    pub const CT6_FWD: &str = "CT6_FWD_V3";
     pub const CT6_REV: &str = "CT6_REV_V2";
     pub const FRAG4: &str = "FRAG4_V1";
     pub const FRAG6: &str = "FRAG6_V1";

@@ -151,10 +151,13 @@ pub enum Rev {
 /// `record`, record the reply in `w.pkt` on the flow.
 #[inline(never)]
 pub fn lookup_rev<F: Family>(w: &mut Work<F>, record: bool) -> Rev {
-    let now = now();
     let Some(back) = F::rev_get(&w.key) else {
         return Rev::None;
     };
+    // The clock only for a packet that may be a reply (not for every
+    // packet that is none of ours).
+    let now = now();
+    w.now = now;
     // SAFETY: pointer from a successful lookup, valid for this run (RCU).
     w.back = unsafe { *back };
     let (src, dst) = ((w.key.saddr, w.key.sport), (w.key.daddr, w.key.dport));

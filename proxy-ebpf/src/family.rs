@@ -17,7 +17,7 @@ use proxy_common::{
 
 use crate::{
     maps::{
-        AFFMATCH4_V1, AFFMATCH6_V1, BACKEND4_V1, BACKEND6_V1, CT4_FWD_V2, CT4_REV_V2, CT6_FWD_V2, CT6_REV_V2, FRAG4_V1,
+        AFFMATCH4_V1, AFFMATCH6_V1, BACKEND4_V1, BACKEND6_V1, CT4_FWD_V3, CT4_REV_V2, CT6_FWD_V3, CT6_REV_V2, FRAG4_V1,
         FRAG6_V1, NODEPORT4_V1, NODEPORT6_V1, SOCK4_CONN_V1, SOCK4_FWD_V1, SOCK4_REV_V1, SOCK6_CONN_V1, SOCK6_FWD_V1,
         SOCK6_REV_V1, SRCRANGE4_V1, SRCRANGE6_V1, SVC4_V1, SVC6_V1,
     },
@@ -79,9 +79,11 @@ pub trait Family: Sized {
     /// Addresses by reference: they usually live in the `Work`, and a copy
     /// of an IPv6 address costs stack the verifier counts.
     fn rewrite(ctx: &TcContext, l4: &L4, end: End, old: Ends<'_, Self::Addr>) -> Result<(), Verdict>;
-    /// Decrement the TTL / hop limit as a router does; `false` when it
-    /// would reach zero (the host stack must answer with time exceeded).
-    fn decrement_ttl(ctx: &TcContext) -> Result<bool, Verdict>;
+    /// A router's duties on a packet it forwards: decrement the TTL / hop
+    /// limit, and write the next link's MACs when given; `false` when the
+    /// TTL would reach zero (the host stack must answer with time
+    /// exceeded).
+    fn forward(ctx: &TcContext, macs: Option<&[u8; 12]>) -> Result<bool, Verdict>;
     /// FIB lookup for forwarding `src -> dst` in from `ifindex`; the result
     /// is left in `w.fib` / `w.nh`. With `route::SOURCE` in `flags`, the
     /// lookup also finds the source address the node would send from on
@@ -260,8 +262,8 @@ macro_rules! family_impl {
             }
 
             #[inline(always)]
-            fn decrement_ttl(ctx: &TcContext) -> Result<bool, Verdict> {
-                $ttl(ctx)
+            fn forward(ctx: &TcContext, macs: Option<&[u8; 12]>) -> Result<bool, Verdict> {
+                $ttl(ctx, macs)
             }
 
             #[inline(always)]
@@ -338,11 +340,11 @@ family_impl!(
     nodeport_map: NODEPORT4_V1,
     src_range: (SrcRange4, SRCRANGE4_V1),
     affinity_match_map: AFFMATCH4_V1,
-    ct_maps: (CT4_FWD_V2, CT4_REV_V2),
+    ct_maps: (CT4_FWD_V3, CT4_REV_V2),
     frag: (FragKey4, FRAG4_V1),
     ip_offsets: (12, 16, Some(10)),
     rewrite: nat::rewrite_v4,
-    ttl: nat::decrement_ttl_v4,
+    ttl: nat::forward_v4,
     fib: (route::fib_v4, route::source_v4),
     reject: reject::reject_v4,
     sock: (SockKey4, SOCK4_FWD_V1, SockRevKey4, SOCK4_REV_V1, SOCK4_CONN_V1),
@@ -358,11 +360,11 @@ family_impl!(
     nodeport_map: NODEPORT6_V1,
     src_range: (SrcRange6, SRCRANGE6_V1),
     affinity_match_map: AFFMATCH6_V1,
-    ct_maps: (CT6_FWD_V2, CT6_REV_V2),
+    ct_maps: (CT6_FWD_V3, CT6_REV_V2),
     frag: (FragKey6, FRAG6_V1),
     ip_offsets: (8, 24, None),
     rewrite: nat::rewrite_v6,
-    ttl: nat::decrement_ttl_v6,
+    ttl: nat::forward_v6,
     fib: (route::fib_v6, route::source_v6),
     reject: reject::reject_v6,
     sock: (SockKey6, SOCK6_FWD_V1, SockRevKey6, SOCK6_REV_V1, SOCK6_CONN_V1),

@@ -66,6 +66,7 @@ fn when(cond: bool, bit: u8) -> u8 {
 #[inline(never)]
 pub fn handle<F: Family, const EGRESS: bool>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
     let now = conntrack::now();
+    w.now = now;
     let inner = w.err.inner;
     let (isrc, idst) = ((inner.saddr, inner.sport), (inner.daddr, inner.dport));
     // About a packet on its way to a backend: the quoted packet reversed is
@@ -127,7 +128,9 @@ fn finish<F: Family, const EGRESS: bool>(ctx: TcContext, w: &mut Work<F>, bypass
     }
     let src = if w.change.which & OUTER_SRC != 0 { w.change.outer_src } else { w.err.saddr };
     let fib = F::fib(ctx, w, src, to, route::ingress_ifindex(ctx), 0);
-    route::deliver::<F>(ctx, w, fib)
+    // Errors are rare: the route is not cached.
+    route::set_hop::<F>(w, fib);
+    route::deliver::<F>(ctx, w, fib, &w.hop)
 }
 
 /// Replace the address at `off` (`old` -> `new`), accounting the change

@@ -33,11 +33,11 @@ pub static REVNAT4_V1: Array<RevNat4> = Array::pinned(capacity::REVNAT, 0);
 pub static REVNAT6_V1: Array<RevNat6> = Array::pinned(capacity::REVNAT, 0);
 // Conntrack is written per packet, so it is preallocated (LRU maps must be).
 #[map]
-pub static CT4_FWD_V2: LruHashMap<CtKey4, CtFwd4> = LruHashMap::pinned(capacity::CT, 0);
+pub static CT4_FWD_V3: LruHashMap<CtKey4, CtFwd4> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
 pub static CT4_REV_V2: LruHashMap<CtKey4, CtRev4> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
-pub static CT6_FWD_V2: LruHashMap<CtKey6, CtFwd6> = LruHashMap::pinned(capacity::CT, 0);
+pub static CT6_FWD_V3: LruHashMap<CtKey6, CtFwd6> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
 pub static CT6_REV_V2: LruHashMap<CtKey6, CtRev6> = LruHashMap::pinned(capacity::CT, 0);
 // Ports of fragmented datagrams, from their first fragment.

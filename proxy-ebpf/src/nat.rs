@@ -1,15 +1,20 @@
-//! Address and port rewrites with incremental checksum updates through the
-//! kernel helpers: they also handle `CHECKSUM_PARTIAL` skbs from local
-//! sockets (the TCP/UDP checksum field then holds only the pseudo-header
-//! sum) and keep `skb->csum` right for `CHECKSUM_COMPLETE` ones.
+//! Address and port rewrites with incremental checksum updates. The
+//! transport checksum goes through the kernel helpers: they also handle
+//! `CHECKSUM_PARTIAL` skbs from local sockets (the TCP/UDP checksum field
+//! then holds only the pseudo-header sum) and keep `skb->csum` right for
+//! `CHECKSUM_COMPLETE` ones. Everything else (addresses, ports, the IPv4
+//! header checksum, TTL / hop limit, MACs) is written into the packet
+//! directly: the IPv4 header's sum stays constant under a correct
+//! checksum update, so `skb->csum` needs nothing there, and the helpers'
+//! calls cost more than the writes.
 use aya_ebpf::programs::TcContext;
 use proxy_common::{IPPROTO_UDP, StatSlot};
 
 use crate::{
     csum,
     parse::{
-        IP4_CSUM_OFF, IP4_DADDR_OFF, IP4_SADDR_OFF, IP4_TTL_OFF, IP6_DADDR_OFF, IP6_HOP_LIMIT_OFF, IP6_SADDR_OFF, L4,
-        Verdict, read,
+        self, IP4_CSUM_OFF, IP4_DADDR_OFF, IP4_SADDR_OFF, IP4_TTL_OFF, IP6_DADDR_OFF, IP6_HOP_LIMIT_OFF, IP6_SADDR_OFF,
+        L4, Verdict, read,
     },
     stats::{drop_rewrite, passing},
 };
@@ -69,7 +74,33 @@ fn rewrite_port(ctx: &TcContext, l4: &L4, end: End, old: u16, new: u16, slot: St
     }
     ctx.l4_csum_replace(l4.csum_off, u64::from(old), u64::from(new), l4_flags(l4) | csum_flags::SIZE_2)
         .map_err(drop_rewrite(slot))?;
-    ctx.store(port_off(l4, end), &new, 0).map_err(drop_rewrite(slot))
+    put(ctx, port_off(l4, end), &new, slot)
+}
+
+/// Write `v` at `off`: directly when the bytes are in the linear part of
+/// the frame (always the case for headers the parser read directly),
+/// through the helper otherwise (headers after IPv6 extension headers).
+#[inline(always)]
+fn put<T: Copy>(ctx: &TcContext, off: usize, v: &T, slot: StatSlot) -> Result<(), Verdict> {
+    if parse::write(ctx, off, *v).is_ok() {
+        return Ok(());
+    }
+    ctx.store(off, v, 0).map_err(drop_rewrite(slot))
+}
+
+/// Replace the 16-bit words `old` with `new` at `off` in the IPv4 header
+/// and update its checksum to match, all directly in the packet.
+#[inline(always)]
+fn ip4_replace<const N: usize>(ctx: &TcContext, off: usize, old: &[u8; N], new: &[u8; N]) -> Result<(), ()> {
+    let sum = read::<[u8; 2]>(ctx, IP4_CSUM_OFF).map_err(|_| ())?;
+    let mut diff = csum::Sum::default();
+    let mut i = 0;
+    while i + 1 < N {
+        diff.replace16([old[i], old[i + 1]], [new[i], new[i + 1]]);
+        i += 2;
+    }
+    parse::write(ctx, IP4_CSUM_OFF, csum::update(sum, diff))?;
+    parse::write(ctx, off, *new)
 }
 
 /// Rewrite the IPv4 address and port at `end`. A later fragment has no
@@ -88,9 +119,7 @@ pub fn rewrite_v4(ctx: &TcContext, l4: &L4, end: End, e: Ends<'_, [u8; 4]>) -> R
             ctx.l4_csum_replace(l4.csum_off, u64::from(old_addr), u64::from(new_addr), flags)
                 .map_err(drop_rewrite(SLOT))?;
         }
-        ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), csum_flags::SIZE_4)
-            .map_err(drop_rewrite(SLOT))?;
-        ctx.store(addr_off, e.new, 0).map_err(drop_rewrite(SLOT))?;
+        ip4_replace(ctx, addr_off, e.old, e.new).map_err(drop_rewrite(SLOT))?;
     }
     rewrite_port(ctx, l4, end, e.old_port, e.new_port, SLOT)
 }
@@ -117,37 +146,41 @@ pub fn rewrite_v6(ctx: &TcContext, l4: &L4, end: End, e: Ends<'_, [u8; 16]>) -> 
                 ctx.l4_csum_replace(l4.csum_off, 0, diff.as_diff(), flags).map_err(drop_rewrite(SLOT))?;
             }
         }
-        ctx.store(addr_off, e.new, 0).map_err(drop_rewrite(SLOT))?;
+        put(ctx, addr_off, e.new, SLOT)?;
     }
     rewrite_port(ctx, l4, end, e.old_port, e.new_port, SLOT)
 }
 
-/// Decrement the IPv4 TTL and fix the header checksum; `false` when the
-/// packet must not be forwarded (TTL 1 or 0: the host stack answers).
+/// A router's duties on an IPv4 packet it forwards: decrement the TTL
+/// (and fix the header checksum), and write the MACs of the next link
+/// when given (`None`: the kernel resolves them). `false` when the packet
+/// must not be forwarded (TTL 1 or 0: the host stack answers).
 #[inline(always)]
-pub fn decrement_ttl_v4(ctx: &TcContext) -> Result<bool, Verdict> {
+pub fn forward_v4(ctx: &TcContext, macs: Option<&[u8; 12]>) -> Result<bool, Verdict> {
     const SLOT: StatSlot = StatSlot::V4;
     // TTL and protocol form one 16-bit word of the header checksum.
     let word = read::<[u8; 2]>(ctx, IP4_TTL_OFF).map_err(passing(SLOT))?;
     if word[0] <= 1 {
         return Ok(false);
     }
-    let new = [word[0] - 1, word[1]];
-    let (from, to) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
-    ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(from), u64::from(to), csum_flags::SIZE_2)
-        .map_err(drop_rewrite(SLOT))?;
-    ctx.store(IP4_TTL_OFF, &new[0], 0).map_err(drop_rewrite(SLOT))?;
+    ip4_replace(ctx, IP4_TTL_OFF, &word, &[word[0] - 1, word[1]]).map_err(drop_rewrite(SLOT))?;
+    if let Some(m) = macs {
+        parse::write(ctx, 0, *m).map_err(drop_rewrite(SLOT))?;
+    }
     Ok(true)
 }
 
-/// Decrement the IPv6 hop limit; `false` when it would reach zero.
+/// The same for IPv6: the hop limit (no header checksum), and the MACs.
 #[inline(always)]
-pub fn decrement_ttl_v6(ctx: &TcContext) -> Result<bool, Verdict> {
+pub fn forward_v6(ctx: &TcContext, macs: Option<&[u8; 12]>) -> Result<bool, Verdict> {
     const SLOT: StatSlot = StatSlot::V6;
     let hops = read::<u8>(ctx, IP6_HOP_LIMIT_OFF).map_err(passing(SLOT))?;
     if hops <= 1 {
         return Ok(false);
     }
-    ctx.store(IP6_HOP_LIMIT_OFF, &(hops - 1), 0).map_err(drop_rewrite(SLOT))?;
+    parse::write(ctx, IP6_HOP_LIMIT_OFF, hops - 1).map_err(drop_rewrite(SLOT))?;
+    if let Some(m) = macs {
+        parse::write(ctx, 0, *m).map_err(drop_rewrite(SLOT))?;
+    }
     Ok(true)
 }

@@ -167,6 +167,28 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, ()> {
     Ok((start + off) as *const T)
 }
 
+/// Write `v` at `off` in the linear part of the frame, directly (no helper
+/// call). `off` is bounded for the verifier, which only follows packet
+/// offsets it can bound; `Err` when the bytes are not in the linear part
+/// (the caller then writes through the helper). Packet pointers do not
+/// survive a helper that may move the data (the checksum helpers), so
+/// every write derives its own.
+#[inline(always)]
+pub fn write<T: Copy>(ctx: &TcContext, off: usize, v: T) -> Result<(), ()> {
+    if off > MAX_DIRECT_OFF {
+        return Err(());
+    }
+    let ptr = ptr_at::<T>(ctx, off)?.cast_mut();
+    // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `ptr` lie inside
+    // the packet; TC programs may write it (the verifier unclones the skb
+    // first); `write_unaligned` because packet offsets need not be aligned.
+    unsafe { ptr.write_unaligned(v) };
+    Ok(())
+}
+
+/// The largest offset `write` takes: past every header it rewrites.
+const MAX_DIRECT_OFF: usize = 1024;
+
 /// Read a `T` at `off`; a frame too short is malformed.
 #[inline(always)]
 pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Stat> {

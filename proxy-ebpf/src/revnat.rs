@@ -16,7 +16,8 @@ use crate::{
     family::Family,
     nat::{End, Ends},
     parse::Verdict,
-    route, stats,
+    route::{self, Dir},
+    stats,
     work::Work,
 };
 
@@ -37,9 +38,7 @@ pub fn ingress<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
                 return v;
             }
             stats::count(F::SLOT, Stat::RevNat);
-            let (src, dst) = (w.back.frontend, w.back.client);
-            let fib = F::fib(ctx, w, src, dst, route::ingress_ifindex(ctx), 0);
-            route::deliver::<F>(ctx, w, fib)
+            route::send::<F>(ctx, w, Dir::ToClient)
         }
     }
 }

@@ -12,19 +12,19 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
-        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup as FibParams, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh,
     },
     helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use proxy_common::{Stat, iface_role};
+use proxy_common::{Hop, ROUTE_CACHE_NS, Stat, hop_flags, iface_role};
 
 use crate::{
     family::{Family, V4, V6},
-    maps::IFACES_V1,
+    maps::{CONFIG_V2, IFACES_V1},
     parse::Verdict,
-    stats::{self, drop_rewrite},
+    stats,
     work::Work,
 };
 
@@ -33,6 +33,10 @@ use crate::{
 const FIB_LEN: i32 = size_of::<FibParams>() as i32;
 #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "a 20-byte struct")]
 const NH_LEN: i32 = size_of::<bpf_redir_neigh>() as i32;
+
+/// What `is_skb_forwardable` allows on top of the MTU: an Ethernet
+/// header and a VLAN tag.
+const LINK_HLEN: u32 = 14 + 4;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -146,66 +150,163 @@ pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Send a translated packet on its way: past the host stack when `fib`
-/// names one of our interfaces and the packet fits, to the host stack
-/// otherwise.
+/// Which way a flow's packet goes, for the route the flow caches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// The client's packet, to the backend (`Flow::to_backend`).
+    ToBackend,
+    /// The backend's reply, to the client (`Flow::to_client`).
+    ToClient,
+}
+
+/// The generation cached routes must carry to hold (`Hop`).
+#[inline(always)]
+fn route_gen() -> u32 {
+    CONFIG_V2.get(0).map_or(0, |c| c.route_gen)
+}
+
+/// Set `w.hop` to the route `fib` found, as a flow caches it: an
+/// interface of ours and the MACs to write. No route (`ifindex` 0) when
+/// the lookup left the neighbour to the kernel, or the interface is not
+/// ours. (Written in place: a `Hop` on the stack counts against the
+/// frames of the call chain.)
 #[inline(never)]
-pub fn deliver<F: Family>(ctx: &TcContext, w: &Work<F>, fib: Fib) -> Verdict {
-    let Some((ifindex, role)) = fib.ours() else {
+pub fn set_hop<F: Family>(w: &mut Work<F>, fib: Fib) {
+    let found = match fib {
+        Fib::Out(_) => fib.ours(),
+        Fib::Neigh(_) | Fib::Stack => None,
+    };
+    let Some((ifindex, role)) = found else {
+        w.hop.ifindex = 0;
+        return;
+    };
+    let h = &mut w.hop;
+    h.until = w.now + ROUTE_CACHE_NS;
+    h.route_gen = route_gen();
+    h.ifindex = ifindex;
+    // SAFETY: plain-data union; after a successful lookup without
+    // `tot_len` it holds the interface's MTU.
+    h.mtu = unsafe { w.fib.__bindgen_anon_1.mtu_result };
+    h.flags = if role == iface_role::POD { hop_flags::POD } else { 0 };
+    h.macs[..6].copy_from_slice(&w.fib.dmac);
+    h.macs[6..].copy_from_slice(&w.fib.smac);
+}
+
+/// Send the translated packet of the bypass flow in `w.flow` on its way
+/// `dir`: by the route the flow cached while it holds (fresh and of the
+/// current generation), else by a FIB lookup, whose route the flow then
+/// caches for the packets that follow.
+#[inline(always)]
+pub fn send<F: Family>(ctx: &TcContext, w: &mut Work<F>, dir: Dir) -> Verdict {
+    let cached = match dir {
+        Dir::ToBackend => &w.flow.to_backend,
+        Dir::ToClient => &w.flow.to_client,
+    };
+    if cached.ifindex != 0 && cached.until > w.now && cached.route_gen == route_gen() {
+        return out::<F>(ctx, cached);
+    }
+    let (src, dst) = match dir {
+        Dir::ToBackend => (w.flow.nat, w.flow.backend),
+        Dir::ToClient => (w.back.frontend, w.back.client),
+    };
+    let fib = F::fib(ctx, w, src, dst, ingress_ifindex(ctx), 0);
+    set_hop::<F>(w, fib);
+    if w.hop.ifindex != 0 {
+        cache::<F>(w, dir);
+    }
+    deliver::<F>(ctx, w, fib, &w.hop)
+}
+
+/// Record `w.hop` in the forward entry of `w.flow` (its key is `w.key`
+/// for the client's packets, `w.key2` for replies), when the entry still
+/// names the route's ends: another CPU may have replaced it with a later
+/// flow on the same tuple, whose route this is not.
+#[inline(always)]
+fn cache<F: Family>(w: &Work<F>, dir: Dir) {
+    let key = if dir == Dir::ToBackend { &w.key } else { &w.key2 };
+    let Some(ptr) = F::fwd_get(key) else { return };
+    // SAFETY: pointer from a successful lookup, valid for this run (RCU).
+    let entry = unsafe { &mut *ptr };
+    match dir {
+        // The route from the source the backend sees to the backend.
+        Dir::ToBackend if entry.backend == w.flow.backend && entry.nat == w.flow.nat => entry.to_backend = w.hop,
+        // The route back to the client: the key's own addresses.
+        Dir::ToClient => entry.to_client = w.hop,
+        Dir::ToBackend => {}
+    }
+}
+
+/// Send a translated packet on its way: by `hop` when it holds a route,
+/// else as `fib` says (a next hop whose MAC the kernel resolves, on one
+/// of our interfaces, or the host stack).
+#[inline(never)]
+pub fn deliver<F: Family>(ctx: &TcContext, w: &Work<F>, fib: Fib, hop: &Hop) -> Verdict {
+    if hop.ifindex != 0 {
+        return out::<F>(ctx, hop);
+    }
+    let Fib::Neigh(_) = fib else {
         return stats::pass(F::SLOT, Stat::Stack);
     };
-    // Owning forwarding means owning its duties: the MTU of the next link
-    // (segments of a GSO packet included). A successful FIB lookup checked
-    // it already (`bpf_skb_fib_lookup` without `tot_len` returns
-    // FRAG_NEEDED, which is `Fib::Stack`, for a packet the device would not
-    // forward), except for the segments of a GSO packet, which it lets
-    // through whatever their size; one that left the neighbour to the
-    // kernel checked nothing.
-    // SAFETY: reading a field of the program's own context.
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    if gso || matches!(fib, Fib::Neigh(_)) {
-        let mut mtu = 0u32;
-        // SAFETY: helper on the program's own skb with a valid out-pointer.
-        let fits = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut mtu, 0, u64::from(BPF_MTU_CHK_SEGS)) } == 0;
-        if !fits {
-            // The host stack answers with fragmentation needed / packet
-            // too big, quoting the translated packet; egress translates it
-            // back.
-            return stats::pass(F::SLOT, Stat::Stack);
-        }
+    let Some((ifindex, _)) = fib.ours() else {
+        return stats::pass(F::SLOT, Stat::Stack);
+    };
+    // Nothing checked the MTU on this route yet.
+    if !fits(ctx, ifindex) {
+        return stats::pass(F::SLOT, Stat::Stack);
     }
-    // The TTL / hop limit.
-    match F::decrement_ttl(ctx) {
+    match F::forward(ctx, None) {
         Ok(true) => {}
         Ok(false) => return stats::pass(F::SLOT, Stat::Stack),
         Err(v) => return v,
     }
-    match fib {
-        Fib::Out(_) => {
-            let mut macs = [0u8; 12];
-            macs[..6].copy_from_slice(&w.fib.dmac);
-            macs[6..].copy_from_slice(&w.fib.smac);
-            if let Err(v) = ctx.store(0, &macs, 0).map_err(drop_rewrite(F::SLOT)) {
-                return v;
-            }
-            if role == iface_role::POD {
-                // Straight into the pod's namespace (TC ingress only, which
-                // is where every caller of `deliver` runs).
-                stats::count(F::SLOT, Stat::RedirectPeer);
-                // SAFETY: plain helper call; returns TC_ACT_REDIRECT or SHOT.
-                stats::redirected(unsafe { bpf_redirect_peer(ifindex, 0) })
-            } else {
-                stats::count(F::SLOT, Stat::Redirect);
-                // SAFETY: as above.
-                stats::redirected(unsafe { bpf_redirect(ifindex, 0) })
-            }
-        }
-        Fib::Neigh(_) => {
-            let mut nh = w.nh;
-            stats::count(F::SLOT, Stat::RedirectNeigh);
-            // SAFETY: `nh` is a valid bpf_redir_neigh on our stack.
-            stats::redirected(unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, NH_LEN, 0) })
-        }
-        Fib::Stack => TC_ACT_OK,
+    let mut nh = w.nh;
+    stats::count(F::SLOT, Stat::RedirectNeigh);
+    // SAFETY: `nh` is a valid bpf_redir_neigh on our stack.
+    stats::redirected(unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, NH_LEN, 0) })
+}
+
+/// Does the packet fit the MTU of `ifindex` (each segment of a GSO
+/// packet)?
+#[inline(always)]
+fn fits(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu = 0u32;
+    // SAFETY: helper on the program's own skb with a valid out-pointer.
+    unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut mtu, 0, u64::from(BPF_MTU_CHK_SEGS)) == 0 }
+}
+
+/// Deliver a translated packet by `hop`, an interface of ours with the
+/// neighbour's MAC: router duties, MACs, redirect.
+#[inline(never)]
+fn out<F: Family>(ctx: &TcContext, hop: &Hop) -> Verdict {
+    // Owning forwarding means owning its duties: the MTU of the next link
+    // (segments of a GSO packet included). The first packet's FIB lookup
+    // checked the packet against the interface (`is_skb_forwardable`:
+    // MTU + link header + a VLAN tag) and gave its MTU; a packet too big
+    // for it goes to the host stack, which answers with fragmentation
+    // needed / packet too big, quoting the translated packet (egress
+    // translates it back). The segments of a GSO packet are checked by the
+    // kernel's helper.
+    // SAFETY: reading fields of the program's own context.
+    let (len, gso) = unsafe { ((*ctx.skb.skb).len, (*ctx.skb.skb).gso_size) };
+    let fit = if gso == 0 { len <= u32::from(hop.mtu) + LINK_HLEN } else { fits(ctx, hop.ifindex) };
+    if !fit {
+        return stats::pass(F::SLOT, Stat::Stack);
+    }
+    // The TTL / hop limit and the MACs.
+    match F::forward(ctx, Some(&hop.macs)) {
+        Ok(true) => {}
+        Ok(false) => return stats::pass(F::SLOT, Stat::Stack),
+        Err(v) => return v,
+    }
+    if hop.flags & hop_flags::POD != 0 {
+        // Straight into the pod's namespace (TC ingress only, which is
+        // where every caller runs).
+        stats::count(F::SLOT, Stat::RedirectPeer);
+        // SAFETY: plain helper call; returns TC_ACT_REDIRECT or SHOT.
+        stats::redirected(unsafe { bpf_redirect_peer(hop.ifindex, 0) })
+    } else {
+        stats::count(F::SLOT, Stat::Redirect);
+        // SAFETY: as above.
+        stats::redirected(unsafe { bpf_redirect(hop.ifindex, 0) })
     }
 }

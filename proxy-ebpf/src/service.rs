@@ -13,27 +13,43 @@
 //! are addressed to the node, and only our ingress can translate them
 //! before the host stack takes them for its own.
 use aya_ebpf::programs::TcContext;
-use proxy_common::{CtKey, Stat, ct_flags, svc_flags};
+use proxy_common::{CtKey, Hop, Stat, ct_flags, svc_flags};
 
 use crate::{
     conntrack::{self, Fwd},
-    family::{Family, Flow},
+    family::Family,
     lb::{self, Client},
     nat::{End, Ends},
     parse::Verdict,
-    route, stats,
+    route::{self, Dir, Fib},
+    stats,
     work::Work,
 };
+
+/// `new_flow`'s answer when the flow is not the one it created (another
+/// CPU recorded the tuple first): its packet goes as one of that flow,
+/// sent by `resend`, a subprogram beside it. Not a TC verdict.
+const AS_ESTABLISHED: Verdict = i32::MIN;
 
 /// DNAT (and SNAT) the packet in `w.pkt`, addressed to frontend `w.fe`.
 /// The established and the new-flow paths are subprograms of their own,
 /// side by side: their stack frames never add up.
 #[inline(always)]
 pub fn forward<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
-    match conntrack::lookup_fwd::<F>(w, conntrack::now()) {
+    w.now = conntrack::now();
+    match conntrack::lookup_fwd::<F>(w, w.now) {
         Fwd::Hit => established::<F>(ctx, w),
-        Fwd::Miss { stale } => new_flow::<F, EXTERNAL>(ctx, w, stale),
+        Fwd::Miss { stale } => match new_flow::<F, EXTERNAL>(TcContext::new(ctx.skb.skb), w, stale) {
+            AS_ESTABLISHED => resend::<F>(ctx, w),
+            v => v,
+        },
     }
+}
+
+/// Send the translated packet of the flow in `w.flow` on its way.
+#[inline(never)]
+fn resend<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
+    send::<F>(&ctx, w)
 }
 
 /// A packet of a live flow (in `w.flow`).
@@ -49,7 +65,7 @@ fn established<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
 #[inline(never)]
 fn new_flow<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, stale: bool) -> Verdict {
     let ctx = &ctx;
-    let now = conntrack::now();
+    let now = w.now;
     let l4 = w.pkt.l4;
     if !l4.has_hdr {
         // A later fragment cannot open a flow.
@@ -106,21 +122,21 @@ fn new_flow<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, st
         Some(fib) => fib,
         None => F::fib(ctx, w, nat.0, chosen.backend.0, ifindex, 0),
     };
-    if fib.ours().is_some() {
+    // The route, for the flow to cache: one of our interfaces with the
+    // neighbour's MAC. A next hop on one of ours whose MAC the kernel
+    // resolves is delivered past the host stack too, not cached.
+    route::set_hop::<F>(w, fib);
+    if w.hop.ifindex != 0 || (matches!(fib, Fib::Neigh(_)) && fib.ours().is_some()) {
         flags |= ct_flags::BYPASS;
     }
-    w.flow = Flow {
-        expires: 0,
-        backend_id: chosen.id,
-        frontend_id: svc.rev_nat_id,
-        backend: chosen.backend.0,
-        backend_port: chosen.backend.1,
-        nat: nat.0,
-        nat_port: nat.1,
-        state: 0,
-        flags,
-        _pad: [0; 2],
-    };
+    // Field by field: a whole `Flow` would pass through the stack.
+    let flow = &mut w.flow;
+    (flow.expires, flow.state, flow.flags, flow._pad) = (0, 0, flags, [0; 2]);
+    (flow.backend_id, flow.frontend_id) = (chosen.id, svc.rev_nat_id);
+    (flow.backend, flow.backend_port) = chosen.backend;
+    (flow.nat, flow.nat_port) = nat;
+    flow.to_backend = w.hop;
+    flow.to_client = Hop::default();
     w.key = CtKey::new(w.pkt.src(), w.pkt.dst(), l4.proto);
     conntrack::create::<F>(w, stale, now);
     if let Err(v) = translate::<F>(ctx, w) {
@@ -131,12 +147,14 @@ fn new_flow<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, st
         stats::count(F::SLOT, Stat::Hairpin);
     }
     let ours = w.flow.flags == flags && w.flow.backend == chosen.backend.0 && w.flow.nat == nat.0;
-    if ours && flags & ct_flags::BYPASS != 0 {
-        // The route found above still holds.
-        route::deliver::<F>(ctx, w, fib)
-    } else {
-        send::<F>(ctx, w)
+    if !ours {
+        return AS_ESTABLISHED;
     }
+    if flags & ct_flags::BYPASS == 0 {
+        return stats::pass(F::SLOT, Stat::Stack);
+    }
+    // The route found above still holds.
+    route::deliver::<F>(ctx, w, fib, &w.hop)
 }
 
 /// Rewrite the client's packet in `w.pkt` to what the backend of `w.flow`
@@ -160,9 +178,7 @@ fn send<F: Family>(ctx: &TcContext, w: &mut Work<F>) -> Verdict {
     if w.flow.flags & ct_flags::BYPASS == 0 {
         return stats::pass(F::SLOT, Stat::Stack);
     }
-    let (src, dst) = (w.flow.nat, w.flow.backend);
-    let fib = F::fib(ctx, w, src, dst, route::ingress_ifindex(ctx), 0);
-    route::deliver::<F>(ctx, w, fib)
+    route::send::<F>(ctx, w, Dir::ToBackend)
 }
 
 /// A frontend without a usable backend: refuse (no endpoint anywhere), or

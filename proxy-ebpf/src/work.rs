@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 
-use proxy_common::CtKey;
+use proxy_common::{CtKey, Hop};
 
 use crate::{
     family::{Back, Family, Flow, V4, V6},
@@ -42,8 +42,13 @@ pub struct Work<F: Family> {
     pub fib: FibParams,
     /// Next hop for `bpf_redirect_neigh`.
     pub nh: bpf_redir_neigh,
+    /// The route a FIB lookup found, as a flow caches it.
+    pub hop: Hop,
     /// What to change in an ICMP error.
     pub change: Change<F::Addr>,
+    /// `bpf_ktime_get_ns` when the packet's flow was looked up (read once
+    /// per packet, on the paths that need a clock).
+    pub now: u64,
 }
 
 #[map]

@@ -231,7 +231,7 @@ mod tests {
             nat_port: 33000u16.to_be(),
             state,
             flags,
-            _pad: [0; 2],
+            ..CtFwd::default()
         };
         (k, v)
     }

@@ -138,9 +138,20 @@ impl Maps {
         })
     }
 
-    /// Write the datapath's runtime settings (one atomic map update).
+    /// Write the datapath's runtime settings (one atomic map update). The
+    /// route generation (`route_gen`) is the datapath's, not the caller's:
+    /// it moves on, so flows look their routes up again.
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<()> {
-        write(&spec::CONFIG, "set", &"the datapath configuration", self.config.set(0, *cfg, 0))
+        let route_gen = self.config().map_or(0, |c| c.route_gen).wrapping_add(1);
+        let cfg = DatapathConfig { route_gen, ..*cfg };
+        write(&spec::CONFIG, "set", &"the datapath configuration", self.config.set(0, cfg, 0))
+    }
+
+    /// Make every flow look its route up again (`Hop`): an interface
+    /// changed.
+    fn bump_route_gen(&mut self) -> Result<()> {
+        let cfg = self.config()?;
+        self.set_config(&cfg)
     }
 
     /// The datapath's runtime settings.
@@ -171,12 +182,14 @@ impl Maps {
     /// Record an attached interface and what it faces, so the datapath
     /// may deliver flows to it directly.
     pub fn set_iface(&mut self, ifindex: u32, role: u32) -> Result<()> {
-        write(&spec::IFACES, "insert", &ifindex, self.ifaces.insert(ifindex, IfaceInfo { role }, 0))
+        write(&spec::IFACES, "insert", &ifindex, self.ifaces.insert(ifindex, IfaceInfo { role }, 0))?;
+        self.bump_route_gen()
     }
 
-    /// Forget an interface that is gone.
+    /// Forget an interface that is gone; no flow keeps a route through it.
     pub fn remove_iface(&mut self, ifindex: u32) -> Result<()> {
-        delete(&spec::IFACES, &ifindex, self.ifaces.remove(&ifindex))
+        delete(&spec::IFACES, &ifindex, self.ifaces.remove(&ifindex))?;
+        self.bump_route_gen()
     }
 
     /// Entries in use and capacity of the map `m` of the table (arrays:
