@@ -66,19 +66,19 @@ pub struct CtFwd<A> {
     /// `ct_flags::*`.
     pub flags: u8,
     pub _pad: [u8; 2],
-    /// The route of a flow delivered past the host stack
-    /// (`ct_flags::BYPASS`), towards the backend and back to the client,
-    /// cached from the FIB lookup of an earlier packet.
+    /// The route towards the backend of a flow delivered past the host
+    /// stack (`ct_flags::BYPASS`), cached from the FIB lookup of an earlier
+    /// packet. (The way back is in the reverse entry: each direction reads
+    /// one entry's cache lines.)
     pub to_backend: Hop,
-    pub to_client: Hop,
 }
 
 /// Forward entry, IPv4.
 pub type CtFwd4 = CtFwd<[u8; 4]>;
 /// Forward entry, IPv6.
 pub type CtFwd6 = CtFwd<[u8; 16]>;
-const _: () = assert!(size_of::<CtFwd4>() == 96);
-const _: () = assert!(size_of::<CtFwd6>() == 120);
+const _: () = assert!(size_of::<CtFwd4>() == 64);
+const _: () = assert!(size_of::<CtFwd6>() == 88);
 
 /// A route cached in a flow: where its packets in one direction leave
 /// and with which MACs. Used while `until` is in the future and `gen` is
@@ -130,14 +130,17 @@ pub struct CtRev<A> {
     /// `ct_flags::*`, as the forward entry had them at creation.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// The route back to the client of a flow delivered past the host
+    /// stack, cached as `CtFwd::to_backend` is.
+    pub to_client: Hop,
 }
 
 /// Reverse entry, IPv4.
 pub type CtRev4 = CtRev<[u8; 4]>;
 /// Reverse entry, IPv6.
 pub type CtRev6 = CtRev<[u8; 16]>;
-const _: () = assert!(size_of::<CtRev4>() == 16);
-const _: () = assert!(size_of::<CtRev6>() == 40);
+const _: () = assert!(size_of::<CtRev4>() == 48);
+const _: () = assert!(size_of::<CtRev6>() == 72);
 
 /// TCP state bits (`CtFwd*::state`).
 pub mod ct_state {

@@ -53,9 +53,9 @@ pub mod names {
     pub const REVNAT4: &str = "REVNAT4_V1";
     pub const REVNAT6: &str = "REVNAT6_V1";
     pub const CT4_FWD: &str = "CT4_FWD_V3";
-    pub const CT4_REV: &str = "CT4_REV_V2";
+    pub const CT4_REV: &str = "CT4_REV_V3";
     pub const CT6_FWD: &str = "CT6_FWD_V3";
-    pub const CT6_REV: &str = "CT6_REV_V2";
+    pub const CT6_REV: &str = "CT6_REV_V3";
     pub const FRAG4: &str = "FRAG4_V1";
     pub const FRAG6: &str = "FRAG6_V1";
     pub const AFFINITY: &str = "AFFINITY_V1";

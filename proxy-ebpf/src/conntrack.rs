@@ -12,10 +12,10 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
-use proxy_common::{CtKey, DatapathConfig, Stat, ct_state, ct_timeout};
+use proxy_common::{CtKey, DatapathConfig, Hop, Stat, ct_flags, ct_state, ct_timeout};
 
 use crate::{
-    family::{Back, Family},
+    family::{Family, Flow},
     maps::CONFIG_V2,
     parse::{L4, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
     stats,
@@ -130,8 +130,23 @@ pub fn lookup_fwd<F: Family>(w: &mut Work<F>, now: u64) -> Fwd {
     let state = next_state(entry.state, &pkt.l4, false);
     entry.state = state;
     entry.expires = now + timeout(state, &pkt.l4);
-    w.flow = *entry;
+    load_flow(w, entry, true);
     Fwd::Hit
+}
+
+/// Copy the forward entry `e` to `w.flow`, with the route it cached when
+/// `route` (the client's packets of a flow past the host stack). Only what
+/// the packet needs: every cache line of an entry read is a cache miss on
+/// a table much larger than the CPU's caches.
+#[inline(always)]
+fn load_flow<F: Family>(w: &mut Work<F>, e: &Flow<F::Addr>, route: bool) {
+    let f = &mut w.flow;
+    (f.expires, f.backend_id, f.frontend_id) = (e.expires, e.backend_id, e.frontend_id);
+    (f.backend, f.backend_port, f.nat, f.nat_port) = (e.backend, e.backend_port, e.nat, e.nat_port);
+    (f.state, f.flags) = (e.state, e.flags);
+    if route && e.flags & ct_flags::BYPASS != 0 {
+        f.to_backend = e.to_backend;
+    }
 }
 
 /// Outcome of a reverse lookup.
@@ -159,7 +174,15 @@ pub fn lookup_rev<F: Family>(w: &mut Work<F>, record: bool) -> Rev {
     let now = now();
     w.now = now;
     // SAFETY: pointer from a successful lookup, valid for this run (RCU).
-    w.back = unsafe { *back };
+    let back = unsafe { &*back };
+    let b = &mut w.back;
+    (b.client, b.client_port, b.frontend, b.frontend_port) =
+        (back.client, back.client_port, back.frontend, back.frontend_port);
+    b.flags = back.flags;
+    // The route back to the client only for a flow past the host stack.
+    if record && back.flags & ct_flags::BYPASS != 0 {
+        b.to_client = back.to_client;
+    }
     let (src, dst) = ((w.key.saddr, w.key.sport), (w.key.daddr, w.key.dport));
     w.key2 = CtKey::new((w.back.client, w.back.client_port), (w.back.frontend, w.back.frontend_port), w.key.proto);
     let Some(ptr) = F::fwd_get(&w.key2) else {
@@ -186,7 +209,7 @@ pub fn lookup_rev<F: Family>(w: &mut Work<F>, record: bool) -> Rev {
         entry.state = state;
         entry.expires = now + timeout(state, &w.pkt.l4);
     }
-    w.flow = *entry;
+    load_flow(w, entry, false);
     Rev::Hit
 }
 
@@ -228,14 +251,12 @@ pub fn create<F: Family>(w: &mut Work<F>, stale: bool, now: u64) {
     }
     let pkt = &w.pkt;
     w.key2 = CtKey::new((w.flow.backend, w.flow.backend_port), (w.flow.nat, w.flow.nat_port), l4.proto);
-    w.back = Back {
-        client: pkt.saddr,
-        client_port: pkt.l4.sport,
-        frontend: pkt.daddr,
-        frontend_port: pkt.l4.dport,
-        flags: w.flow.flags,
-        _pad: [0; 3],
-    };
+    // Field by field: a whole entry would pass through the stack. No route
+    // back to the client yet: the first reply looks it up.
+    let b = &mut w.back;
+    (b.client, b.client_port, b.frontend, b.frontend_port) = (pkt.saddr, pkt.l4.sport, pkt.daddr, pkt.l4.dport);
+    (b.flags, b._pad) = (w.flow.flags, [0; 3]);
+    b.to_client = Hop::default();
     if F::rev_insert(&w.key2, &w.back, u64::from(BPF_ANY)).is_err() {
         stats::count(F::SLOT, Stat::CtInsertFailed);
     }

@@ -17,7 +17,7 @@ use proxy_common::{
 
 use crate::{
     maps::{
-        AFFMATCH4_V1, AFFMATCH6_V1, BACKEND4_V1, BACKEND6_V1, CT4_FWD_V3, CT4_REV_V2, CT6_FWD_V3, CT6_REV_V2, FRAG4_V1,
+        AFFMATCH4_V1, AFFMATCH6_V1, BACKEND4_V1, BACKEND6_V1, CT4_FWD_V3, CT4_REV_V3, CT6_FWD_V3, CT6_REV_V3, FRAG4_V1,
         FRAG6_V1, NODEPORT4_V1, NODEPORT6_V1, SOCK4_CONN_V1, SOCK4_FWD_V1, SOCK4_REV_V1, SOCK6_CONN_V1, SOCK6_FWD_V1,
         SOCK6_REV_V1, SRCRANGE4_V1, SRCRANGE6_V1, SVC4_V1, SVC6_V1,
     },
@@ -66,7 +66,7 @@ pub trait Family: Sized {
 
     fn fwd_get(key: &CtKey<Self::Addr>) -> Option<*mut Flow<Self::Addr>>;
     fn fwd_insert(key: &CtKey<Self::Addr>, flow: &Flow<Self::Addr>, flags: u64) -> Result<(), i32>;
-    fn rev_get(key: &CtKey<Self::Addr>) -> Option<*const Back<Self::Addr>>;
+    fn rev_get(key: &CtKey<Self::Addr>) -> Option<*mut Back<Self::Addr>>;
     fn rev_insert(key: &CtKey<Self::Addr>, back: &Back<Self::Addr>, flags: u64) -> Result<(), i32>;
     fn rev_remove(key: &CtKey<Self::Addr>);
 
@@ -229,8 +229,8 @@ macro_rules! family_impl {
             }
 
             #[inline(always)]
-            fn rev_get(key: &CtKey<$addr>) -> Option<*const Back<$addr>> {
-                $rev_map.get_ptr(key)
+            fn rev_get(key: &CtKey<$addr>) -> Option<*mut Back<$addr>> {
+                $rev_map.get_ptr_mut(key)
             }
 
             #[inline(always)]
@@ -340,7 +340,7 @@ family_impl!(
     nodeport_map: NODEPORT4_V1,
     src_range: (SrcRange4, SRCRANGE4_V1),
     affinity_match_map: AFFMATCH4_V1,
-    ct_maps: (CT4_FWD_V3, CT4_REV_V2),
+    ct_maps: (CT4_FWD_V3, CT4_REV_V3),
     frag: (FragKey4, FRAG4_V1),
     ip_offsets: (12, 16, Some(10)),
     rewrite: nat::rewrite_v4,
@@ -360,7 +360,7 @@ family_impl!(
     nodeport_map: NODEPORT6_V1,
     src_range: (SrcRange6, SRCRANGE6_V1),
     affinity_match_map: AFFMATCH6_V1,
-    ct_maps: (CT6_FWD_V3, CT6_REV_V2),
+    ct_maps: (CT6_FWD_V3, CT6_REV_V3),
     frag: (FragKey6, FRAG6_V1),
     ip_offsets: (8, 24, None),
     rewrite: nat::rewrite_v6,

@@ -35,11 +35,11 @@ pub static REVNAT6_V1: Array<RevNat6> = Array::pinned(capacity::REVNAT, 0);
 #[map]
 pub static CT4_FWD_V3: LruHashMap<CtKey4, CtFwd4> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
-pub static CT4_REV_V2: LruHashMap<CtKey4, CtRev4> = LruHashMap::pinned(capacity::CT, 0);
+pub static CT4_REV_V3: LruHashMap<CtKey4, CtRev4> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
 pub static CT6_FWD_V3: LruHashMap<CtKey6, CtFwd6> = LruHashMap::pinned(capacity::CT, 0);
 #[map]
-pub static CT6_REV_V2: LruHashMap<CtKey6, CtRev6> = LruHashMap::pinned(capacity::CT, 0);
+pub static CT6_REV_V3: LruHashMap<CtKey6, CtRev6> = LruHashMap::pinned(capacity::CT, 0);
 // Ports of fragmented datagrams, from their first fragment.
 #[map]
 pub static FRAG4_V1: LruHashMap<FragKey4, FragPorts> = LruHashMap::pinned(capacity::FRAG, 0);

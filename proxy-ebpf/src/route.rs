@@ -195,12 +195,13 @@ pub fn set_hop<F: Family>(w: &mut Work<F>, fib: Fib) {
 /// Send the translated packet of the bypass flow in `w.flow` on its way
 /// `dir`: by the route the flow cached while it holds (fresh and of the
 /// current generation), else by a FIB lookup, whose route the flow then
-/// caches for the packets that follow.
+/// caches for the packets that follow. `w.key` is the key of the entry
+/// that caches it (forward, or reverse for a reply).
 #[inline(always)]
 pub fn send<F: Family>(ctx: &TcContext, w: &mut Work<F>, dir: Dir) -> Verdict {
     let cached = match dir {
         Dir::ToBackend => &w.flow.to_backend,
-        Dir::ToClient => &w.flow.to_client,
+        Dir::ToClient => &w.back.to_client,
     };
     if cached.ifindex != 0 && cached.until > w.now && cached.route_gen == route_gen() {
         return out::<F>(ctx, cached);
@@ -217,22 +218,31 @@ pub fn send<F: Family>(ctx: &TcContext, w: &mut Work<F>, dir: Dir) -> Verdict {
     deliver::<F>(ctx, w, fib, &w.hop)
 }
 
-/// Record `w.hop` in the forward entry of `w.flow` (its key is `w.key`
-/// for the client's packets, `w.key2` for replies), when the entry still
-/// names the route's ends: another CPU may have replaced it with a later
-/// flow on the same tuple, whose route this is not.
+/// Record `w.hop` in the flow's entry for `dir`, keyed by `w.key`: the
+/// forward entry (the client's packets) or the reverse entry (replies),
+/// when it still names the route's ends: another CPU may have replaced it
+/// with a later flow on the same tuple, whose route this is not.
 #[inline(always)]
 fn cache<F: Family>(w: &Work<F>, dir: Dir) {
-    let key = if dir == Dir::ToBackend { &w.key } else { &w.key2 };
-    let Some(ptr) = F::fwd_get(key) else { return };
-    // SAFETY: pointer from a successful lookup, valid for this run (RCU).
-    let entry = unsafe { &mut *ptr };
     match dir {
-        // The route from the source the backend sees to the backend.
-        Dir::ToBackend if entry.backend == w.flow.backend && entry.nat == w.flow.nat => entry.to_backend = w.hop,
-        // The route back to the client: the key's own addresses.
-        Dir::ToClient => entry.to_client = w.hop,
-        Dir::ToBackend => {}
+        Dir::ToBackend => {
+            let Some(ptr) = F::fwd_get(&w.key) else { return };
+            // SAFETY: pointer from a successful lookup, valid for this run.
+            let e = unsafe { &mut *ptr };
+            // The route from the source the backend sees to the backend.
+            if e.backend == w.flow.backend && e.nat == w.flow.nat {
+                e.to_backend = w.hop;
+            }
+        }
+        Dir::ToClient => {
+            let Some(ptr) = F::rev_get(&w.key) else { return };
+            // SAFETY: as above.
+            let e = unsafe { &mut *ptr };
+            // The route from the frontend back to the client.
+            if e.client == w.back.client && e.frontend == w.back.frontend {
+                e.to_client = w.hop;
+            }
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 //! are addressed to the node, and only our ingress can translate them
 //! before the host stack takes them for its own.
 use aya_ebpf::programs::TcContext;
-use proxy_common::{CtKey, Hop, Stat, ct_flags, svc_flags};
+use proxy_common::{CtKey, Stat, ct_flags, svc_flags};
 
 use crate::{
     conntrack::{self, Fwd},
@@ -136,7 +136,6 @@ fn new_flow<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, st
     (flow.backend, flow.backend_port) = chosen.backend;
     (flow.nat, flow.nat_port) = nat;
     flow.to_backend = w.hop;
-    flow.to_client = Hop::default();
     w.key = CtKey::new(w.pkt.src(), w.pkt.dst(), l4.proto);
     conntrack::create::<F>(w, stale, now);
     if let Err(v) = translate::<F>(ctx, w) {
