@@ -157,6 +157,25 @@ fn should_hand_a_packet_bigger_than_the_cached_mtu_to_the_host_stack() {
     });
 }
 
+/// Point the neighbour entry of `addr` in namespace `ns` at `lladdr`.
+fn set_neigh(ns: &str, addr: IpAddr, lladdr: [u8; 6]) {
+    let (addr, lladdr) = (addr.to_string(), mac(lladdr));
+    dsproxy_tests::netns::sh(&[
+        "ip",
+        "-n",
+        ns,
+        "neigh",
+        "replace",
+        &addr,
+        "lladdr",
+        &lladdr,
+        "dev",
+        "dpod0",
+        "nud",
+        "permanent",
+    ]);
+}
+
 #[test]
 fn should_follow_a_changed_neighbour_once_the_cached_route_expires() {
     let (ns, ifindex) = node("routes-neigh");
@@ -169,37 +188,11 @@ fn should_follow_a_changed_neighbour_once_the_cached_route_expires() {
             let syn = env.run(&frame(c, (vip, 80), TCP, SYN));
             let backend = assert_redirected(&syn, v6, BACKEND_MAC, "SYN");
             // The backend's MAC changes (a neighbour update).
-            dsproxy_tests::netns::sh(&[
-                "ip",
-                "-n",
-                &ns_name,
-                "neigh",
-                "replace",
-                &backend.to_string(),
-                "lladdr",
-                &mac(MOVED_MAC),
-                "dev",
-                "dpod0",
-                "nud",
-                "permanent",
-            ]);
+            set_neigh(&ns_name, backend, MOVED_MAC);
             std::thread::sleep(Duration::from_nanos(ROUTE_CACHE_NS) + Duration::from_millis(100));
             let ack = env.run(&frame(c, (vip, 80), TCP, ACK));
             assert_eq!(assert_redirected(&ack, v6, MOVED_MAC, "ACK after the cache's lifetime"), backend);
-            dsproxy_tests::netns::sh(&[
-                "ip",
-                "-n",
-                &ns_name,
-                "neigh",
-                "replace",
-                &backend.to_string(),
-                "lladdr",
-                &mac(BACKEND_MAC),
-                "dev",
-                "dpod0",
-                "nud",
-                "permanent",
-            ]);
+            set_neigh(&ns_name, backend, BACKEND_MAC);
         }
     });
 }
