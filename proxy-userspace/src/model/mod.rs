@@ -204,6 +204,39 @@ fn compute_service(svc: &Service, slices: &[&Slice], node: &NodeContext, config:
     out
 }
 
+/// Services recomputed on one thread at most; more are split between the
+/// cores (a start-up or a relist recomputes every Service).
+const SERVICES_PER_THREAD: usize = 1024;
+
+/// Compute every Service in `names` (`None`: gone from the store), in
+/// order. Each Service's computation reads only the store: large sets are
+/// computed in parallel chunks.
+fn compute_all(
+    store: &Store,
+    names: Vec<String>,
+    node: &NodeContext,
+    config: &Config,
+) -> Vec<(String, Option<Computed>)> {
+    let one = |name: String| {
+        let computed = store.service(&name).map(|svc| compute_service(svc, &store.slices_of(&name), node, config));
+        (name, computed)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(names.len().div_ceil(SERVICES_PER_THREAD));
+    if threads <= 1 {
+        return names.into_iter().map(one).collect();
+    }
+    let chunk = names.len().div_ceil(threads);
+    let mut names = names.into_iter();
+    let chunks: Vec<Vec<String>> = (0..threads).map(|_| names.by_ref().take(chunk).collect()).collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> =
+            chunks.into_iter().map(|c| s.spawn(move || c.into_iter().map(one).collect::<Vec<_>>())).collect();
+        workers.into_iter().flat_map(|w| w.join().expect("computing a Service does not panic")).collect()
+    })
+}
+
 /// What a Service holds in `desired`: the claim's frontends are its key in
 /// both scopes, its health check the port.
 struct Held {
@@ -274,20 +307,11 @@ impl Cache {
         };
         names.extend(self.contenders.iter().cloned());
         let mut update = Update { recomputed: names.len(), ..Update::default() };
-        let mut changed: Vec<(String, Option<Computed>)> = Vec::with_capacity(names.len());
-        for name in names {
-            match store.service(&name) {
-                Some(svc) => {
-                    let computed = compute_service(svc, &store.slices_of(&name), &node, config);
-                    changed.push((name, Some(computed)));
-                }
-                None => {
-                    if self.entries.contains_key(&name) || self.held.contains_key(&name) {
-                        changed.push((name, None));
-                    }
-                }
-            }
-        }
+        let names: Vec<String> = names
+            .into_iter()
+            .filter(|n| store.service(n).is_some() || self.entries.contains_key(n) || self.held.contains_key(n))
+            .collect();
+        let changed = compute_all(store, names, &node, config);
         // Withdraw every changed Service first, then place the new ones, so
         // a frontend moving between Services is not refused.
         for (name, _) in &changed {
@@ -953,6 +977,41 @@ mod tests {
         let u = live.update(&services[..1], &slices, &cfg);
         assert_eq!(u.dirty.len(), 1);
         assert_eq!(live.cache.desired, desired(&services[..1], &slices, None, &cfg).0);
+    }
+
+    #[test]
+    fn many_services_computed_in_parallel_equal_the_same_computed_a_few_at_a_time() {
+        let cfg = Config::default();
+        let n = 3 * SERVICES_PER_THREAD;
+        // Every 97th Service contends for its predecessor's address: who
+        // keeps it must not depend on which thread computed whom.
+        let ip = |i: usize| {
+            let j = if i % 97 == 0 && i > 0 { i - 1 } else { i };
+            (format!("198.19.{}.{}", j / 250, j % 250 + 1), format!("fd00:ffff::{j:x}"))
+        };
+        let services: Vec<Service> = (0..n)
+            .map(|i| {
+                let (v4, v6) = ip(i);
+                with_rv(svc(&format!("s{i}"), &[&v4, &v6], &["IPv4", "IPv6"], web_ports()), 1)
+            })
+            .collect();
+        let slices: Vec<EndpointSlice> = (0..n)
+            .map(|i| {
+                let addr = format!("198.18.{}.{}", i / 250, i % 250 + 1);
+                with_rv(slice(&format!("s{i}-a"), &format!("s{i}"), "IPv4", http(8080), &[ep(&addr, R)]), 1)
+            })
+            .collect();
+        let mut bulk = Live::default();
+        let all = bulk.update(&services, &slices, &cfg);
+        assert_eq!(all.recomputed, n, "one pass over every Service, in parallel chunks");
+        assert!(!all.rejected.is_empty(), "the contenders are refused");
+        let mut few = Live::default();
+        let mut last = Update::default();
+        for k in (0..=n).step_by(100).skip(1).chain([n]) {
+            last = few.update(&services[..k], &slices[..k], &cfg);
+        }
+        assert_eq!(bulk.cache.desired, few.cache.desired);
+        assert_eq!(all.rejected, last.rejected);
     }
 
     #[test]
