@@ -19,7 +19,7 @@ use crate::{
     diff::Programmed,
     host,
     maps::Maps,
-    metrics::SyncOutcome,
+    metrics::{self, SyncOutcome},
     model,
     observe::{Listeners, Observer},
     privileges,
@@ -272,6 +272,43 @@ fn load_datapath(cfg: &RunConfig) -> anyhow::Result<(aya::Ebpf, Maps, Programmed
     Ok((ebpf, maps, programmed))
 }
 
+type Loaded = (aya::Ebpf, Maps, Programmed);
+
+/// Load the datapath (the verifier's work) on a thread of its own, so it
+/// overlaps the source's reading of the initial state.
+fn load_in_background(cfg: &RunConfig) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<Loaded>>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("load".into())
+        .spawn(move || tx.send(load_datapath(&cfg)))
+        .context("starting the datapath loader")?;
+    Ok(rx)
+}
+
+/// Wait for both the source's complete initial state (its events, up to
+/// `Synced`) and the datapath; a failed load ends the wait at once.
+async fn initial_state(
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    mut loading: tokio::sync::oneshot::Receiver<anyhow::Result<Loaded>>,
+) -> anyhow::Result<(Vec<Event>, Loaded)> {
+    let (mut events, mut synced, mut datapath) = (Vec::new(), false, None);
+    while !synced || datapath.is_none() {
+        tokio::select! {
+            event = rx.recv(), if !synced => {
+                match event.context("the source ended before its initial state was complete")? {
+                    Event::Synced => synced = true,
+                    event => events.push(event),
+                }
+            }
+            done = &mut loading, if datapath.is_none() => {
+                datapath = Some(done.context("the datapath loader ended without an answer")??);
+            }
+        }
+    }
+    Ok((events, datapath.expect("the loop waits for the datapath")))
+}
+
 /// `dsproxy run`.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // What can fail without touching the kernel fails first.
@@ -281,14 +318,21 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let cgroup_dir = cgroup::resolve(&cfg.cgroup)?;
     let listeners = Listeners::bind(cfg.healthz_bind, cfg.metrics_bind).await?;
     let mut model_cfg = model_config(&cfg).await?;
-    let (mut ebpf, maps, programmed) = load_datapath(&cfg)?;
+    let loading = load_in_background(&cfg)?;
     // /metrics reads the kernel's counters through a handle of its own.
-    let scrape = match cfg.metrics_bind {
-        Some(_) => Some(Maps::open_pinned(&cfg.pin_dir.join("maps"))?),
-        None => None,
-    };
+    let scrape = cfg.metrics_bind.map(|_| metrics::Datapath::default());
     let node_required = matches!(cfg.source, SourceConfig::Kube(_));
-    let observer = Observer::start(listeners, cfg.sync_period, node_required, scrape);
+    let observer = Observer::start(listeners, cfg.sync_period, node_required, scrape.clone());
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _source = source::start(&cfg.source, tx).await?;
+    // The first sync runs on the complete source, before anything is
+    // attached or pruned, so a restart never shrinks a backend set.
+    log::info!("waiting for the complete initial state of the source");
+    let (initial, (mut ebpf, maps, programmed)) = initial_state(&mut rx, loading).await?;
+    if let Some(scrape) = &scrape {
+        scrape.set(Maps::open_pinned(&cfg.pin_dir.join("maps"))?);
+    }
     let mut agent = Agent {
         maps,
         programmed,
@@ -302,19 +346,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         observer,
         holding_since: None,
     };
-
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let _source = source::start(&cfg.source, tx).await?;
-    // The first sync runs on the complete source, before anything is
-    // attached or pruned, so a restart never shrinks a backend set.
-    log::info!("waiting for the complete initial state of the source");
-    loop {
-        match rx.recv().await.context("the source ended before its initial state was complete")? {
-            Event::Synced => break,
-            event => {
-                agent.take(event);
-            }
-        }
+    for event in initial {
+        agent.take(event);
     }
     let first = agent.sync(&model_cfg);
 

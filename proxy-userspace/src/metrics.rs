@@ -333,14 +333,18 @@ pub fn handler(metrics: Arc<Metrics>) -> Handler {
     })
 }
 
-/// The kernel's view, read at each scrape from a handle on the pinned maps.
+/// The kernel's view, read at each scrape from a handle on the pinned maps
+/// (none until the datapath is loaded: the agent loads it while its source
+/// reads the initial state, and serves /metrics from the start).
+#[derive(Clone, Default)]
 pub struct Datapath {
-    maps: Mutex<Maps>,
+    maps: Arc<Mutex<Option<Maps>>>,
 }
 
 impl Datapath {
-    pub fn new(maps: Maps) -> Self {
-        Self { maps: Mutex::new(maps) }
+    /// Scrapes read the kernel's counters from `maps` from now on.
+    pub fn set(&self, maps: Maps) {
+        *self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(maps);
     }
 }
 
@@ -352,7 +356,8 @@ impl fmt::Debug for Datapath {
 
 impl Collector for Datapath {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(maps) = guard.as_ref() else { return Ok(()) };
         let packets: Family<Labels2, Counter> = Family::default();
         let socket_lb: Family<Labels1, Counter> = Family::default();
         match maps.stats() {
@@ -381,7 +386,7 @@ impl Collector for Datapath {
                 Err(e) => log::warn!("metrics: {e}"),
             }
         }
-        drop(maps);
+        drop(guard);
         let describe = [
             (
                 "datapath_packets",

@@ -14,7 +14,6 @@ use crate::{
     diff::Programmed,
     health::{self, ProxyHealth},
     http,
-    maps::Maps,
     metrics::{self, Metrics, SyncOutcome},
     service_health,
     source::{Event, Object, ObjectKind},
@@ -78,16 +77,16 @@ impl Drop for Observer {
 }
 
 impl Observer {
-    /// Start serving on `listeners`. `maps`: a handle on the pinned maps
-    /// for /metrics to read at each scrape.
+    /// Start serving on `listeners`. `datapath`: where /metrics reads the
+    /// kernel's counters at each scrape, once the datapath is loaded.
     pub fn start(
         listeners: Listeners,
         sync_period: std::time::Duration,
         node_required: bool,
-        maps: Option<Maps>,
+        datapath: Option<metrics::Datapath>,
     ) -> Self {
         let health = Arc::new(ProxyHealth::new(sync_period, health::node_eligible(None, node_required)));
-        let metrics = Arc::new(Metrics::new(maps.map(metrics::Datapath::new)));
+        let metrics = Arc::new(Metrics::new(datapath));
         let mut tasks = Vec::new();
         if let Some(l) = listeners.healthz {
             log::info!(

@@ -221,9 +221,12 @@ fn compute_all(
         let computed = store.service(&name).map(|svc| compute_service(svc, &store.slices_of(&name), node, config));
         (name, computed)
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZero::get)
-        .min(names.len().div_ceil(SERVICES_PER_THREAD));
+    if names.len() <= SERVICES_PER_THREAD {
+        return names.into_iter().map(one).collect();
+    }
+    // Asked only here: the answer costs system calls (cgroup quota files).
+    let threads =
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(names.len() / SERVICES_PER_THREAD);
     if threads <= 1 {
         return names.into_iter().map(one).collect();
     }
@@ -986,7 +989,7 @@ mod tests {
         // Every 97th Service contends for its predecessor's address: who
         // keeps it must not depend on which thread computed whom.
         let ip = |i: usize| {
-            let j = if i % 97 == 0 && i > 0 { i - 1 } else { i };
+            let j = if i.is_multiple_of(97) && i > 0 { i - 1 } else { i };
             (format!("198.19.{}.{}", j / 250, j % 250 + 1), format!("fd00:ffff::{j:x}"))
         };
         let services: Vec<Service> = (0..n)
