@@ -528,7 +528,7 @@ fn backends_json(spec: &FrontendSpec) -> Vec<serde_json::Value> {
     spec.backends
         .iter()
         .zip(&spec.info)
-        .map(|(b, i)| json!({"address": b.addr, "port": b.port, "node": i.node, "terminating": i.terminating}))
+        .map(|(b, i)| json!({"address": b.addr, "port": b.port, "node": i.node.as_deref(), "terminating": i.terminating}))
         .collect()
 }
 

@@ -78,7 +78,7 @@ fn run_one(kernel: &mut impl Kernel, prog: &mut Programmed, step: Step, report: 
 }
 
 /// Steps planned and applied together (a bound on what is in flight).
-const STEPS_PER_BATCH: usize = 2048;
+const STEPS_PER_BATCH: usize = 256;
 
 /// Plan and apply `changes`, many steps at a time. Steps that fail in a
 /// batch are tried again one by one, as the only step in flight: in a

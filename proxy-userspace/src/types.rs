@@ -365,8 +365,9 @@ impl Settings {
 /// `inspect`, never programmed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
-    /// `nodeName` of the endpoint, when the slice says.
-    pub node: Option<String>,
+    /// `nodeName` of the endpoint, when the slice says (shared by every
+    /// endpoint on that node).
+    pub node: Option<std::sync::Arc<str>>,
     pub terminating: bool,
 }
 

@@ -20,6 +20,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use super::parse_proto;
@@ -36,8 +37,8 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// `nodeName`, when the slice says.
-    pub node: Option<String>,
+    /// `nodeName`, when the slice says (shared with the slice's copy).
+    pub node: Option<Arc<str>>,
     /// `hints.forZones[].name`.
     pub zone_hints: BTreeSet<String>,
     /// `hints.forNodes[].name`.
@@ -113,7 +114,7 @@ pub fn add_slice(slice: &Slice, family: Family, acc: &mut PortEndpoints) -> Resu
             ready: cond.and_then(|c| c.ready).unwrap_or(true),
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-            node: ep.node_name().map(str::to_owned),
+            node: ep.node_name_shared().cloned(),
             zone_hints: hints
                 .and_then(|h| h.for_zones.as_ref())
                 .into_iter()
@@ -287,7 +288,7 @@ mod tests {
             ready: flags.contains('R'),
             serving: flags.contains('S'),
             terminating: flags.contains('T'),
-            node: Some(if flags.contains('L') { NODE } else { "node-2" }.to_owned()),
+            node: Some(Arc::from(if flags.contains('L') { NODE } else { "node-2" })),
             zone_hints: zones.iter().map(|z| (*z).to_owned()).collect(),
             node_hints: BTreeSet::new(),
         }

@@ -492,7 +492,8 @@ pub struct Dir {
     node_name: Option<String>,
     files: BTreeMap<PathBuf, FileState>,
     /// Object -> the file whose definition is in effect.
-    holder: HashMap<ObjectKey, PathBuf>,
+    /// (One `Arc` per file, shared by its objects.)
+    holder: HashMap<ObjectKey, Arc<Path>>,
     /// Problems reported so far, by what they are about.
     problems: BTreeMap<String, String>,
     /// Files read so far (a figure for tests and logs).
@@ -628,26 +629,27 @@ impl Dir {
     fn set_file(&mut self, path: &Path, objects: BTreeMap<ObjectKey, Object>, events: &mut Vec<Event>) {
         let old = std::mem::take(&mut self.files.entry(path.to_owned()).or_default().objects);
         for key in old.keys().filter(|k| !objects.contains_key(*k)) {
-            if self.holder.get(key).map(PathBuf::as_path) != Some(path) {
+            if self.holder.get(key).map(AsRef::as_ref) != Some(path) {
                 continue;
             }
             // The holder let go: the next file defining it takes over.
             let next = self.files.iter().find(|(p, s)| p.as_path() != path && s.objects.contains_key(key));
             if let Some((p, s)) = next {
                 events.push(Event::Apply(s.objects[key].clone()));
-                self.holder.insert(key.clone(), p.clone());
+                self.holder.insert(key.clone(), Arc::from(p.as_path()));
             } else {
                 events.push(Event::Delete(key.clone()));
                 self.holder.remove(key);
             }
         }
+        let shared: Arc<Path> = Arc::from(path);
         for (key, obj) in &objects {
             match self.holder.get(key) {
                 None => {
-                    self.holder.insert(key.clone(), path.to_owned());
+                    self.holder.insert(key.clone(), Arc::clone(&shared));
                     events.push(Event::Apply(obj.clone()));
                 }
-                Some(p) if p == path => {
+                Some(p) if p.as_ref() == path => {
                     if old.get(key) != Some(obj) {
                         events.push(Event::Apply(obj.clone()));
                     }
@@ -663,7 +665,7 @@ impl Dir {
         problems.retain(|what, _| !what.contains(": duplicate "));
         for (path, state) in &self.files {
             for key in state.objects.keys() {
-                if let Some(holder) = self.holder.get(key).filter(|h| *h != path) {
+                if let Some(holder) = self.holder.get(key).filter(|h| h.as_ref() != path.as_path()) {
                     problems.insert(
                         format!("{}: duplicate {key}", label(path)),
                         format!("defined more than once; the definition in {} stays", holder.display()),

@@ -173,7 +173,7 @@ impl Meta {
 /// Where an endpoint runs: shared by the endpoints of one node.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Place {
-    node_name: Option<Box<str>>,
+    node_name: Option<Arc<str>>,
     zone: Option<Box<str>>,
 }
 
@@ -218,10 +218,7 @@ impl CompactEndpoint {
         let rest = (!rest.is_empty() || ep.hints.is_some())
             .then(|| Box::new(EndpointRest { addresses: rest, hints: ep.hints }));
         let place = (ep.node_name.is_some() || ep.zone.is_some()).then(|| {
-            let place = Place {
-                node_name: ep.node_name.map(String::into_boxed_str),
-                zone: ep.zone.map(String::into_boxed_str),
-            };
+            let place = Place { node_name: ep.node_name.map(Arc::from), zone: ep.zone.map(String::into_boxed_str) };
             PLACES.get(&place, || Arc::new(Place { node_name: place.node_name.clone(), zone: place.zone.clone() }))
         });
         Self { first, conditions: ep.conditions, place, rest }
@@ -242,6 +239,11 @@ impl CompactEndpoint {
 
     pub fn node_name(&self) -> Option<&str> {
         self.place.as_deref().and_then(|p| p.node_name.as_deref())
+    }
+
+    /// `nodeName`, shared: every endpoint of a node holds the same one.
+    pub fn node_name_shared(&self) -> Option<&Arc<str>> {
+        self.place.as_deref().and_then(|p| p.node_name.as_ref())
     }
 
     pub fn zone(&self) -> Option<&str> {
