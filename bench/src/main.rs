@@ -4,6 +4,11 @@ use std::path::PathBuf;
 
 use dsproxy_bench as bench;
 
+// The agent's allocator: the in-process control-plane figures (cold
+// programming, one change) then measure the code as the agent runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let all: Vec<String> = std::env::args().skip(1).collect();
     if all.first().map(String::as_str) == Some(bench::socklb::CLIENT_FLAG) {
