@@ -221,12 +221,13 @@ fn compute_all(
         let computed = store.service(&name).map(|svc| compute_service(svc, &store.slices_of(&name), node, config));
         (name, computed)
     };
-    if names.len() <= SERVICES_PER_THREAD {
-        return names.into_iter().map(one).collect();
-    }
-    // Asked only here: the answer costs system calls (cgroup quota files).
-    let threads =
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(names.len() / SERVICES_PER_THREAD);
+    // The core count is asked only for a large set: the answer costs
+    // system calls (cgroup quota files).
+    let threads = if names.len() <= SERVICES_PER_THREAD {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(names.len() / SERVICES_PER_THREAD)
+    };
     if threads <= 1 {
         return names.into_iter().map(one).collect();
     }
@@ -310,11 +311,9 @@ impl Cache {
         };
         names.extend(self.contenders.iter().cloned());
         let mut update = Update { recomputed: names.len(), ..Update::default() };
-        let names: Vec<String> = names
-            .into_iter()
-            .filter(|n| store.service(n).is_some() || self.entries.contains_key(n) || self.held.contains_key(n))
-            .collect();
-        let changed = compute_all(store, names, &node, config);
+        let mut changed = compute_all(store, names.into_iter().collect(), &node, config);
+        // A Service gone from the store matters only if it held or was refused something.
+        changed.retain(|(n, c)| c.is_some() || self.entries.contains_key(n) || self.held.contains_key(n));
         // Withdraw every changed Service first, then place the new ones, so
         // a frontend moving between Services is not refused.
         for (name, _) in &changed {
