@@ -41,6 +41,12 @@ pub struct Row {
     pub reply: f64,
     pub non_service: f64,
     pub floor: f64,
+    /// Parse and the flow's conntrack lookup (`dsproxy_floor_flow`, on
+    /// established frames): what any established packet pays.
+    pub floor_flow: f64,
+    /// Parse, service lookup, conntrack miss and two inserts
+    /// (`dsproxy_floor_new`, on opening frames): what any new flow pays.
+    pub floor_new: f64,
 }
 
 fn backend(i: usize, v6: bool) -> IpAddr {
@@ -54,6 +60,12 @@ fn backend(i: usize, v6: bool) -> IpAddr {
 
 fn client(v6: bool) -> IpAddr {
     if v6 { "fd00:0:0:1::2".parse().expect("v6") } else { "198.18.1.2".parse().expect("v4") }
+}
+
+/// The client of `dsproxy_floor_new`'s frames: its flows are never the
+/// measured ones, so the floor warms none of their conntrack buckets.
+fn floor_client(v6: bool) -> IpAddr {
+    if v6 { "fd00:0:0:1::3".parse().expect("v6") } else { "198.18.1.3".parse().expect("v4") }
 }
 
 /// Deterministic spread over `n` (a multiplicative hash), so consecutive
@@ -74,6 +86,11 @@ struct Loaded {
     _mount: BpfFs,
 }
 
+/// The floor programs, loaded beside the datapath (which the agent loads
+/// without them).
+const FLOORS: [&str; 3] =
+    [proxy_common::programs::FLOOR, proxy_common::programs::FLOOR_FLOW, proxy_common::programs::FLOOR_NEW];
+
 fn load(services: usize, samples: usize) -> Loaded {
     let mount = BpfFs::new();
     let n = u32::try_from(services).expect("fits");
@@ -85,9 +102,11 @@ fn load(services: usize, samples: usize) -> Loaded {
         ..Capacities::default()
     };
     let (mut ebpf, maps) = attach::load(&mount.pin_dir(), &caps).expect("load datapath");
-    let floor: &mut SchedClassifier =
-        ebpf.program_mut(proxy_common::programs::FLOOR).expect("floor program").try_into().expect("classifier");
-    floor.load().expect("load floor program");
+    for name in FLOORS {
+        let floor: &mut SchedClassifier =
+            ebpf.program_mut(name).expect("floor program").try_into().expect("classifier");
+        floor.load().expect("load floor program");
+    }
     for name in [proxy_common::programs::FROM_POD, proxy_common::programs::FLOOR] {
         let p: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("classifier");
         if let Ok(info) = p.info() {
@@ -183,12 +202,15 @@ fn measure_on(services: usize, samples: usize, pod_ifindex: u32) -> Vec<Row> {
         let c = client(v6);
         let mut t_new = Vec::with_capacity(samples);
         let mut t_floor = Vec::with_capacity(samples);
+        let mut t_floor_new = Vec::with_capacity(samples);
         let mut flows = Vec::with_capacity(samples);
         for i in 0..samples {
             let sport = 1024 + u16::try_from(i % 60_000).expect("port");
             let dst = vip(spread(i, services), v6);
             let syn = frame((c, sport), dst, TCP, SYN);
             t_floor.push(run(&mut l.ebpf, proxy_common::programs::FLOOR, &syn).duration_ns);
+            let other = frame((floor_client(v6), sport), dst, TCP, SYN);
+            t_floor_new.push(run(&mut l.ebpf, proxy_common::programs::FLOOR_NEW, &other).duration_ns);
             let out = run(&mut l.ebpf, proxy_common::programs::FROM_POD, &syn);
             assert_eq!(out.verdict, TC_ACT_REDIRECT, "a new flow not redirected");
             t_new.push(out.duration_ns);
@@ -197,6 +219,7 @@ fn measure_on(services: usize, samples: usize, pod_ifindex: u32) -> Vec<Row> {
         let mut t_est = Vec::with_capacity(samples);
         let mut t_reply = Vec::with_capacity(samples);
         let mut t_none = Vec::with_capacity(samples);
+        let mut t_floor_flow = Vec::with_capacity(samples);
         for i in 0..flows.len() {
             let (src_j, dst_j, be_j) = flows[spread(i, flows.len())];
             let est = run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(src_j, dst_j, TCP, ACK));
@@ -209,6 +232,14 @@ fn measure_on(services: usize, samples: usize, pod_ifindex: u32) -> Vec<Row> {
             t_reply.push(reply.duration_ns);
             let other = (if v6 { "fd00:0:0:9::9".parse().expect("v6") } else { "198.18.9.9".parse().expect("v4") }, 80);
             t_none.push(run(&mut l.ebpf, proxy_common::programs::FROM_POD, &frame(src_j, other, TCP, ACK)).duration_ns);
+        }
+        // The flow-lookup floor in a pass of its own, in the same order: each
+        // entry was last touched a whole pass before, as for the established
+        // packets above (interleaved, one would warm the other's entries).
+        for i in 0..flows.len() {
+            let (src_j, dst_j, _) = flows[spread(i, flows.len())];
+            let f = frame(src_j, dst_j, TCP, ACK);
+            t_floor_flow.push(run(&mut l.ebpf, proxy_common::programs::FLOOR_FLOW, &f).duration_ns);
         }
         // The same packets on flows the host stack forwards (the route
         // leaves by no interface of ours): the difference is what
@@ -240,6 +271,8 @@ fn measure_on(services: usize, samples: usize, pod_ifindex: u32) -> Vec<Row> {
             reply: median(t_reply),
             non_service: median(t_none),
             floor: median(t_floor),
+            floor_flow: median(t_floor_flow),
+            floor_new: median(t_floor_new),
         });
     }
     rows

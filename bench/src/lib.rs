@@ -91,7 +91,10 @@ impl Plan {
     pub fn new(quick: bool) -> Self {
         Self {
             quick,
-            datapath_sizes: vec![10, 1_000, 10_000, 100_000],
+            datapath_sizes: std::env::var("DSPROXY_BENCH_DP_SIZES").map_or_else(
+                |_| vec![10, 1_000, 10_000, 100_000],
+                |v| v.split(',').filter_map(|n| n.parse().ok()).collect(),
+            ),
             datapath_samples: if quick { 1_500 } else { 20_000 },
             e2e_sizes: vec![10, 1_000, 10_000],
             e2e_secs: if quick { 0.75 } else { 5.0 },
@@ -190,7 +193,7 @@ pub fn run(plan: &Plan, agent: &Path) -> Results {
         for row in datapath::measure(n, plan.datapath_samples) {
             eprintln!(
                 "  {} {:>6}: new {:.0} ns, established {:.0} ns (host stack {:.0}), reply {:.0} ns, other {:.0} ns, \
-                 floor {:.0} ns",
+                 floor {:.0} ns (flow lookup {:.0}, new-flow inserts {:.0})",
                 row.family,
                 row.services,
                 row.new_flow,
@@ -198,7 +201,9 @@ pub fn run(plan: &Plan, agent: &Path) -> Results {
                 row.established_stack,
                 row.reply,
                 row.non_service,
-                row.floor
+                row.floor,
+                row.floor_flow,
+                row.floor_new
             );
             dp.push(row);
         }
@@ -379,13 +384,15 @@ pub fn report(r: &Results) -> (String, Vec<(String, String)>) {
     let _ = writeln!(
         md,
         "| family | Services | new flow | established | est. (host stack) | reply | non-service | floor | \
-         new - floor | est. - floor | new/floor | est./floor |"
+         new - floor | est. - floor | new/floor | est./floor | floor: flow lookup | floor: new-flow inserts | \
+         flow lookup/floor | new-flow inserts/floor |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for x in &r.datapath {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} \
+             | {:.2} | {:.2} |",
             x.family,
             x.services,
             x.new_flow,
@@ -397,7 +404,11 @@ pub fn report(r: &Results) -> (String, Vec<(String, String)>) {
             x.new_flow - x.floor,
             x.established - x.floor,
             x.new_flow / x.floor,
-            x.established / x.floor
+            x.established / x.floor,
+            x.floor_flow,
+            x.floor_new,
+            x.floor_flow / x.floor,
+            x.floor_new / x.floor
         );
     }
     let mut svgs = Vec::new();

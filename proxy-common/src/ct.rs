@@ -48,7 +48,7 @@ impl<A: Copy> CtKey<A> {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtFwd<A> {
-    /// Expiry, `bpf_ktime_get_ns` nanoseconds (CLOCK_MONOTONIC).
+    /// Expiry, CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_coarse_ns`).
     pub expires: u64,
     /// The backend's id in `BACKEND{4,6}`.
     pub backend_id: u32,
@@ -90,7 +90,7 @@ const _: () = assert!(size_of::<CtFwd6>() == 88);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Hop {
-    /// `bpf_ktime_get_ns` time until which the route holds; 0: none cached.
+    /// CLOCK_MONOTONIC time (coarse) until which the route holds; 0: none cached.
     pub until: u64,
     /// `DatapathConfig::route_gen` when it was cached.
     pub route_gen: u32,
@@ -169,8 +169,8 @@ pub mod ct_flags {
     pub const EXTERNAL: u8 = 1 << 3;
 }
 
-/// Default conntrack timeouts, nanoseconds of `bpf_ktime_get_ns`
-/// (CLOCK_MONOTONIC); the agent's configuration overrides them (`CONFIG`).
+/// Default conntrack timeouts, nanoseconds of CLOCK_MONOTONIC; the agent's
+/// configuration overrides them (`CONFIG`).
 pub mod ct_timeout {
     const SEC: u64 = 1_000_000_000;
     /// TCP before the backend answered.

@@ -24,7 +24,7 @@ const _: () = assert!(size_of::<AffinityKey>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityValue {
-    /// When the client last opened a connection, `bpf_ktime_get_ns`.
+    /// When the client last opened a connection, CLOCK_MONOTONIC ns (coarse).
     pub last_used_ns: u64,
     /// The backend, by id.
     pub backend_id: u32,

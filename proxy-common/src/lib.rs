@@ -89,6 +89,11 @@ pub mod programs {
     pub const EGRESS: &str = "dsproxy_egress";
     /// Benchmark floor: parse and one lookup (never attached).
     pub const FLOOR: &str = "dsproxy_floor";
+    /// Benchmark floors of one stage each (never attached): parse and the
+    /// flow's conntrack lookup; parse, the service lookup and a new flow's
+    /// two conntrack inserts.
+    pub const FLOOR_FLOW: &str = "dsproxy_floor_flow";
+    pub const FLOOR_NEW: &str = "dsproxy_floor_new";
     /// Socket-level load balancing (cgroup `sock_addr` hooks), by hook.
     pub const SOCK: [(&str, &str); 8] = [
         ("connect4", "dsproxy_connect4"),

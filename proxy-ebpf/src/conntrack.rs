@@ -10,7 +10,7 @@
 //! one packet's worth of freshness.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, generated::bpf_ktime_get_coarse_ns},
 };
 use proxy_common::{CtKey, DatapathConfig, Hop, Stat, ct_flags, ct_state, ct_timeout};
 
@@ -22,10 +22,13 @@ use crate::{
     work::Work,
 };
 
+/// CLOCK_MONOTONIC at tick resolution (`bpf_ktime_get_coarse_ns`): every
+/// lifetime the datapath keeps (conntrack, affinity, route cache) is a
+/// second or more, and the coarse clock reads no clock source per packet.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: helper without arguments or side effects.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The agent's runtime settings (all zero before it wrote them).

@@ -46,7 +46,7 @@ pub struct Work<F: Family> {
     pub hop: Hop,
     /// What to change in an ICMP error.
     pub change: Change<F::Addr>,
-    /// `bpf_ktime_get_ns` when the packet's flow was looked up (read once
+    /// `the clock (`conntrack::now`) when the packet's flow was looked up (read once
     /// per packet, on the paths that need a clock).
     pub now: u64,
 }

@@ -111,7 +111,8 @@ fn timeout(cfg: &DatapathConfig, proto: Proto, state: u8) -> u64 {
 }
 
 /// The view of one forward entry at `now_ns` (CLOCK_MONOTONIC, the clock
-/// of `bpf_ktime_get_ns`); `None` for a protocol the datapath never tracks.
+/// the datapath reads at tick resolution); `None` for a protocol the
+/// datapath never tracks.
 fn flow<A: Addr>(k: &CtKey<A>, v: &CtFwd<A>, cfg: &DatapathConfig, now_ns: u64) -> Option<Flow> {
     let proto = Proto::from_number(k.proto)?;
     let left = v.expires.saturating_sub(now_ns);
