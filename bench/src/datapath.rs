@@ -239,7 +239,9 @@ fn measure_on(services: usize, samples: usize, pod_ifindex: u32) -> Vec<Row> {
         for i in 0..flows.len() {
             let (src_j, dst_j, _) = flows[spread(i, flows.len())];
             let f = frame(src_j, dst_j, TCP, ACK);
-            t_floor_flow.push(run(&mut l.ebpf, proxy_common::programs::FLOOR_FLOW, &f).duration_ns);
+            let out = run(&mut l.ebpf, proxy_common::programs::FLOOR_FLOW, &f);
+            assert_eq!(out.verdict, TC_ACT_OK, "the flow-lookup floor did not find the flow");
+            t_floor_flow.push(out.duration_ns);
         }
         // The same packets on flows the host stack forwards (the route
         // leaves by no interface of ours): the difference is what

@@ -76,6 +76,36 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG_V2";
     pub const NAMES4: &str = "NAMES4_V1";
     pub const NAMES6: &str = "NAMES6_V1";
+    pub const FILTER4: &str = "FILTER4_V1";
+    pub const FILTER6: &str = "FILTER6_V1";
+}
+
+/// The frontend-address filter: one bit per hash of an address, set for
+/// every frontend address and every node address NodePorts answer on (a
+/// Bloom filter with one hash, per family, in an array map of `WORDS`
+/// 64-bit words). A packet whose destination's bit is clear is addressed
+/// to no frontend, and skips the service and NodePort lookups; a set bit
+/// may be another address's (then the lookups answer). The agent sets an
+/// address's bit before the first entry that needs it and clears it only
+/// once no entry does.
+pub mod filter {
+    /// log2 of the bits per family.
+    pub const BITS_LOG2: u32 = 18;
+    /// 64-bit words per family (32 KiB).
+    pub const WORDS: u32 = 1 << (BITS_LOG2 - 6);
+
+    /// The bit of an address (network byte order): its 32-bit words folded
+    /// by XOR, then a multiplicative (Fibonacci) hash.
+    #[inline(always)]
+    pub fn bit<const N: usize>(addr: &[u8; N]) -> u32 {
+        let mut folded = 0u32;
+        let mut i = 0;
+        while i + 4 <= N {
+            folded ^= u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+            i += 4;
+        }
+        folded.wrapping_mul(0x9E37_79B1) >> (32 - BITS_LOG2)
+    }
 }
 
 /// Program names in the object file.
@@ -220,7 +250,7 @@ pub mod maps {
         AffMatchKey, AffinityKey, AffinityValue, Backend4, Backend6, CtFwd4, CtFwd6, CtKey4, CtKey6, CtRev4, CtRev6,
         DatapathConfig, FragKey4, FragKey6, FragPorts, FrontendName, IfaceInfo, MapSpec, RevNat4, RevNat6, Sizing,
         SockFwd4, SockFwd6, SockKey4, SockKey6, SockRev4, SockRev6, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6,
-        StatSlot, Svc4Key, Svc6Key, SvcValue, capacity, names, size_of,
+        StatSlot, Svc4Key, Svc6Key, SvcValue, capacity, filter, names, size_of,
     };
 
     pub const SVC4: MapSpec = spec!(names::SVC4, Svc4Key, SvcValue, Sizing::Svc, capacity::SVC);
@@ -252,12 +282,14 @@ pub mod maps {
     pub const CONFIG: MapSpec = spec!(names::CONFIG, u32, DatapathConfig, Sizing::Fixed, 1);
     pub const NAMES4: MapSpec = spec!(names::NAMES4, u32, FrontendName, Sizing::RevNat, capacity::REVNAT);
     pub const NAMES6: MapSpec = spec!(names::NAMES6, u32, FrontendName, Sizing::RevNat, capacity::REVNAT);
+    pub const FILTER4: MapSpec = spec!(names::FILTER4, u32, u64, Sizing::Fixed, filter::WORDS);
+    pub const FILTER6: MapSpec = spec!(names::FILTER6, u32, u64, Sizing::Fixed, filter::WORDS);
 
     /// Every pinned map, in the order the agent reports them.
-    pub const ALL: [MapSpec; 28] = [
+    pub const ALL: [MapSpec; 30] = [
         SVC4, SVC6, BACKEND4, BACKEND6, REVNAT4, REVNAT6, CT4_FWD, CT4_REV, CT6_FWD, CT6_REV, FRAG4, FRAG6, AFFINITY,
         AFFMATCH4, AFFMATCH6, SRCRANGE4, SRCRANGE6, NODEPORT4, NODEPORT6, SOCK4_FWD, SOCK4_REV, SOCK6_FWD, SOCK6_REV,
-        IFACES, STATS, CONFIG, NAMES4, NAMES6,
+        IFACES, STATS, CONFIG, NAMES4, NAMES6, FILTER4, FILTER6,
     ];
 
     /// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, key: a socket,

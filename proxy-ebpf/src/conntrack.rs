@@ -137,6 +137,28 @@ pub fn lookup_fwd<F: Family>(w: &mut Work<F>, now: u64) -> Fwd {
     Fwd::Hit
 }
 
+/// The live forward entry of the packet in `w.pkt` (a TCP segment that
+/// opens nothing) while the frontend its flow was opened to still exists
+/// at the packet's destination: then the packet is recorded on it, the
+/// flow copied to `w.flow`, and no frontend lookup is needed. Otherwise
+/// nothing is touched and the frontend lookup decides, as for any packet.
+#[inline(always)]
+pub fn lookup_established<F: Family>(w: &mut Work<F>, now: u64) -> bool {
+    let pkt = &w.pkt;
+    w.key = CtKey::new(pkt.src(), pkt.dst(), pkt.l4.proto);
+    let Some(ptr) = F::fwd_get(&w.key) else { return false };
+    // SAFETY: pointer from a successful lookup, valid for this run (RCU).
+    let entry = unsafe { &mut *ptr };
+    if entry.expires <= now || !F::frontend_at(entry.frontend_id, &pkt.daddr, pkt.l4.dport) {
+        return false;
+    }
+    let state = next_state(entry.state, &pkt.l4, false);
+    entry.state = state;
+    entry.expires = now + timeout(state, &pkt.l4);
+    load_flow(w, entry, true);
+    true
+}
+
 /// Copy the forward entry `e` to `w.flow`, with the route it cached when
 /// `route` (the client's packets of a flow past the host stack). Only what
 /// the packet needs: every cache line of an entry read is a cache miss on

@@ -12,14 +12,15 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffMatchKey, CtFwd, CtKey, CtRev, FragKey4, FragKey6, FragPorts, SockConn, SockFwd, SockKey4, SockKey6, SockRev,
-    SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, StatSlot, Svc4Key, Svc6Key, SvcValue,
+    SockRevKey4, SockRevKey6, SrcRange4, SrcRange6, StatSlot, Svc4Key, Svc6Key, SvcValue, filter,
 };
 
 use crate::{
     maps::{
-        AFFMATCH4_V1, AFFMATCH6_V1, BACKEND4_V1, BACKEND6_V1, CT4_FWD_V3, CT4_REV_V3, CT6_FWD_V3, CT6_REV_V3, FRAG4_V1,
-        FRAG6_V1, NODEPORT4_V1, NODEPORT6_V1, SOCK4_CONN_V1, SOCK4_FWD_V1, SOCK4_REV_V1, SOCK6_CONN_V1, SOCK6_FWD_V1,
-        SOCK6_REV_V1, SRCRANGE4_V1, SRCRANGE6_V1, SVC4_V1, SVC6_V1,
+        AFFMATCH4_V1, AFFMATCH6_V1, BACKEND4_V1, BACKEND6_V1, CT4_FWD_V3, CT4_REV_V3, CT6_FWD_V3, CT6_REV_V3,
+        FILTER4_V1, FILTER6_V1, FRAG4_V1, FRAG6_V1, NODEPORT4_V1, NODEPORT6_V1, REVNAT4_V1, REVNAT6_V1, SOCK4_CONN_V1,
+        SOCK4_FWD_V1, SOCK4_REV_V1, SOCK6_CONN_V1, SOCK6_FWD_V1, SOCK6_REV_V1, SRCRANGE4_V1, SRCRANGE6_V1, SVC4_V1,
+        SVC6_V1,
     },
     nat::{self, End, Ends},
     parse::{L4, Verdict},
@@ -57,6 +58,13 @@ pub trait Family: Sized {
     fn backend(id: u32) -> Option<(Self::Addr, u16)>;
     /// Is `addr` a node address NodePorts answer on?
     fn is_nodeport_addr(addr: &Self::Addr) -> bool;
+    /// Is frontend `id` (its reverse-NAT entry) at `addr` and `port`
+    /// (network byte order), or a NodePort on `port`? A removed frontend's
+    /// entry is cleared.
+    fn frontend_at(id: u32, addr: &Self::Addr, port: u16) -> bool;
+    /// May `addr` be a frontend's address (or a node address NodePorts
+    /// answer on)? `false` is certain; `true` is a filter's answer.
+    fn maybe_frontend(addr: &Self::Addr) -> bool;
     /// Is `addr` inside one of the source ranges of frontend `id`?
     fn in_source_range(frontend_id: u32, addr: Self::Addr) -> bool;
     /// Is backend `backend_id` in frontend `frontend_id`'s active set?
@@ -156,6 +164,8 @@ macro_rules! family_impl {
         svc: ($svc_key:ty, $svc:ident),
         backend_map: $backend:ident,
         nodeport_map: $nodeport:ident,
+        filter_map: $filter:ident,
+        revnat_map: $revnat:ident,
         src_range: ($range_ty:ident, $range_map:ident),
         affinity_match_map: $affmatch:ident,
         ct_maps: ($fwd_map:ident, $rev_map:ident),
@@ -196,6 +206,17 @@ macro_rules! family_impl {
             #[inline(always)]
             fn is_nodeport_addr(addr: &$addr) -> bool {
                 $nodeport.get_ptr(addr).is_some()
+            }
+
+            #[inline(always)]
+            fn frontend_at(id: u32, addr: &$addr, port: u16) -> bool {
+                $revnat.get(id).is_some_and(|r| r.port == port && (r.addr == *addr || r.addr == Self::UNSPECIFIED))
+            }
+
+            #[inline(always)]
+            fn maybe_frontend(addr: &$addr) -> bool {
+                let bit = filter::bit(addr);
+                $filter.get(bit >> 6).is_some_and(|w| w & (1 << (bit & 63)) != 0)
             }
 
             #[inline(always)]
@@ -338,6 +359,8 @@ family_impl!(
     svc: (Svc4Key, SVC4_V1),
     backend_map: BACKEND4_V1,
     nodeport_map: NODEPORT4_V1,
+    filter_map: FILTER4_V1,
+    revnat_map: REVNAT4_V1,
     src_range: (SrcRange4, SRCRANGE4_V1),
     affinity_match_map: AFFMATCH4_V1,
     ct_maps: (CT4_FWD_V3, CT4_REV_V3),
@@ -358,6 +381,8 @@ family_impl!(
     svc: (Svc6Key, SVC6_V1),
     backend_map: BACKEND6_V1,
     nodeport_map: NODEPORT6_V1,
+    filter_map: FILTER6_V1,
+    revnat_map: REVNAT6_V1,
     src_range: (SrcRange6, SRCRANGE6_V1),
     affinity_match_map: AFFMATCH6_V1,
     ct_maps: (CT6_FWD_V3, CT6_REV_V3),

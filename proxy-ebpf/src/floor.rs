@@ -14,7 +14,7 @@
 //!   no packet carries (`FLOOR_PROTO`): the least a new flow with state for
 //!   both directions pays (no backend pick, no rewrite, no FIB lookup).
 use aya_ebpf::{
-    bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
@@ -104,7 +104,9 @@ fn lookup<F: Family>(w: &Work<F>) -> i32 {
 fn flow<F: Family>(w: &mut Work<F>) -> i32 {
     let pkt = &w.pkt;
     w.key = CtKey::new(pkt.src(), pkt.dst(), pkt.l4.proto);
-    let Some(ptr) = F::fwd_get(&w.key) else { return TC_ACT_OK };
+    // A miss is told apart (the bench checks that every lookup found its
+    // flow).
+    let Some(ptr) = F::fwd_get(&w.key) else { return TC_ACT_UNSPEC };
     // SAFETY: pointer from a successful lookup, valid for this run (RCU).
     let e = unsafe { &*ptr };
     let seen =

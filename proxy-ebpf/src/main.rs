@@ -111,6 +111,13 @@ fn ingress_v6<const EXTERNAL: bool>(ctx: TcContext) -> Verdict {
 
 /// A packet to a frontend takes the forward path; anything else may be a
 /// reply of a tracked flow, or an ICMP error about one.
+///
+/// The order saves lookups: a destination the frontend-address filter
+/// rules out skips the service and NodePort lookups; a TCP segment that
+/// opens nothing, to an address that may be a frontend, looks its flow up
+/// first and needs no frontend lookup when its frontend still exists (an
+/// array read by the flow's frontend id). Anything else meets the frontend
+/// lookup first, as before.
 #[inline(always)]
 fn ingress_parsed<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<F>, parsed: Parsed) -> Verdict {
     if parsed == Parsed::IcmpErr {
@@ -118,6 +125,13 @@ fn ingress_parsed<F: Family, const EXTERNAL: bool>(ctx: TcContext, w: &mut Work<
     }
     if let Err(stat) = frag::ports::<F>(&mut w.pkt) {
         return stats::pass(F::SLOT, stat);
+    }
+    if !F::maybe_frontend(&w.pkt.daddr) {
+        return revnat::ingress::<F>(ctx, w);
+    }
+    let l4 = &w.pkt.l4;
+    if l4.is_tcp() && !l4.is_syn() && service::live_flow::<F>(w) {
+        return service::established::<F>(ctx, w);
     }
     let (pkt, fe) = (&w.pkt, &mut w.fe);
     if lb::lookup::<F>(fe, &pkt.daddr, pkt.l4.dport, pkt.l4.proto, !EXTERNAL) {

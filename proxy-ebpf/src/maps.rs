@@ -11,7 +11,7 @@ use proxy_common::{
     AffMatchKey, AffinityKey, AffinityValue, Backend4, Backend6, CtFwd4, CtFwd6, CtKey4, CtKey6, CtRev4, CtRev6,
     DatapathConfig, FragKey4, FragKey6, FragPorts, FrontendName, IfaceInfo, RevNat4, RevNat6, SockConn4, SockConn6,
     SockFwd4, SockFwd6, SockKey4, SockKey6, SockRev4, SockRev6, SockRevKey4, SockRevKey6, SrcRange4, SrcRange6,
-    StatSlot, Svc4Key, Svc6Key, SvcValue, capacity,
+    StatSlot, Svc4Key, Svc6Key, SvcValue, capacity, filter,
 };
 
 // Service and backend tables are preallocated: an insert then takes an
@@ -26,7 +26,8 @@ pub static SVC6_V1: HashMap<Svc6Key, SvcValue> = HashMap::pinned(capacity::SVC, 
 pub static BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKEND, 0);
 #[map]
 pub static BACKEND6_V1: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKEND, 0);
-// Frontend by id: the agent's bookkeeping and `inspect`; no program reads it.
+// Frontend by id (cleared when it goes): the agent's bookkeeping and
+// `inspect`, and the check that a live flow's frontend still exists.
 #[map]
 pub static REVNAT4_V1: Array<RevNat4> = Array::pinned(capacity::REVNAT, 0);
 #[map]
@@ -88,3 +89,8 @@ pub static CONFIG_V2: Array<DatapathConfig> = Array::pinned(1, 0);
 pub static NAMES4_V1: HashMap<u32, FrontendName> = HashMap::pinned(capacity::REVNAT, BPF_F_NO_PREALLOC);
 #[map]
 pub static NAMES6_V1: HashMap<u32, FrontendName> = HashMap::pinned(capacity::REVNAT, BPF_F_NO_PREALLOC);
+// Which destination addresses may be frontends (`proxy_common::filter`).
+#[map]
+pub static FILTER4_V1: Array<u64> = Array::pinned(filter::WORDS, 0);
+#[map]
+pub static FILTER6_V1: Array<u64> = Array::pinned(filter::WORDS, 0);

@@ -52,9 +52,18 @@ fn resend<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
     send::<F>(&ctx, w)
 }
 
+/// Is the packet in `w.pkt` (a TCP segment that opens nothing) one of a
+/// live flow whose frontend still exists? Then the flow is in `w.flow`,
+/// the packet recorded on it (`conntrack::lookup_established`).
+#[inline(always)]
+pub fn live_flow<F: Family>(w: &mut Work<F>) -> bool {
+    w.now = conntrack::now();
+    conntrack::lookup_established::<F>(w, w.now)
+}
+
 /// A packet of a live flow (in `w.flow`).
 #[inline(never)]
-fn established<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
+pub fn established<F: Family>(ctx: TcContext, w: &mut Work<F>) -> Verdict {
     if let Err(v) = translate::<F>(&ctx, w) {
         return v;
     }

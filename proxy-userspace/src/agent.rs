@@ -261,6 +261,10 @@ fn load_datapath(cfg: &RunConfig) -> anyhow::Result<(aya::Ebpf, Maps, Programmed
     let host_netns_cookie = cgroup::netns_cookie().context("reading this network namespace's cookie")?;
     maps.set_config(&proxy_common::DatapathConfig { host_netns_cookie, ..cfg.datapath })?;
     let programmed = maps.read_back().context("reading pinned state back")?;
+    // Before any program of this version is attached: the frontends a
+    // previous run programmed are looked up only once their filter bits
+    // are set.
+    maps.rebuild_filter(&programmed).context("writing the frontend-address filter")?;
     for (name, verified, xlated) in attach::program_sizes(&mut ebpf)? {
         log::info!("program {name}: {verified} instructions verified, {xlated} after translation");
     }

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod diff;
 pub mod explain;
+pub mod filter;
 pub mod flows;
 #[cfg(any(test, feature = "test-helpers"))]
 pub mod frames;

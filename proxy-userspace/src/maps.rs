@@ -23,6 +23,7 @@ use proxy_common::{
 use crate::{
     batch,
     diff::{FrontendValue, Op, Programmed},
+    filter,
     types::{Backend, Cidr, Family, Frontend, Proto, Scope, Settings},
 };
 
@@ -47,6 +48,13 @@ pub trait Kernel {
     /// batches or side by side. Returns the ops that failed, by index, with
     /// why; every other one landed.
     fn apply_all(&mut self, ops: &[Op]) -> Vec<(usize, Error)>;
+
+    /// Clear what removals left behind in the frontend-address filter
+    /// (`filter`), once every op of a pass has landed. A fake kernel has
+    /// no filter.
+    fn prune_filter(&mut self, _prog: &Programmed) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The datapath's maps, typed.
@@ -80,6 +88,11 @@ pub struct Maps {
     /// Service port names by reverse-NAT id (`inspect`, restarts).
     pub names4: HashMap<MapData, u32, FrontendName>,
     pub names6: HashMap<MapData, u32, FrontendName>,
+    /// Frontend-address filters (`filter`), and their words as last read
+    /// or written (`None`: not read yet), IPv4 then IPv6.
+    pub filter4: Array<MapData, u64>,
+    pub filter6: Array<MapData, u64>,
+    filter_words: [Option<Vec<u64>>; 2],
 }
 
 impl Maps {
@@ -121,6 +134,9 @@ impl Maps {
             config: typed(&spec::CONFIG, &mut get)?,
             names4: typed(&spec::NAMES4, &mut get)?,
             names6: typed(&spec::NAMES6, &mut get)?,
+            filter4: typed(&spec::FILTER4, &mut get)?,
+            filter6: typed(&spec::FILTER6, &mut get)?,
+            filter_words: [None, None],
         })
     }
 
@@ -192,6 +208,99 @@ impl Maps {
         self.bump_route_gen()
     }
 
+    /// `family`'s filter map and its words as the map holds them (read
+    /// once, then kept as written).
+    fn filter_of(&mut self, family: Family) -> Result<(BorrowedFd<'_>, &mut Vec<u64>)> {
+        let (map, spec, words) = match family {
+            Family::V4 => (&self.filter4, &spec::FILTER4, &mut self.filter_words[0]),
+            Family::V6 => (&self.filter6, &spec::FILTER6, &mut self.filter_words[1]),
+        };
+        let fd = map.map().fd().as_fd();
+        if words.is_none() {
+            let mut read = batch::array_values::<u64>(fd, proxy_common::filter::WORDS).map_err(|e| Error::Write {
+                map: spec.name,
+                op: "read",
+                object: "the frontend-address filter".into(),
+                detail: describe_io(spec, "bpf_map_lookup_batch", &e),
+            })?;
+            read.resize(filter::WORDS, 0);
+            *words = Some(read);
+        }
+        Ok((fd, words.as_mut().expect("read above")))
+    }
+
+    /// Write `changes` (word index, new word) to `family`'s filter.
+    fn write_filter(&mut self, family: Family, changes: Vec<(u32, u64)>) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let spec = match family {
+            Family::V4 => &spec::FILTER4,
+            Family::V6 => &spec::FILTER6,
+        };
+        let (fd, words) = self.filter_of(family)?;
+        let (keys, values): (Vec<u32>, Vec<u64>) = changes.into_iter().unzip();
+        let failed = batch::update_all(fd, &keys, &values);
+        // What landed is what the map holds now.
+        let failed_at: HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+        for (i, (k, v)) in keys.iter().zip(&values).enumerate() {
+            if !failed_at.contains(&i) {
+                words[*k as usize] = *v;
+            }
+        }
+        match failed.into_iter().next() {
+            None => Ok(()),
+            Some((_, e)) => Err(Error::Write {
+                map: spec.name,
+                op: "update",
+                object: "the frontend-address filter".into(),
+                detail: describe_io(spec, "bpf_map_update_batch", &e),
+            }),
+        }
+    }
+
+    /// Set the filter bits of the addresses the frontends and node
+    /// addresses of `ops` put, before those ops land (a frontend that
+    /// exists already has its bit: nothing to write). Returns the ops whose
+    /// bit could not be written, with why: they must not land (the
+    /// datapath would not look their entries up).
+    fn set_filter_bits(&mut self, ops: &[Op]) -> Vec<(usize, Error)> {
+        let mut failed = Vec::new();
+        for family in Family::ALL {
+            let addrs = ops.iter().enumerate().filter_map(|(at, op)| match op {
+                Op::PutFrontend { frontend, .. } if frontend.family() == family => Some((at, frontend.addr)),
+                Op::PutNodeAddress { addr } if Family::of(*addr) == family => Some((at, *addr)),
+                _ => None,
+            });
+            let addrs: Vec<(usize, IpAddr)> = addrs.collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            let written = self.filter_of(family).map(|(_, words)| filter::with(words, addrs.iter().map(|(_, a)| a)));
+            if let Err(e) = written.and_then(|changes| self.write_filter(family, changes)) {
+                let (map, detail) =
+                    (if family == Family::V4 { spec::FILTER4.name } else { spec::FILTER6.name }, e.to_string());
+                failed.extend(addrs.iter().map(|(at, _)| {
+                    (*at, Error::Write { map, op: "update", object: object(&ops[*at]), detail: detail.clone() })
+                }));
+            }
+        }
+        failed
+    }
+
+    /// Bring both filters to exactly the addresses `prog` holds, clearing
+    /// the bits of addresses no entry uses any more (and setting any
+    /// missing: after an upgrade from a datapath without a filter). Called
+    /// at start, before programs are attached, and once removals landed.
+    pub fn rebuild_filter(&mut self, prog: &Programmed) -> Result<()> {
+        for family in Family::ALL {
+            let want = filter::words(filter::addresses(prog, family));
+            let changes = filter::changed(self.filter_of(family)?.1, &want);
+            self.write_filter(family, changes)?;
+        }
+        Ok(())
+    }
+
     /// Entries in use and capacity of the map `m` of the table (arrays:
     /// entries holding something). A hash map's keys are walked one by one:
     /// under churn the count is approximate, and never above the capacity.
@@ -259,6 +368,8 @@ impl Maps {
             names::NAMES6 => keys(m, &self.names6),
             names::REVNAT4 => in_use(m, &self.revnat4),
             names::REVNAT6 => in_use(m, &self.revnat6),
+            names::FILTER4 => in_use(m, &self.filter4),
+            names::FILTER6 => in_use(m, &self.filter6),
             names::CONFIG => Ok((1, capacity(m, &self.config)?)),
             _ => {
                 let n = capacity(m, &self.stats)?;
@@ -746,9 +857,12 @@ const PARALLEL_MIN: usize = 512;
 
 impl Kernel for Maps {
     fn apply_all(&mut self, ops: &[Op]) -> Vec<(usize, Error)> {
+        // The filter first: no frontend or node address without its bit.
+        let filter_failed = self.set_filter_bits(ops);
+        let skip: HashSet<usize> = filter_failed.iter().map(|(at, _)| *at).collect();
         let mut v4 = FamilyWrites::<V4>::new();
         let mut v6 = FamilyWrites::<V6>::new();
-        for (at, op) in ops.iter().enumerate() {
+        for (at, op) in ops.iter().enumerate().filter(|(at, _)| !skip.contains(at)) {
             match op.family() {
                 Family::V4 => v4.add(at, op),
                 Family::V6 => v6.add(at, op),
@@ -783,6 +897,11 @@ impl Kernel for Maps {
             (v4.run(&fds4, ops), v6.run(&fds6, ops))
         };
         failed.extend(failed6);
+        failed.extend(filter_failed);
         failed
+    }
+
+    fn prune_filter(&mut self, prog: &Programmed) -> Result<()> {
+        self.rebuild_filter(prog)
     }
 }

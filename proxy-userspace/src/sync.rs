@@ -41,6 +41,7 @@ pub fn sync(kernel: &mut impl Kernel, prog: &mut Programmed, desired: &Desired) 
         collect(kernel, prog, diff::plan_gc, &mut report);
         collect(kernel, prog, diff::plan_gc, &mut report);
     }
+    prune_filter(kernel, prog, &mut report);
     report
 }
 
@@ -53,10 +54,23 @@ pub fn sync_dirty(
     dirty: &BTreeSet<Frontend>,
 ) -> Report {
     let mut report = Report::default();
+    let node_addresses = prog.node_addresses.clone();
     run_one(kernel, prog, diff::plan_node_addresses(prog, &desired.nodeport_addresses), &mut report);
     apply(kernel, prog, diff::changes_in(prog, desired, dirty), &mut report);
     collect(kernel, prog, diff::plan_gc_freed, &mut report);
+    // Only removals leave filter bits behind (a walk over every frontend).
+    if report.removed > 0 || prog.node_addresses != node_addresses {
+        prune_filter(kernel, prog, &mut report);
+    }
     report
+}
+
+/// Clear the filter bits no entry needs any more. A failure leaves bits
+/// set: packets to those addresses are looked up for nothing, no more.
+fn prune_filter(kernel: &mut impl Kernel, prog: &Programmed, report: &mut Report) {
+    if let Err(e) = kernel.prune_filter(prog) {
+        report.errors.push(e.to_string());
+    }
 }
 
 /// Run a garbage-collection plan, then forget the freed-backend candidates

@@ -754,3 +754,48 @@ fn should_apply_node_addresses_scopes_source_ranges_and_masquerade_rules_per_pac
         assert_eq!(stat(&env, Stat::MasqueradeNoRoute), before + 1);
     }
 }
+
+/// The frontend-address filter holds every frontend's address and every
+/// node address NodePorts answer on, and loses an address once nothing
+/// uses it. A live TCP flow skips the frontend lookup only while its
+/// frontend exists: once the frontend is gone, its packets pass untouched
+/// (as they did when every packet met the frontend lookup first).
+#[test]
+fn should_keep_the_frontend_filter_to_the_programmed_addresses_and_leave_a_removed_frontends_flows() {
+    let mut env = env();
+    let bit = |env: &Env, a: &str| {
+        let (i, b) = dsproxy::filter::slot(&v4(a));
+        env.maps.filter4.get(&u32::try_from(i).expect("index"), 0).expect("filter word") & b != 0
+    };
+    let (other_vip, node) = ("198.19.0.11", "198.18.0.1");
+    let web = Frontend::new(v4(VIP4), 80, Proto::Tcp);
+    let other = Frontend::new(v4(other_vip), 80, Proto::Tcp);
+    let mut desired = Desired::default();
+    desired.frontends.insert(web, FrontendSpec::new("default/web:p", backends(&["198.18.2.2"], Proto::Tcp)));
+    desired.frontends.insert(other, FrontendSpec::new("default/other:p", backends(&["198.18.3.2"], Proto::Tcp)));
+    desired.nodeport_addresses = vec![v4(node)];
+    env.program_desired(&desired);
+    assert!(bit(&env, VIP4) && bit(&env, other_vip) && bit(&env, node), "every frontend and node address");
+
+    let (c, vip) = ((v4(CLIENT4), 46000), (v4(VIP4), 80));
+    let backend = inspect(&env.run(&frame(c, vip, TCP, SYN)).frame).dst;
+    env.run(&frame(backend, c, TCP, SYN | ACK));
+    assert_eq!(inspect(&env.run(&frame(c, vip, TCP, ACK)).frame).dst, backend, "established");
+
+    // `web` and the node address go.
+    desired.frontends.remove(&web);
+    desired.nodeport_addresses.clear();
+    env.program_desired(&desired);
+    let shares = |a: &str| dsproxy::filter::slot(&v4(a)) == dsproxy::filter::slot(&v4(other_vip));
+    assert_eq!(bit(&env, VIP4), shares(VIP4), "a removed frontend's address leaves the filter");
+    assert_eq!(bit(&env, node), shares(node), "a removed node address leaves the filter");
+    assert!(bit(&env, other_vip), "a remaining frontend keeps its bit");
+    let out = env.run(&frame(c, vip, TCP, ACK));
+    assert_eq!(
+        (out.verdict, inspect(&out.frame).dst),
+        (TC_ACT_OK, vip),
+        "the removed frontend's flow passes untouched"
+    );
+    let to_other = inspect(&env.run(&frame((c.0, 46001), (v4(other_vip), 80), TCP, SYN)).frame).dst;
+    assert_eq!(to_other.0, v4("198.18.3.2"), "the other frontend still translates");
+}
