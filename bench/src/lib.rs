@@ -93,7 +93,13 @@ impl Plan {
             quick,
             datapath_sizes: std::env::var("DSPROXY_BENCH_DP_SIZES").map_or_else(
                 |_| vec![10, 1_000, 10_000, 100_000],
-                |v| v.split(',').filter_map(|n| n.parse().ok()).collect(),
+                |v| {
+                    v.split(',')
+                        .map(|n| {
+                            n.trim().parse().unwrap_or_else(|_| panic!("DSPROXY_BENCH_DP_SIZES: {n:?} is not a number"))
+                        })
+                        .collect()
+                },
             ),
             datapath_samples: if quick { 1_500 } else { 20_000 },
             e2e_sizes: vec![10, 1_000, 10_000],
