@@ -112,28 +112,22 @@ pub enum Fwd {
 /// in `w.key`.
 #[inline(always)]
 pub fn lookup_fwd<F: Family>(w: &mut Work<F>, now: u64) -> Fwd {
-    let pkt = &w.pkt;
-    w.key = CtKey::new(pkt.src(), pkt.dst(), pkt.l4.proto);
-    let Some(ptr) = F::fwd_get(&w.key) else {
+    let Some(entry) = fwd_entry(w) else {
         return Fwd::Miss { stale: false };
     };
-    // SAFETY: pointer from a successful lookup, valid for this run (RCU).
-    let entry = unsafe { &mut *ptr };
-    if entry.expires <= now || is_reopen(entry.state, &pkt.l4) {
+    let l4 = &w.pkt.l4;
+    if entry.expires <= now || is_reopen(entry.state, l4) {
         return Fwd::Miss { stale: true };
     }
     // A UDP flow has no end: when its backend is removed, the next datagram
     // moves to a live one instead of following the old entry into a black
     // hole (kube-proxy clears such entries; kubernetes#19029). TCP flows
     // keep their backend until they end.
-    if !pkt.l4.is_tcp() && F::backend(entry.backend_id) != Some((entry.backend, entry.backend_port)) {
+    if !l4.is_tcp() && F::backend(entry.backend_id) != Some((entry.backend, entry.backend_port)) {
         stats::count(F::SLOT, Stat::UdpRepick);
         return Fwd::Miss { stale: true };
     }
-    let state = next_state(entry.state, &pkt.l4, false);
-    entry.state = state;
-    entry.expires = now + timeout(state, &pkt.l4);
-    load_flow(w, entry, true);
+    record(w, entry, now);
     Fwd::Hit
 }
 
@@ -144,19 +138,34 @@ pub fn lookup_fwd<F: Family>(w: &mut Work<F>, now: u64) -> Fwd {
 /// nothing is touched and the frontend lookup decides, as for any packet.
 #[inline(always)]
 pub fn lookup_established<F: Family>(w: &mut Work<F>, now: u64) -> bool {
-    let pkt = &w.pkt;
-    w.key = CtKey::new(pkt.src(), pkt.dst(), pkt.l4.proto);
-    let Some(ptr) = F::fwd_get(&w.key) else { return false };
-    // SAFETY: pointer from a successful lookup, valid for this run (RCU).
-    let entry = unsafe { &mut *ptr };
-    if entry.expires <= now || !F::frontend_at(entry.frontend_id, &pkt.daddr, pkt.l4.dport) {
+    let Some(entry) = fwd_entry(w) else { return false };
+    if entry.expires <= now || !F::frontend_at(entry.frontend_id, &w.pkt.daddr, w.pkt.l4.dport) {
         return false;
     }
-    let state = next_state(entry.state, &pkt.l4, false);
-    entry.state = state;
-    entry.expires = now + timeout(state, &pkt.l4);
-    load_flow(w, entry, true);
+    record(w, entry, now);
     true
+}
+
+/// The forward entry of the packet in `w.pkt`, whose key is left in
+/// `w.key`.
+#[inline(always)]
+fn fwd_entry<'a, F: Family>(w: &mut Work<F>) -> Option<&'a mut Flow<F::Addr>> {
+    let pkt = &w.pkt;
+    w.key = CtKey::new(pkt.src(), pkt.dst(), pkt.l4.proto);
+    // SAFETY: pointer from a successful lookup, valid for this run (RCU);
+    // no other reference to the entry is made during it.
+    F::fwd_get(&w.key).map(|ptr| unsafe { &mut *ptr })
+}
+
+/// Record the packet in `w.pkt` on its live forward entry and copy the
+/// entry to `w.flow`.
+#[inline(always)]
+fn record<F: Family>(w: &mut Work<F>, entry: &mut Flow<F::Addr>, now: u64) {
+    let l4 = &w.pkt.l4;
+    let state = next_state(entry.state, l4, false);
+    entry.state = state;
+    entry.expires = now + timeout(state, l4);
+    load_flow(w, entry, true);
 }
 
 /// Copy the forward entry `e` to `w.flow`, with the route it cached when

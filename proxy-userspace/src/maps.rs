@@ -211,9 +211,10 @@ impl Maps {
     /// `family`'s filter map and its words as the map holds them (read
     /// once, then kept as written).
     fn filter_of(&mut self, family: Family) -> Result<(BorrowedFd<'_>, &mut Vec<u64>)> {
-        let (map, spec, words) = match family {
-            Family::V4 => (&self.filter4, &spec::FILTER4, &mut self.filter_words[0]),
-            Family::V6 => (&self.filter6, &spec::FILTER6, &mut self.filter_words[1]),
+        let spec = filter_spec(family);
+        let (map, words) = match family {
+            Family::V4 => (&self.filter4, &mut self.filter_words[0]),
+            Family::V6 => (&self.filter6, &mut self.filter_words[1]),
         };
         let fd = map.map().fd().as_fd();
         if words.is_none() {
@@ -234,10 +235,7 @@ impl Maps {
         if changes.is_empty() {
             return Ok(());
         }
-        let spec = match family {
-            Family::V4 => &spec::FILTER4,
-            Family::V6 => &spec::FILTER6,
-        };
+        let spec = filter_spec(family);
         let (fd, words) = self.filter_of(family)?;
         let (keys, values): (Vec<u32>, Vec<u64>) = changes.into_iter().unzip();
         let failed = batch::update_all(fd, &keys, &values);
@@ -278,8 +276,7 @@ impl Maps {
             }
             let written = self.filter_of(family).map(|(_, words)| filter::with(words, addrs.iter().map(|(_, a)| a)));
             if let Err(e) = written.and_then(|changes| self.write_filter(family, changes)) {
-                let (map, detail) =
-                    (if family == Family::V4 { spec::FILTER4.name } else { spec::FILTER6.name }, e.to_string());
+                let (map, detail) = (filter_spec(family).name, e.to_string());
                 failed.extend(addrs.iter().map(|(at, _)| {
                     (*at, Error::Write { map, op: "update", object: object(&ops[*at]), detail: detail.clone() })
                 }));
@@ -470,6 +467,14 @@ impl Maps {
 
 /// The op that rebuilds one source-range entry (`frontend_id` as stored,
 /// big-endian); `None` for a prefix no agent writes.
+/// `family`'s frontend-address filter map.
+fn filter_spec(family: Family) -> &'static MapSpec {
+    match family {
+        Family::V4 => &spec::FILTER4,
+        Family::V6 => &spec::FILTER6,
+    }
+}
+
 fn range_op(frontend_id: [u8; 4], addr: IpAddr, len: u32) -> Option<Op> {
     let cidr = Cidr::new(addr, u8::try_from(len).ok()?)?;
     Some(Op::PutSourceRange { frontend_id: u32::from_be_bytes(frontend_id), cidr })
